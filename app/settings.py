@@ -1,0 +1,59 @@
+"""User settings: one dataclass, validated, stored in the database's settings table."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from engine import DEFAULT_SYSTEM_PROMPT, LEVELS
+from storage import Store
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: str = ""  # empty: the embedded default model
+    n_gpu_layers: int = -1  # -1: every layer on the GPU when there is one; 0: CPU only
+    context_size: int = 4096
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 512
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    compression: str = "off"
+    keymap: dict[str, str] = field(default_factory=dict)  # binding id -> keys
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.n_gpu_layers < -1:
+            found.append("GPU layers must be -1 (all), 0 (CPU only) or a positive count.")
+        if not 256 <= self.context_size <= 1_048_576:
+            found.append("Context size must be between 256 and 1048576 tokens.")
+        if not 0.0 <= self.temperature <= 2.0:
+            found.append("Temperature must be between 0 and 2.")
+        if not 0.0 < self.top_p <= 1.0:
+            found.append("Top-p must be above 0 and at most 1.")
+        if not 1 <= self.max_tokens <= 32_768:
+            found.append("Max tokens must be between 1 and 32768.")
+        if self.compression not in LEVELS:
+            found.append(f"Compression level must be one of {', '.join(LEVELS)}.")
+        return found
+
+    def engine_key(self) -> tuple[Any, ...]:
+        """The settings that need a model reload when they change."""
+        return (self.model_path, self.n_gpu_layers, self.context_size)
+
+    @classmethod
+    def load(cls, store: Store) -> Settings:
+        saved = store.get_settings()
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in saved.items() if k in known}
+        try:
+            candidate = replace(cls(), **values)
+        except TypeError:
+            return cls()
+        return candidate if not candidate.problems() else cls()
+
+    def save(self, store: Store) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError(" ".join(problems))
+        store.save_settings(asdict(self))

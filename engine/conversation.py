@@ -1,0 +1,344 @@
+"""An engine-side conversation: one KV sequence kept in step with the transcript.
+
+The KV cache holds the tokens of `_rendered`, the chat-template text of the conversation so
+far. Each call renders the transcript it needs and syncs the cache to it: the common prefix is
+kept, anything after it is removed, and only the new tail is decoded. That one mechanism covers
+a new turn, a reply cut by a stop string, a regenerated reply and scoring a candidate.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.config import CompressionConfig, SamplingParams
+from engine.errors import ContextFullError, StateError
+from engine.llama_backend import ChatMessage, Sampler
+from engine.state_blob import StateBlob
+from engine.stops import StopStringMatcher
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """What the conversation's memory holds and what it stands for."""
+
+    method: str
+    memory_tokens: int
+    memory_bytes: int
+    full_context_tokens: int
+    full_context_bytes: int
+    context_window: int
+
+    @property
+    def ratio(self) -> float:
+        return self.full_context_tokens / self.memory_tokens if self.memory_tokens else 1.0
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    """How the last reply went: finish_reason is stop, length, context_full or cancelled."""
+
+    text: str
+    tokens: int
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    finish_reason: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.finish_reason == "cancelled"
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class Conversation:
+    def __init__(
+        self,
+        engine: Engine,
+        system: str | None,
+        compression: CompressionConfig,
+    ) -> None:
+        self.engine = engine
+        self.compression = compression
+        self.messages: list[ChatMessage] = []
+        if system:
+            self.messages.append(ChatMessage("system", system))
+        self.last_reply: ReplyStats | None = None
+        self._rendered = b""
+        self._kv_tokens: list[int] = []
+        self._kv_ends: list[int] = []
+        self._parked: bytes | None = b""
+
+    # -- the public contract ---------------------------------------------------------------------
+
+    def send(
+        self,
+        text: str,
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        **overrides: object,
+    ) -> Iterator[str]:
+        """Add a user turn and stream the assistant's reply, piece by piece.
+
+        Stops at end of generation, a stop string, max_tokens, a full context, when `cancel` is
+        set, or when the caller closes the iterator. Whatever was generated is kept as the reply.
+        """
+        params = _params(params, overrides)
+        self.add_turn("user", text, decode=False)
+        return self._generate(params, cancel)
+
+    def generate(
+        self,
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        **overrides: object,
+    ) -> Iterator[str]:
+        """Stream a reply to the transcript as it stands (after a user turn, or to regenerate)."""
+        return self._generate(_params(params, overrides), cancel)
+
+    def add_turn(self, role: str, text: str, decode: bool = True) -> None:
+        """Append a turn without generating (teacher forcing); its tokens go into memory now."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        self.messages.append(ChatMessage(role, text))
+        if decode:
+            self._sync(self.engine.model.render_chat(self.messages, add_assistant=False))
+
+    def truncate(self, n_messages: int) -> None:
+        """Forget every message after the first n (the memory follows at the next sync)."""
+        del self.messages[n_messages:]
+
+    def score(self, reply: str) -> float:
+        """Mean token negative log-likelihood of `reply` as the next assistant turn."""
+        tokens = self.engine.model.tokenize(reply.encode(), False, False)
+        if not tokens:
+            raise ValueError("Cannot score an empty reply.")
+        self._sync(self.engine.model.render_chat(self.messages, add_assistant=True))
+        ctx = self._ctx()
+        n0 = len(self._kv_tokens)
+        if n0 + len(tokens) > ctx.n_ctx:
+            raise ContextFullError("The reply does not fit in the context window.")
+        last = self._kv_tokens[-1]
+        ctx.remove(n0 - 1)
+        rows = ctx.decode([last, *tokens[:-1]], n0 - 1, want=range(len(tokens)))
+        rows[len(tokens) - 1] = ctx.logits(-1)
+        ctx.remove(n0)
+        nll = []
+        for j, tok in enumerate(tokens):
+            row = rows[j].astype(np.float64)
+            top = row.max()
+            nll.append(top + np.log(np.exp(row - top).sum()) - row[tok])
+        return float(np.mean(nll))
+
+    def stats(self) -> MemoryStats:
+        held = len(self._kv_tokens)
+        size = self._ctx().state_size() if held else 0
+        return MemoryStats(
+            method=self.compression.method,
+            memory_tokens=held,
+            memory_bytes=size,
+            full_context_tokens=held,
+            full_context_bytes=size,
+            context_window=self.engine.n_ctx,
+        )
+
+    def save_state(self) -> bytes:
+        """The memory as bytes: restoring them continues exactly here, with no re-prefill."""
+        payload = self._ctx().get_state() if self._kv_tokens else b""
+        header = {
+            "backend": "llamacpp",
+            "model": self.engine.fingerprint,
+            "compression": {"level": self.compression.level, "method": self.compression.method},
+            "messages": [[m.role, m.content] for m in self.messages],
+            "rendered": base64.b64encode(self._rendered).decode(),
+            "kv_tokens": self._kv_tokens,
+            "kv_ends": self._kv_ends,
+        }
+        return StateBlob(header, payload).to_bytes()
+
+    @classmethod
+    def from_state(cls, engine: Engine, data: bytes) -> Conversation:
+        blob = StateBlob.from_bytes(data)
+        head = blob.header
+        if head.get("backend") != "llamacpp":
+            raise StateError(f"The memory state was made by the {head.get('backend')} back end.")
+        if head.get("model") != engine.fingerprint:
+            raise StateError("The memory state was made by another model.")
+        try:
+            comp = CompressionConfig(**head["compression"])
+            conv = cls(engine, None, comp)
+            conv.messages = [ChatMessage(r, c) for r, c in head["messages"]]
+            conv._rendered = base64.b64decode(head["rendered"])
+            conv._kv_tokens = [int(t) for t in head["kv_tokens"]]
+            conv._kv_ends = [int(e) for e in head["kv_ends"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"The memory state header is malformed ({exc}).") from exc
+        if len(conv._kv_tokens) != len(conv._kv_ends) or len(conv._kv_tokens) > engine.n_ctx:
+            raise StateError("The memory state does not fit this engine's context.")
+        conv._parked = blob.payload
+        conv._ctx()  # load it now, so a bad payload fails here and not mid-reply
+        if conv._kv_tokens and conv.engine.ctx.pos_max() != len(conv._kv_tokens) - 1:
+            engine.release(conv)
+            raise StateError("The memory state's KV payload does not match its header.")
+        return conv
+
+    @property
+    def tokens_in_memory(self) -> int:
+        return len(self._kv_tokens)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _ctx(self):
+        return self.engine.activate(self)
+
+    def park(self) -> None:
+        """Move this conversation's KV out of the shared context into bytes."""
+        ctx = self.engine.ctx
+        self._parked = ctx.get_state() if self._kv_tokens else b""
+        ctx.clear()
+
+    def unpark(self) -> None:
+        ctx = self.engine.ctx
+        ctx.clear()
+        if self._parked:
+            ctx.set_state(self._parked)
+        self._parked = None
+
+    def _sync(self, target: bytes) -> tuple[int, float]:
+        """Make the KV cache hold exactly `target`; return (tokens decoded, seconds)."""
+        ctx = self._ctx()
+        common = _common_prefix(self._rendered, target)
+        if common < len(self._rendered):
+            keep = bisect_right(self._kv_ends, common)
+            ctx.remove(keep)
+            del self._kv_tokens[keep:]
+            del self._kv_ends[keep:]
+            self._rendered = self._rendered[: self._kv_ends[-1] if keep else 0]
+        delta = target[len(self._rendered) :]
+        if not delta:
+            return 0, 0.0
+        model = self.engine.model
+        first = not self._kv_tokens
+        tokens = model.tokenize(delta, add_special=first, parse_special=True)
+        if len(self._kv_tokens) + len(tokens) >= ctx.n_ctx:
+            raise ContextFullError(
+                f"This conversation needs {len(self._kv_tokens) + len(tokens)} tokens, more than "
+                f"the context window of {ctx.n_ctx}. Start a new chat, raise the context size, "
+                "or pick a compression level in settings."
+            )
+        start = time.perf_counter()
+        ctx.decode(tokens, len(self._kv_tokens))
+        base = len(self._rendered)
+        end = base
+        for i, tok in enumerate(tokens):
+            if first and i == 0 and model.add_bos and tok == model.bos:
+                self._record(tok, end)
+                continue
+            end = min(end + len(model.piece(tok, special=True)), base + len(delta))
+            self._record(tok, end)
+        self._kv_ends[-1] = base + len(delta)
+        self._rendered = target
+        return len(tokens), time.perf_counter() - start
+
+    def _record(self, token: int, end: int) -> None:
+        self._kv_tokens.append(token)
+        self._kv_ends.append(end)
+
+    def _generate(self, params: SamplingParams, cancel: threading.Event | None) -> Iterator[str]:
+        model = self.engine.model
+        prompt = model.render_chat(self.messages, add_assistant=True)
+        prompt_tokens, prefill_s = self._sync(prompt)
+        ctx = self._ctx()
+        sampler = Sampler(params.temperature, params.top_p, params.seed)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopStringMatcher(params.stop)
+        shown: list[str] = []
+        n_generated = 0
+        finish = "cancelled"
+        started = time.perf_counter()
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if n_generated >= params.max_tokens:
+                    finish = "length"
+                    break
+                if len(self._kv_tokens) + 1 >= ctx.n_ctx:
+                    finish = "context_full"
+                    break
+                token = sampler.sample(ctx)
+                if model.is_end_of_generation(token):
+                    finish = "stop"
+                    break
+                piece = model.piece(token, special=True)
+                ctx.decode([token], len(self._kv_tokens))
+                self._rendered += piece
+                self._record(token, len(self._rendered))
+                n_generated += 1
+                text = stops.feed(utf8.decode(piece))
+                if text:
+                    shown.append(text)
+                    yield text
+                if stops.stopped:
+                    finish = "stop"
+                    break
+        finally:
+            sampler.close()
+            tail = ""
+            if not stops.stopped:
+                tail = stops.feed(utf8.decode(b"", final=True)) + stops.flush()
+                shown.append(tail)
+            reply = "".join(shown)
+            self.messages.append(ChatMessage("assistant", reply))
+            self.last_reply = ReplyStats(
+                text=reply,
+                tokens=n_generated,
+                prompt_tokens=prompt_tokens,
+                prefill_seconds=prefill_s,
+                decode_seconds=time.perf_counter() - started,
+                finish_reason=finish,
+            )
+        if tail:
+            yield tail
+
+
+def _params(params: SamplingParams | None, overrides: dict[str, object]) -> SamplingParams:
+    base = params or SamplingParams()
+    if not overrides:
+        return base
+    values = {**base.__dict__, **overrides}
+    if isinstance(values.get("stop"), list | str):
+        stop = values["stop"]
+        values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    return SamplingParams(**values)  # type: ignore[arg-type]

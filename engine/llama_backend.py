@@ -1,0 +1,272 @@
+"""A thin layer over llama-cpp-python's low-level bindings.
+
+The high-level `Llama` class assumes contiguous positions and owns the KV cache; memory
+policies need to edit the cache between turns, so the decode loop is driven here directly.
+Everything works on sequence 0 of one context: the engine parks and restores conversations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from engine.errors import EngineError, ModelError
+
+SEQ = 0
+_backend_ready = False
+_backend_lock = threading.Lock()
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp logs to stderr, which would scribble over the terminal UI."""
+    if os.environ.get("CCM_CHAT_LLAMA_LOG"):
+        print(text.decode("utf-8", "replace"), end="", flush=True)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def gpu_available() -> bool:
+    _init_backend()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class LlamaModel:
+    """Model weights, vocabulary and chat template."""
+
+    def __init__(self, path: Path, n_gpu_layers: int) -> None:
+        _init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.path = path
+        self.n_gpu_layers = n_gpu_layers
+        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ModelError(
+                f"llama.cpp could not load {path}: the file is damaged, truncated, or of an "
+                "architecture this llama.cpp does not know. Re-download or re-convert it, or "
+                "leave --model out to use the embedded default model."
+            )
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        template = llama_cpp.llama_model_chat_template(self.ptr, None)
+        self.chat_template: bytes | None = template or None
+        self.name = self.meta("general.name") or path.stem
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    # -- text ------------------------------------------------------------------------------------
+
+    def tokenize(self, text: bytes, add_special: bool, parse_special: bool) -> list[int]:
+        cap = len(text) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(
+            self.vocab, text, len(text), buf, cap, add_special, parse_special
+        )
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, text, len(text), buf, cap, add_special, parse_special
+            )
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def render_chat(self, messages: Sequence[ChatMessage], add_assistant: bool) -> bytes:
+        """Format messages with the model's own chat template (llama.cpp's built-in renderer)."""
+        if self.chat_template is None:
+            raise ModelError(
+                f"{self.path.name} has no chat template in its metadata, so ccm-chat cannot "
+                "format a conversation for it. Use an instruction-tuned (chat) GGUF."
+            )
+        keep = [(m.role.encode(), m.content.encode()) for m in messages]
+        arr = (llama_cpp.llama_chat_message * max(1, len(keep)))()
+        for i, (role, content) in enumerate(keep):
+            arr[i].role = role
+            arr[i].content = content
+        cap = 256 + 2 * sum(len(r) + len(c) for r, c in keep)
+        buf = ctypes.create_string_buffer(cap)
+        n = llama_cpp.llama_chat_apply_template(
+            self.chat_template, arr, len(keep), add_assistant, buf, cap
+        )
+        if n > cap:
+            buf = ctypes.create_string_buffer(n)
+            n = llama_cpp.llama_chat_apply_template(
+                self.chat_template, arr, len(keep), add_assistant, buf, n
+            )
+        if n < 0:
+            raise ModelError(
+                f"llama.cpp does not support the chat template of {self.path.name}."
+            )
+        return buf.raw[:n]
+
+
+class LlamaContext:
+    """One llama.cpp context: a KV cache with a single sequence, and the decode calls on it."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        n_ctx: int,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        type_k: int = llama_cpp.GGML_TYPE_F16,
+        type_v: int = llama_cpp.GGML_TYPE_F16,
+    ) -> None:
+        self.model = model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.type_k = type_k
+        params.type_v = type_v
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise EngineError(
+                f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?). "
+                "Lower the context size in settings."
+            )
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
+        self.n_batch = n_batch
+        self.memory = llama_cpp.llama_get_memory(self.ptr)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def decode(self, tokens: Sequence[int], start_pos: int, want: Sequence[int] = ()) -> dict:
+        """Decode tokens at positions start_pos.. ; return logits rows for indices in `want`.
+
+        The last token's logits are always computed, so sampling can follow.
+        """
+        wanted = set(want) | {len(tokens) - 1}
+        rows: dict[int, np.ndarray] = {}
+        batch = self._batch
+        for offset in range(0, len(tokens), self.n_batch):
+            chunk = tokens[offset : offset + self.n_batch]
+            batch.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = start_pos + offset + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = SEQ
+                batch.logits[i] = (offset + i) in wanted
+            rc = llama_cpp.llama_decode(self.ptr, batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed (code {rc}) at position {start_pos}.")
+            for i in range(len(chunk)):
+                if (offset + i) in wanted and (offset + i) != len(tokens) - 1:
+                    rows[offset + i] = self.logits(i)
+        return rows
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    # -- KV cache --------------------------------------------------------------------------------
+
+    def remove(self, p0: int, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, SEQ, p0, p1)
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def pos_max(self) -> int:
+        return llama_cpp.llama_memory_seq_pos_max(self.memory, SEQ)
+
+    def state_size(self) -> int:
+        return llama_cpp.llama_state_seq_get_size(self.ptr, SEQ)
+
+    def get_state(self) -> bytes:
+        size = self.state_size()
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, SEQ)
+        return bytes(buf[:written])
+
+    def set_state(self, data: bytes) -> None:
+        self.clear()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), SEQ) == 0:
+            self.clear()
+            raise EngineError("llama.cpp rejected the saved memory state.")
+
+
+class Sampler:
+    """llama.cpp's own sampler chain: top-p, temperature, then a seeded draw (or greedy)."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
+        self.ptr = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params()
+        )
+        if temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(self.ptr, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if top_p < 1.0:
+                llama_cpp.llama_sampler_chain_add(
+                    self.ptr, llama_cpp.llama_sampler_init_top_p(top_p, 1)
+                )
+            llama_cpp.llama_sampler_chain_add(
+                self.ptr, llama_cpp.llama_sampler_init_temp(temperature)
+            )
+            draw_seed = seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+            llama_cpp.llama_sampler_chain_add(
+                self.ptr, llama_cpp.llama_sampler_init_dist(draw_seed)
+            )
+
+    def sample(self, ctx: LlamaContext) -> int:
+        return llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, -1)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,53 @@
+"""The byte format of a saved conversation memory: a checked envelope around the KV state.
+
+Layout: MAGIC | u32 header length | JSON header | back-end payload | sha256 of all before it.
+The header says which model and config made it, so a foreign state is refused, not misread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import StateError
+
+MAGIC = b"CCMSTATE"
+FORMAT_VERSION = 1
+_DIGEST = 32
+
+
+@dataclass(frozen=True)
+class StateBlob:
+    header: dict[str, Any]
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        header = dict(self.header, format=FORMAT_VERSION, payload_len=len(self.payload))
+        head = json.dumps(header, separators=(",", ":")).encode()
+        body = MAGIC + struct.pack("<I", len(head)) + head + self.payload
+        return body + hashlib.sha256(body).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StateBlob:
+        if not data.startswith(MAGIC):
+            raise StateError("Not a ccm-chat memory state (wrong magic bytes).")
+        if len(data) < len(MAGIC) + 4 + _DIGEST:
+            raise StateError("The memory state is truncated.")
+        body, digest = data[:-_DIGEST], data[-_DIGEST:]
+        (head_len,) = struct.unpack_from("<I", body, len(MAGIC))
+        start = len(MAGIC) + 4
+        try:
+            header = json.loads(body[start : start + head_len])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StateError("The memory state is truncated or corrupt (bad header).") from exc
+        payload = body[start + head_len :]
+        if not isinstance(header, dict) or header.get("payload_len") != len(payload):
+            raise StateError("The memory state is truncated.")
+        if hashlib.sha256(body).digest() != digest:
+            raise StateError("The memory state is corrupt (checksum mismatch).")
+        if header.get("format") != FORMAT_VERSION:
+            raise StateError(f"Memory state format {header.get('format')} is not supported.")
+        return cls(header=header, payload=payload)

@@ -1,0 +1,19 @@
+"""Persistent state of ccm-chat in SQLite. Knows bytes and rows, nothing of models or tensors."""
+
+from storage.store import (
+    ConversationRecord,
+    MessageRecord,
+    NotFoundError,
+    SearchHit,
+    StorageError,
+    Store,
+)
+
+__all__ = [
+    "ConversationRecord",
+    "MessageRecord",
+    "NotFoundError",
+    "SearchHit",
+    "StorageError",
+    "Store",
+]
