@@ -1,0 +1,197 @@
+"""The `ccm-chat` command: a thin layer over ChatService, Store and Engine.
+
+    ccm-chat                        open the chat UI (a new chat)
+    ccm-chat --continue             open the UI on the last conversation
+    ccm-chat --conversation ID      open the UI on conversation ID
+    ccm-chat ask "question"         answer one prompt on stdout
+    ccm-chat list | export ID | search QUERY | paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app import paths
+from app.export import FORMATS
+from app.service import ChatService
+from app.settings import Settings
+from engine import DEFAULT_SYSTEM_PROMPT, Engine, EngineError, SamplingParams
+from engine.models import MODEL_ENV_VAR
+from storage import StorageError, Store
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db", default=argparse.SUPPRESS,
+        help=f"database file (default: ${paths.DB_ENV}, else the user data dir)",
+    )
+    common.add_argument(
+        "--model", default=argparse.SUPPRESS,
+        help=f"a .gguf model file (default: ${MODEL_ENV_VAR}, settings, else the embedded "
+        "SmolLM2-135M-Instruct)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_flags()
+    parser = argparse.ArgumentParser(
+        prog="ccm-chat",
+        description="A local terminal chat with compressed context memory, saved to SQLite.",
+        parents=[common],
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--continue", dest="resume", action="store_true",
+                       help="resume the most recent conversation")
+    group.add_argument("--conversation", type=int, metavar="ID",
+                       help="open the conversation with this id")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ask = sub.add_parser("ask", parents=[common], help="answer one prompt on stdout",
+                         description="Answer one prompt on stdout (nothing is saved).")
+    ask.add_argument("prompt", help="the question; '-' reads it from stdin")
+    ask.add_argument("--system", default=None, help="system prompt")
+    ask.add_argument("--max-tokens", type=int, default=None)
+    ask.add_argument("--temperature", type=float, default=None,
+                     help="0 for greedy (reproducible) output")
+    ask.add_argument("--seed", type=int, default=None)
+
+    lst = sub.add_parser("list", parents=[common], help="list conversations, newest first",
+                         description="List conversations, newest first.")
+    lst.add_argument("--limit", type=int, default=None)
+
+    exp = sub.add_parser("export", parents=[common], help="print a conversation",
+                         description="Print a conversation as Markdown or JSON.")
+    exp.add_argument("id", type=int, help="conversation id (see `ccm-chat list`)")
+    exp.add_argument("--format", choices=FORMATS, default="md")
+    exp.add_argument("-o", "--output", type=Path, default=None, help="write to this file")
+
+    srch = sub.add_parser("search", parents=[common], help="full-text search over messages",
+                          description="Full-text search over every message.")
+    srch.add_argument("query")
+
+    sub.add_parser("paths", parents=[common], help="where the database and caches live",
+                   description="Show where ccm-chat keeps its database, settings and caches.")
+    return parser
+
+
+def _open_store(args: argparse.Namespace) -> Store:
+    return Store(paths.db_path(getattr(args, "db", None)))
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ui.app import ChatApp
+
+    store = _open_store(args)
+    service = ChatService(store, model_override=getattr(args, "model", None))
+    if args.conversation is not None:
+        store.get_conversation(args.conversation)
+    app = ChatApp(service, conversation_id=args.conversation, resume_last=args.resume)
+    try:
+        app.run()
+    finally:
+        service.close_engine()
+        store.close()
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise ValueError("The prompt is empty.")
+    store = _open_store(args)
+    settings = Settings.load(store)
+    store.close()
+    params = SamplingParams(
+        max_tokens=args.max_tokens or settings.max_tokens,
+        temperature=settings.temperature if args.temperature is None else args.temperature,
+        top_p=settings.top_p,
+        seed=args.seed,
+    )
+    model = getattr(args, "model", None) or settings.model_path or None
+    with Engine.load(model=model, n_ctx=settings.context_size) as engine:
+        system = args.system if args.system is not None else settings.system_prompt
+        conv = engine.new_conversation(system=system or DEFAULT_SYSTEM_PROMPT)
+        for piece in conv.send(prompt, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    records = store.list_conversations(limit=args.limit)
+    for rec in records:
+        count = len(store.messages(rec.id))
+        print(f"{rec.id}\t{rec.updated[:16].replace('T', ' ')}\t{count} messages\t{rec.title}")
+    if not records:
+        print("No conversations yet. Start one with `ccm-chat`.", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    text = ChatService(store).export(args.id, args.format)
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"Wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    hits = _open_store(args).search(args.query)
+    for hit in hits:
+        print(f"{hit.conversation_id}\t{hit.conversation_title}\t{hit.role}: {hit.snippet}")
+    return 0 if hits else 1
+
+
+def cmd_paths(args: argparse.Namespace) -> int:
+    print(f"database:  {paths.db_path(getattr(args, 'db', None))}")
+    print("settings:  stored in the database (settings table)")
+    print(f"data dir:  {paths.data_dir()}   (${paths.DATA_DIR_ENV})")
+    print(f"cache dir: {paths.cache_dir()}   (${paths.CACHE_DIR_ENV})")
+    model = getattr(args, "model", None) or os.environ.get(MODEL_ENV_VAR)
+    if model:
+        print(f"model:     {model}")
+    else:
+        from engine import default_model_path
+
+        try:
+            print(f"model:     {default_model_path()} (embedded default)")
+        except EngineError as exc:
+            print(f"model:     not found: {exc}")
+    return 0
+
+
+COMMANDS = {
+    None: cmd_ui,
+    "ask": cmd_ask,
+    "list": cmd_list,
+    "export": cmd_export,
+    "search": cmd_search,
+    "paths": cmd_paths,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (EngineError, StorageError, ValueError, OSError) as exc:
+        print(f"ccm-chat: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nccm-chat: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Settings: model, GPU layers, context, sampling, system prompt, compression level, keys."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select
+
+from app.settings import Settings
+from engine import LEVELS, CompressionConfig
+
+NUMBER_FIELDS = {
+    "n_gpu_layers": ("GPU layers (-1 all, 0 CPU only)", int),
+    "context_size": ("Context size (tokens)", int),
+    "temperature": ("Temperature (0 = greedy)", float),
+    "top_p": ("Top-p", float),
+    "max_tokens": ("Max tokens per reply", int),
+}
+
+
+def parse_keymap(text: str) -> dict[str, str]:
+    """'regenerate=ctrl+g, stop=escape' -> {'regenerate': 'ctrl+g', 'stop': 'escape'}."""
+    keymap = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, sep, keys = part.partition("=")
+        if not sep or not name.strip() or not keys.strip():
+            raise ValueError(f"Key binding {part.strip()!r} is not of the form action=keys.")
+        keymap[name.strip()] = keys.strip()
+    return keymap
+
+
+def format_keymap(keymap: dict[str, str]) -> str:
+    return "; ".join(f"{k}={v}" for k, v in keymap.items())
+
+
+class SettingsScreen(ModalScreen[Settings | None]):
+    """Dismisses with the new, validated settings, or None when cancelled."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def compose(self) -> ComposeResult:
+        s = self.settings
+        with Vertical(classes="dialog wide"):
+            yield Label("Settings", classes="question")
+            with VerticalScroll():
+                yield Label("Model file (.gguf; empty = the embedded default)")
+                yield Input(value=s.model_path, id="model_path")
+                for name, (label, _) in NUMBER_FIELDS.items():
+                    yield Label(label)
+                    yield Input(value=str(getattr(s, name)), id=name)
+                yield Label("Default system prompt for new chats")
+                yield Input(value=s.system_prompt, id="system_prompt")
+                yield Label("Compression level")
+                yield Select(
+                    [(level, level) for level in LEVELS],
+                    value=s.compression,
+                    allow_blank=False,
+                    id="compression",
+                )
+                yield Label(
+                    CompressionConfig.for_level(s.compression).describe(), id="method_note"
+                )
+                yield Label("Key bindings (action=keys; separated by ';')")
+                yield Input(value=format_keymap(s.keymap), id="keymap")
+            with Horizontal(classes="buttons"):
+                yield Button("Save", variant="primary", id="save")
+                yield Button("Cancel", id="cancel")
+
+    @on(Select.Changed, "#compression")
+    def _level_changed(self, event: Select.Changed) -> None:
+        note = CompressionConfig.for_level(str(event.value)).describe()
+        self.query_one("#method_note", Label).update(note)
+
+    def read_form(self) -> Settings:
+        values: dict[str, object] = {}
+        for name, (label, kind) in NUMBER_FIELDS.items():
+            raw = self.query_one(f"#{name}", Input).value.strip()
+            try:
+                values[name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"{label}: {raw!r} is not a number.") from exc
+        values["model_path"] = self.query_one("#model_path", Input).value.strip()
+        values["system_prompt"] = self.query_one("#system_prompt", Input).value.strip()
+        values["compression"] = str(self.query_one("#compression", Select).value)
+        values["keymap"] = parse_keymap(self.query_one("#keymap", Input).value)
+        candidate = replace(self.settings, **values)  # type: ignore[arg-type]
+        problems = candidate.problems()
+        if problems:
+            raise ValueError(" ".join(problems))
+        return candidate
+
+    def action_save(self) -> None:
+        try:
+            settings = self.read_form()
+        except ValueError as exc:
+            self.notify(str(exc), title="Settings not saved", severity="error")
+            return
+        self.dismiss(settings)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "save":
+            self.action_save()
+        else:
+            self.dismiss(None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
