@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.config import CompressionConfig, SamplingParams
-from engine.errors import ContextFullError, StateError
+from engine.errors import ContextFullError, EngineError, StateError
 from engine.llama_backend import ChatMessage, Sampler
 from engine.state_blob import StateBlob
 from engine.stops import StopStringMatcher
@@ -148,9 +148,8 @@ class Conversation:
         n0 = len(self._kv_tokens)
         if n0 + len(tokens) > ctx.n_ctx:
             raise ContextFullError("The reply does not fit in the context window.")
-        last = self._kv_tokens[-1]
         ctx.remove(n0 - 1)
-        rows = ctx.decode([last, *tokens[:-1]], n0 - 1, want=range(len(tokens)))
+        rows = ctx.decode([self._kv_tokens[-1], *tokens[:-1]], n0 - 1, want=range(len(tokens)))
         rows[len(tokens) - 1] = ctx.logits(-1)
         ctx.remove(n0)
         nll = []
@@ -270,6 +269,14 @@ class Conversation:
         self._rendered = target
         return len(tokens), time.perf_counter() - start
 
+    def _redecode_last(self, ctx) -> None:
+        """Logits are only current after a decode: recompute them for the last cell."""
+        if not self._kv_tokens:
+            raise EngineError("Nothing to generate from: the conversation is empty.")
+        last = len(self._kv_tokens) - 1
+        ctx.remove(last)
+        ctx.decode([self._kv_tokens[last]], last)
+
     def _record(self, token: int, end: int) -> None:
         self._kv_tokens.append(token)
         self._kv_ends.append(end)
@@ -279,6 +286,8 @@ class Conversation:
         prompt = model.render_chat(self.messages, add_assistant=True)
         prompt_tokens, prefill_s = self._sync(prompt)
         ctx = self._ctx()
+        if prompt_tokens == 0:
+            self._redecode_last(ctx)
         sampler = Sampler(params.temperature, params.top_p, params.seed)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStringMatcher(params.stop)
