@@ -185,13 +185,16 @@ class ChatService:
         if not text:
             raise ValueError("Cannot send an empty message.")
         record = self.store.get_conversation(conversation_id)
-        live = self._engine_conversation(record)
-        user = self.store.add_message(conversation_id, "user", text)
+        user = self.store.add_message(conversation_id, "user", text)  # kept whatever happens
         if record.title == "New chat" and not any(
             m.role == "user" and m.id != user.id for m in self.store.messages(conversation_id)
         ):
             self.store.rename_conversation(conversation_id, make_title(text))
-        live.add_turn("user", text, decode=False)
+        live = self._live.get(conversation_id)
+        if live is None:
+            live = self._engine_conversation(record)  # built from the transcript, this turn too
+        else:
+            live.add_turn("user", text, decode=False)
         yield from self._stream(conversation_id, live, cancel)
 
     def regenerate(

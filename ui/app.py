@@ -36,6 +36,10 @@ from ui.widgets.status_bar import StatusBar
 
 CSS_FILE = Path(__file__).resolve().parent.parent / "assets" / "ccm_chat.tcss"
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+MAIN_SCREEN_ACTIONS = {
+    "new_chat", "regenerate", "rename", "delete", "export", "copy_reply", "copy_code",
+    "system_prompt", "search", "settings", "help",
+}
 EXPECTED_ERRORS = (EngineError, StorageError, ValueError, OSError)
 
 
@@ -67,15 +71,16 @@ class ChatApp(App[None]):
     TITLE = "ccm-chat"
     COMMAND_PALETTE_BINDING = "ctrl+p"
 
+    # priority: these keys also mean something to the message box, and the app's meaning wins
     BINDINGS = [
         Binding("ctrl+n", "new_chat", "New", id="new_chat"),
         Binding("escape", "stop", "Stop", id="stop"),
         Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
         Binding("f2", "rename", "Rename", id="rename"),
-        Binding("ctrl+d", "delete", "Delete", id="delete"),
-        Binding("ctrl+e", "export", "Export", id="export"),
-        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply"),
-        Binding("ctrl+k", "copy_code", "Copy code", id="copy_code", show=False),
+        Binding("ctrl+d", "delete", "Delete", id="delete", priority=True),
+        Binding("ctrl+e", "export", "Export", id="export", priority=True),
+        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy_reply", priority=True),
+        Binding("ctrl+k", "copy_code", "Copy code", id="copy_code", show=False, priority=True),
         Binding("ctrl+t", "system_prompt", "System prompt", id="system_prompt", show=False),
         Binding("ctrl+f", "search", "Search", id="search", show=False),
         Binding("ctrl+s", "settings", "Settings", id="settings"),
@@ -97,6 +102,7 @@ class ChatApp(App[None]):
         self.resume_last = resume_last
         self.load_engine_on_start = load_engine_on_start
         self.generating = False
+        self.quitting = False
         self._cancel: threading.Event | None = None
         self._reply_done = threading.Event()
         self._reply_done.set()
@@ -198,6 +204,11 @@ class ChatApp(App[None]):
 
     async def on_sidebar_search_changed(self, event: Sidebar.SearchChanged) -> None:
         await self.refresh_sidebar()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """App actions are for the main screen; a dialog keeps its own keys."""
+        on_main_screen = self.screen is self.screen_stack[0]
+        return on_main_screen or action not in MAIN_SCREEN_ACTIONS
 
     def _busy(self) -> bool:
         if self.generating:
@@ -358,6 +369,7 @@ class ChatApp(App[None]):
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         if self._busy():
             return
+        self.generating = True
         prompt = self.query_one(PromptInput)
         text = event.text.strip()
         if self.current_id is None:
@@ -373,6 +385,7 @@ class ChatApp(App[None]):
         if not messages or messages[-1].role != "assistant":
             self.notify("There is no reply to regenerate yet.")
             return
+        self.generating = True
         await self.chat_view.drop_last_reply()
         await self._start_reply(self.current_id, None)
 
@@ -414,6 +427,8 @@ class ChatApp(App[None]):
     async def on_reply_done(self, event: ReplyDone) -> None:
         self.generating = False
         self._cancel = None
+        if self.quitting:
+            return
         messages = self.service.messages(event.conversation_id)
         last = messages[-1] if messages else None
         if event.conversation_id != self.current_id:
@@ -443,6 +458,7 @@ class ChatApp(App[None]):
 
     async def action_quit(self) -> None:
         """Quit, but first let a running reply stop and be saved."""
+        self.quitting = True
         if self._cancel is not None:
             self._cancel.set()
         if not self._reply_done.is_set():

@@ -40,6 +40,12 @@ def format_keymap(keymap: dict[str, str]) -> str:
     return "; ".join(f"{k}={v}" for k, v in keymap.items())
 
 
+def _row(label: str, field: Input | Select) -> ComposeResult:
+    with Horizontal(classes="row"):
+        yield Label(label, classes="field-label")
+        yield field
+
+
 class SettingsScreen(ModalScreen[Settings | None]):
     """Dismisses with the new, validated settings, or None when cancelled."""
 
@@ -53,26 +59,24 @@ class SettingsScreen(ModalScreen[Settings | None]):
         s = self.settings
         with Vertical(classes="dialog wide"):
             yield Label("Settings", classes="question")
-            with VerticalScroll():
-                yield Label("Model file (.gguf; empty = the embedded default)")
-                yield Input(value=s.model_path, id="model_path")
+            with VerticalScroll(classes="form"):
+                yield from _row("Model file (.gguf; empty = embedded default)",
+                                Input(value=s.model_path, id="model_path", compact=True,
+                                      placeholder="(embedded SmolLM2-135M-Instruct)"))
                 for name, (label, _) in NUMBER_FIELDS.items():
-                    yield Label(label)
-                    yield Input(value=str(getattr(s, name)), id=name)
-                yield Label("Default system prompt for new chats")
-                yield Input(value=s.system_prompt, id="system_prompt")
-                yield Label("Compression level")
-                yield Select(
-                    [(level, level) for level in LEVELS],
-                    value=s.compression,
-                    allow_blank=False,
-                    id="compression",
-                )
-                yield Label(
-                    CompressionConfig.for_level(s.compression).describe(), id="method_note"
-                )
-                yield Label("Key bindings (action=keys; separated by ';')")
-                yield Input(value=format_keymap(s.keymap), id="keymap")
+                    yield from _row(label, Input(value=str(getattr(s, name)), id=name,
+                                                 compact=True))
+                yield from _row("System prompt for new chats",
+                                Input(value=s.system_prompt, id="system_prompt", compact=True))
+                yield from _row("Compression level", Select(
+                    [(level, level) for level in LEVELS], value=s.compression,
+                    allow_blank=False, id="compression", compact=True))
+                yield Label(CompressionConfig.for_level(s.compression).describe(),
+                            id="method_note")
+                yield from _row("Key bindings (action=keys; …)",
+                                Input(value=format_keymap(s.keymap), id="keymap",
+                                      placeholder="regenerate=ctrl+g; stop=escape",
+                                      compact=True))
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")

@@ -60,10 +60,8 @@ class Sidebar(Vertical):
         view = self.list_view
         await view.clear()
         await view.extend(items)
-        for index, item in enumerate(items):
-            if getattr(item, "conversation_id", None) == current:
-                view.index = index
-                break
+        ids = [getattr(item, "conversation_id", None) for item in items]
+        view.index = ids.index(current) if current in ids else 0
 
     @on(Input.Changed, "#search")
     def _search_changed(self, event: Input.Changed) -> None:

@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine (Python 3.11+, a C compiler):
+#   make chat   installs into .venv and opens the chat on the embedded default model
+#   make test   installs into .venv, lints, and runs the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ccm-chat-installed
+PYTHON ?= python3
+
+# llama-cpp-python builds from source: with CUDA when nvcc and an NVIDIA GPU are both present,
+# for the CPU otherwise (a CUDA build on a machine without the driver cannot load).
+CUDA := $(shell command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo on)
+LLAMA_CMAKE_ARGS := $(if $(CUDA),-DGGML_CUDA=on,)
+
+.PHONY: chat test lint install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+chat: $(STAMP)
+	$(VENV)/bin/ccm-chat $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,45 @@
+"""End to end: the real app, the real default model on the CPU, a real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.service import ChatService
+from app.settings import Settings
+from storage import Store
+from tests.test_ui import SIZE, boxes, send, titles, wait_for
+from ui.app import ChatApp
+
+
+async def test_chat_quit_relaunch_and_continue(db_path: Path) -> None:
+    store = Store(db_path)
+    Settings(temperature=0.0, max_tokens=40, context_size=2048).save(store)
+    app = ChatApp(ChatService(store))  # the real engine factory: embedded default model
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "SmolLM2" in str(app.status_bar.render()), timeout=60)
+        assert "CPU" in str(app.status_bar.render())
+        await send(pilot, "What is the capital of France?")
+        await wait_for(pilot, lambda: not app.generating, timeout=60)
+        await pilot.pause()
+        (role, reply), = boxes(app)[1:]
+        assert role == "assistant" and "Paris" in reply
+        status = str(app.status_bar.render())
+        assert "tok/s" in status and "/2,048 tokens" in status
+        await pilot.press("ctrl+q")
+    app.service.close_engine()
+    store.close()
+
+    store = Store(db_path)
+    app = ChatApp(ChatService(store), resume_last=True)
+    async with app.run_test(size=SIZE) as pilot:
+        assert titles(app) == ["What is the capital of France?"]
+        assert boxes(app)[0] == ("user", "What is the capital of France?")
+        await send(pilot, "And what is the capital of Germany?")
+        await wait_for(pilot, lambda: not app.generating, timeout=60)
+        await pilot.pause()
+        assert "Berlin" in boxes(app)[-1][1]
+    app.service.close_engine()
+    msgs = store.messages(store.latest_conversation().id)
+    assert [m.role for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert all(m.status == "complete" for m in msgs)
+    store.close()

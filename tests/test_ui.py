@@ -1,0 +1,379 @@
+"""The Textual app driven by its pilot, on the scripted engine (fast) and a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from textual.widgets import Input, Label, Select
+
+from app.service import ChatService
+from app.settings import Settings
+from engine import ModelError
+from storage import Store
+from tests.conftest import TickingClock, scripted_factory
+from tests.scripted_engine import ScriptedEngine
+from ui.app import ChatApp
+from ui.screens.confirm import ConfirmScreen
+from ui.screens.export import ExportScreen
+from ui.screens.help import HelpScreen
+from ui.screens.settings import SettingsScreen
+from ui.screens.text_prompt import TextPromptScreen
+from ui.widgets.chat_view import MessageBox
+from ui.widgets.prompt_input import PromptInput
+from ui.widgets.sidebar import ConversationItem
+
+SIZE = (110, 36)
+
+
+async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await pilot.pause(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def send(pilot, text: str) -> None:
+    app = pilot.app
+    app.query_one(PromptInput).focus()
+    await pilot.press(*text)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: any(b.role == "user" and b.content == text
+                                      for b in app.query(MessageBox)))
+
+
+async def until_idle(pilot) -> None:
+    await wait_for(pilot, lambda: not pilot.app.generating)
+    await pilot.pause()
+
+
+def boxes(app: ChatApp) -> list[tuple[str, str]]:
+    return [(b.role, b.content) for b in app.query(MessageBox)]
+
+
+def titles(app: ChatApp) -> list[str]:
+    return [str(i.query_one(".title", Label).render()) for i in app.query(ConversationItem)]
+
+
+def make_app(store: Store, engine: ScriptedEngine, **kwargs) -> ChatApp:
+    return ChatApp(ChatService(store, engine_factory=scripted_factory(engine)), **kwargs)
+
+
+async def test_send_a_message_and_see_the_reply(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hello")
+        await until_idle(pilot)
+        assert boxes(app) == [("user", "hello"), ("assistant", "You said: hello")]
+        conv = store.latest_conversation()
+        assert [m.content for m in store.messages(conv.id)] == ["hello", "You said: hello"]
+        assert titles(app) == ["hello"]
+        assert "Scripted model" in str(app.status_bar.render())
+        assert app.query_one(PromptInput).text == ""
+
+
+async def test_reply_streams_in_before_it_ends(store: Store) -> None:
+    engine = ScriptedEngine(delay=0.03, replies={"go": " ".join(f"w{i}" for i in range(60))})
+    app = make_app(store, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "go")
+        reply_box = list(app.query(MessageBox))[-1]
+        await wait_for(pilot, lambda: "w5" in reply_box.markdown.source)
+        partial = reply_box.markdown.source
+        assert app.generating and "w59" not in partial
+        await until_idle(pilot)
+        assert reply_box.markdown.source.startswith(partial.rstrip())
+        assert reply_box.content.endswith("w59")
+
+
+async def test_escape_stops_the_reply_and_keeps_it(store: Store) -> None:
+    engine = ScriptedEngine(delay=0.05, replies={"go": " ".join(f"w{i}" for i in range(200))})
+    app = make_app(store, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "go")
+        reply_box = list(app.query(MessageBox))[-1]
+        await wait_for(pilot, lambda: "w3" in reply_box.markdown.source)
+        await pilot.press("escape")
+        await until_idle(pilot)
+        last = store.messages(store.latest_conversation().id)[-1]
+        assert last.status == "interrupted"
+        assert last.content.startswith("w0 w1 w2 w3") and "w199" not in last.content
+        assert reply_box.content == last.content
+        assert "(interrupted)" in str(reply_box.query_one(".role", Label).render())
+
+
+async def test_ctrl_c_mid_reply_stops_and_saves_then_quits(store: Store) -> None:
+    engine = ScriptedEngine(delay=0.05, replies={"go": " ".join(f"w{i}" for i in range(200))})
+    app = make_app(store, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "go")
+        await wait_for(pilot, lambda: "w2" in list(app.query(MessageBox))[-1].markdown.source)
+        await pilot.press("ctrl+c")
+        await until_idle(pilot)
+        assert app.is_running
+        assert store.messages(store.latest_conversation().id)[-1].status == "interrupted"
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+    assert not app.is_running
+
+
+async def test_quit_mid_reply_saves_what_was_written(store: Store) -> None:
+    engine = ScriptedEngine(delay=0.05, replies={"go": " ".join(f"w{i}" for i in range(200))})
+    app = make_app(store, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "go")
+        await wait_for(pilot, lambda: "w2" in list(app.query(MessageBox))[-1].markdown.source)
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.3)
+    last = store.messages(store.latest_conversation().id)[-1]
+    assert last.role == "assistant" and last.status == "interrupted"
+    assert last.content.startswith("w0 w1 w2")
+
+
+async def test_switch_conversations_from_the_sidebar(store: Store, scripted) -> None:
+    a = store.create_conversation("Alpha")
+    store.add_message(a.id, "user", "about alpha")
+    b = store.create_conversation("Beta")
+    store.add_message(b.id, "user", "about beta")
+    app = make_app(store, scripted, resume_last=True)
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.current_id == b.id
+        assert boxes(app) == [("user", "about beta")]
+        assert titles(app) == ["Beta", "Alpha"]
+        await pilot.click(ConversationItem, offset=(2, 0))  # the first item is Beta
+        app.sidebar.list_view.focus()
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert app.current_id == a.id
+        assert boxes(app) == [("user", "about alpha")]
+
+
+async def test_new_chat_starts_empty_and_is_saved_on_first_message(store: Store, scripted) -> None:
+    old = store.create_conversation("Old")
+    store.add_message(old.id, "user", "old text")
+    app = make_app(store, scripted, conversation_id=old.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert app.current_id is None and boxes(app) == []
+        assert len(store.list_conversations()) == 1
+        await send(pilot, "fresh start")
+        await until_idle(pilot)
+        assert titles(app) == ["fresh start", "Old"]
+
+
+async def test_rename(store: Store, scripted) -> None:
+    conv = store.create_conversation("Before")
+    app = make_app(store, scripted, conversation_id=conv.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f2")
+        assert isinstance(app.screen, TextPromptScreen)
+        app.screen.query_one(Input).value = ""
+        await pilot.press(*"After", "enter")
+        await pilot.pause()
+        assert store.get_conversation(conv.id).title == "After"
+        assert titles(app) == ["After"]
+
+
+async def test_delete_asks_first(store: Store, scripted) -> None:
+    conv = store.create_conversation("Doomed")
+    store.add_message(conv.id, "user", "bye")
+    app = make_app(store, scripted, conversation_id=conv.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+d")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert store.list_conversations()  # cancelled: still there
+        await pilot.press("ctrl+d")
+        await pilot.click("#confirm")
+        await pilot.pause()
+        assert store.list_conversations() == []
+        assert app.current_id is None and titles(app) == []
+
+
+async def test_export_to_markdown_and_json(store: Store, scripted, tmp_path: Path) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "export me")
+        await until_idle(pilot)
+        for fmt in ("md", "json"):
+            await pilot.press("ctrl+e")
+            assert isinstance(app.screen, ExportScreen)
+            app.screen.query_one("#path", Input).value = str(tmp_path / "out")
+            await pilot.click(f"#{fmt}")
+            await pilot.pause()
+        md = (tmp_path / "out.md").read_text()
+        assert "## User\n\nexport me" in md and "You said: export me" in md
+        doc = json.loads((tmp_path / "out.json").read_text())
+        assert [m["content"] for m in doc["messages"]] == ["export me", "You said: export me"]
+
+
+async def test_regenerate_replaces_the_last_reply(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "again")
+        await until_idle(pilot)
+        await pilot.press("ctrl+r")
+        await until_idle(pilot)
+        assert boxes(app) == [("user", "again"), ("assistant", "You said: again (take 2)")]
+        msgs = store.messages(store.latest_conversation().id)
+        assert [m.content for m in msgs] == ["again", "You said: again (take 2)"]
+
+
+async def test_copy_reply_and_code_block(store: Store) -> None:
+    engine = ScriptedEngine(replies={"code": "Here:\n```python\nprint('hi')\n```\nDone."})
+    app = make_app(store, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "code")
+        await until_idle(pilot)
+        await pilot.press("ctrl+y")
+        assert app.clipboard == "Here:\n```python\nprint('hi')\n```\nDone."
+        await pilot.press("ctrl+k")
+        assert app.clipboard == "print('hi')\n"
+
+
+async def test_multi_line_message(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).focus()
+        await pilot.press(*"line one", "ctrl+j", *"line two")
+        assert app.query_one(PromptInput).text == "line one\nline two"
+        await pilot.press("enter")
+        await until_idle(pilot)
+        assert boxes(app)[0] == ("user", "line one\nline two")
+
+
+async def test_search_finds_messages_in_any_chat(store: Store, scripted) -> None:
+    a = store.create_conversation("Birds")
+    store.add_message(a.id, "user", "Penguins cannot fly")
+    b = store.create_conversation("Cars")
+    store.add_message(b.id, "user", "Engines and wheels")
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+f")
+        await pilot.press(*"penguin")
+        await pilot.pause()
+        assert titles(app) == ["Birds"]
+        app.sidebar.list_view.focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.current_id == a.id
+        assert boxes(app) == [("user", "Penguins cannot fly")]
+
+
+async def test_system_prompt_for_this_conversation(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+t")
+        assert isinstance(app.screen, TextPromptScreen)
+        app.screen.query_one(Input).value = "Answer in French."
+        await pilot.press("enter")
+        await pilot.pause()
+        await send(pilot, "bonjour")
+        await until_idle(pilot)
+        conv = store.latest_conversation()
+        assert conv.system_prompt == "Answer in French."
+        assert scripted.conversations[-1].messages[0].content == "Answer in French."
+
+
+async def test_settings_persist_after_restart(db_path: Path, scripted) -> None:
+    store = Store(db_path, clock=TickingClock())
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        screen = app.screen
+        assert isinstance(screen, SettingsScreen)
+        screen.query_one("#temperature", Input).value = "0.25"
+        screen.query_one("#max_tokens", Input).value = "64"
+        screen.query_one("#compression", Select).value = "balanced"
+        screen.query_one("#keymap", Input).value = "regenerate=ctrl+g"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert not isinstance(app.screen, SettingsScreen)
+    store.close()
+
+    store2 = Store(db_path)
+    app2 = make_app(store2, ScriptedEngine())
+    async with app2.run_test(size=SIZE) as pilot:
+        settings = app2.service.settings
+        assert (settings.temperature, settings.max_tokens, settings.compression) == (
+            0.25, 64, "balanced")
+        await pilot.press("ctrl+s")
+        assert app2.screen.query_one("#temperature", Input).value == "0.25"
+        assert app2.screen.query_one("#compression", Select).value == "balanced"
+        await pilot.press("escape")
+        await send(pilot, "hi")
+        await until_idle(pilot)
+        await pilot.press("ctrl+g")  # the remapped regenerate key
+        await until_idle(pilot)
+        assert boxes(app2)[-1] == ("assistant", "You said: hi (take 2)")
+        assert "balanced" in str(app2.status_bar.render())
+    store2.close()
+
+
+async def test_bad_settings_are_refused_with_a_message(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+s")
+        app.screen.query_one("#top_p", Input).value = "7"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        assert any("Top-p" in n.message for n in app._notifications)
+        assert Settings.load(store) == Settings()
+
+
+async def test_help_lists_the_keys(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        keys = dict((desc, key) for key, desc in app.screen.keys)
+        assert keys["Regenerate"] == "ctrl+r" and keys["Stop"] == "escape"
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_command_palette_runs_app_commands(store: Store, scripted) -> None:
+    conv = store.create_conversation("Palette")
+    app = make_app(store, scripted, conversation_id=conv.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+p")
+        await pilot.press(*"Rename chat")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, TextPromptScreen))
+
+
+async def test_model_error_is_a_notification_not_a_crash(store: Store) -> None:
+    def broken(settings, model):
+        raise ModelError("Model file not found: /x.gguf. Check the path.")
+
+    app = ChatApp(ChatService(store, engine_factory=broken))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "No model loaded" in str(app.status_bar.render()))
+        await send(pilot, "hello?")
+        await until_idle(pilot)
+        assert app.is_running
+        assert any("not found" in n.message for n in app._notifications)
+        conv = store.latest_conversation()
+        assert [m.content for m in store.messages(conv.id)] == ["hello?"]  # nothing lost
+        assert boxes(app) == [("user", "hello?")]
+
+
+@pytest.mark.parametrize("size", [10_000, 200_000])
+async def test_huge_paste_is_kept(store: Store, size: int) -> None:
+    text = ("lorem ipsum " * (size // 12)).strip()
+    app = make_app(store, ScriptedEngine(replies={text: "That is a lot of text."}))
+    async with app.run_test(size=SIZE) as pilot:
+        app.query_one(PromptInput).text = text
+        app.query_one(PromptInput).focus()
+        await pilot.press("enter")
+        await until_idle(pilot)
+        msgs = store.messages(store.latest_conversation().id)
+        assert [m.content for m in msgs] == [text, "That is a lot of text."]
+        assert boxes(app)[0] == ("user", text)
