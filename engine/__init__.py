@@ -9,6 +9,10 @@ Usable on its own, without the UI:
         print(piece, end="")
 """
 
+# llama_cpp goes first: on a CUDA host, loading a model segfaulted in init_tokenizer when numpy
+# had been imported before llama_cpp (H100 host, numpy 2.5.2, llama-cpp-python 0.3.36).
+import llama_cpp  # noqa: F401  isort: skip
+
 from engine.config import LEVELS, CompressionConfig, SamplingParams
 from engine.conversation import Conversation, MemoryStats, ReplyStats
 from engine.engine import DEFAULT_SYSTEM_PROMPT, Engine, EngineInfo
