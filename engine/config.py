@@ -4,33 +4,71 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.memory import MemoryPolicy, make_policy
+
 LEVELS: tuple[str, ...] = ("off", "light", "balanced", "aggressive")
+KV_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0")
+
+# What each level means without a trained compressor: (cells held after a turn, K cache type).
+# Budgets are in tokens so they mean the same on every model. The K cache type is an
+# orthogonal saving on llama.cpp: q8_0 takes about a quarter off a cell's bytes, q4_0 about
+# three eighths (V stays f16, see engine.llama_backend).
+LEVEL_BUDGETS: dict[str, tuple[int | None, str]] = {
+    "off": (None, "f16"),
+    "light": (2048, "q8_0"),
+    "balanced": (512, "q8_0"),
+    "aggressive": (128, "q4_0"),
+}
+SINK_TOKENS = 4
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
     """What memory budget a conversation runs under and which method serves it.
 
-    `level` is what the user picks; `method` is what the engine uses for it. Only `full`
-    (keep everything) is implemented so far; other levels are accepted and reported as
-    running on `full` until their memory policy lands.
+    `level` is what the user picks; `method` and `params` are the memory policy the engine
+    runs for it (see engine.memory); `kv_type` is the K cache's element type (llama.cpp).
     """
 
     level: str = "off"
     method: str = "full"
+    params: dict[str, int] = field(default_factory=dict)
+    kv_type: str = "f16"
+    reason: str = ""
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"Unknown compression level {self.level!r}; pick one of {LEVELS}.")
+        if self.kv_type not in KV_TYPES:
+            raise ValueError(f"Unknown KV cache type {self.kv_type!r}; pick one of {KV_TYPES}.")
 
     @classmethod
-    def for_level(cls, level: str) -> CompressionConfig:
-        return cls(level=level, method="full")
+    def for_level(cls, level: str, quantize_kv: bool = True) -> CompressionConfig:
+        """The best method this engine has for `level` (no trained compressor yet)."""
+        if level not in LEVEL_BUDGETS:
+            raise ValueError(f"Unknown compression level {level!r}; pick one of {LEVELS}.")
+        budget, kv_type = LEVEL_BUDGETS[level]
+        kv_type = kv_type if quantize_kv else "f16"
+        if budget is None:
+            return cls(level, "full", {}, kv_type, "keeps every token")
+        return cls(
+            level, "window", {"sink": SINK_TOKENS, "window": budget - SINK_TOKENS}, kv_type,
+            "no trained CCM compressor for this model, so the training-free sink + recent "
+            "window policy",
+        )
+
+    def policy(self) -> MemoryPolicy:
+        return make_policy(self.method, **self.params)
+
+    def key(self) -> dict[str, object]:
+        """What a saved memory state must match to be reused."""
+        return {"method": self.method, "params": dict(self.params), "kv_type": self.kv_type}
 
     def describe(self) -> str:
-        if self.level == "off":
-            return "off: full context, nothing evicted"
-        return f"{self.level}: no compressor for this level yet, running on full context"
+        text = f"{self.level}: {self.method} ({self.policy().describe()})"
+        if self.kv_type != "f16":
+            text += f", K cache {self.kv_type}"
+        return f"{text}; {self.reason}" if self.reason else text
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """An engine-side conversation: one KV sequence kept in step with the transcript.
 
 The KV cache holds the tokens of `_rendered`, the chat-template text of the conversation so
-far. Each call renders the transcript it needs and syncs the cache to it: the common prefix is
-kept, anything after it is removed, and only the new tail is decoded. That one mechanism covers
-a new turn, a reply cut by a stop string, a regenerated reply and scoring a candidate.
+far, less what the memory policy evicted. Each call renders the transcript it needs and syncs
+the cache to it: the common prefix is kept, anything after it is removed, and only the new
+tail is decoded. That one mechanism covers a new turn, a reply cut by a stop string, a
+regenerated reply and scoring a candidate. A rollback into text the policy already evicted
+cannot be undone in place, so the memory is rebuilt from the messages instead.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import codecs
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,7 @@ import numpy as np
 from engine.config import CompressionConfig, SamplingParams
 from engine.errors import ContextFullError, EngineError, StateError
 from engine.llama_backend import ChatMessage, Sampler
+from engine.memory import MemoryPolicy
 from engine.state_blob import StateBlob
 from engine.stops import StopStringMatcher
 
@@ -29,6 +32,9 @@ if TYPE_CHECKING:
     from engine.engine import Engine
 
 ROLES = ("system", "user", "assistant")
+GENERATION_HEADROOM = 64  # cells a policy frees at once when a reply fills the context
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class Conversation:
         compression: CompressionConfig,
     ) -> None:
         self.engine = engine
-        self.compression = compression
+        self.compression = compression  # also sets self.policy
         self.messages: list[ChatMessage] = []
         if system:
             self.messages.append(ChatMessage("system", system))
@@ -97,7 +103,30 @@ class Conversation:
         self._rendered = b""
         self._kv_tokens: list[int] = []
         self._kv_ends: list[int] = []
+        self._frozen = 0  # bytes of _rendered before this are (partly) evicted: no rollback
+        self._evicted = 0  # tokens the policy has dropped from the memory so far
         self._parked: bytes | None = b""
+
+    @property
+    def compression(self) -> CompressionConfig:
+        return self._compression
+
+    @compression.setter
+    def compression(self, config: CompressionConfig) -> None:
+        """A new level takes effect from the next turn, within what the engine was loaded for."""
+        if config.kv_type != self.engine.kv_type:
+            raise ValueError(
+                f"This engine's KV cache is {self.engine.kv_type}, not {config.kv_type}: "
+                "load an engine for that level."
+            )
+        policy = config.policy()
+        if policy.budget is not None and not self.engine.evicts:
+            raise ValueError(
+                f"This engine was loaded for a level that keeps every token; load one with "
+                f"compression={config.level!r} to run {config.method!r}."
+            )
+        self._compression = config
+        self.policy: MemoryPolicy = policy
 
     # -- the public contract ---------------------------------------------------------------------
 
@@ -127,12 +156,18 @@ class Conversation:
         return self._generate(_params(params, overrides), cancel)
 
     def add_turn(self, role: str, text: str, decode: bool = True) -> None:
-        """Append a turn without generating (teacher forcing); its tokens go into memory now."""
+        """Append a turn without generating (teacher forcing); its tokens go into memory now.
+
+        The memory policy runs at the end of each exchange, after an assistant turn, as it
+        does after a generated reply.
+        """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.messages.append(ChatMessage(role, text))
         if decode:
             self._sync(self.engine.model.render_chat(self.messages, add_assistant=False))
+            if role == "assistant":
+                self._end_turn()
 
     def truncate(self, n_messages: int) -> None:
         """Forget every message after the first n (the memory follows at the next sync)."""
@@ -145,9 +180,9 @@ class Conversation:
             raise ValueError("Cannot score an empty reply.")
         self._sync(self.engine.model.render_chat(self.messages, add_assistant=True))
         ctx = self._ctx()
-        n0 = len(self._kv_tokens)
-        if n0 + len(tokens) > ctx.n_ctx:
+        if not self.policy.make_room(self, len(tokens), ctx.n_ctx - 1):
             raise ContextFullError("The reply does not fit in the context window.")
+        n0 = len(self._kv_tokens)
         ctx.remove(n0 - 1)
         rows = ctx.decode([self._kv_tokens[-1], *tokens[:-1]], n0 - 1, want=range(len(tokens)))
         rows[len(tokens) - 1] = ctx.logits(-1)
@@ -162,26 +197,51 @@ class Conversation:
     def stats(self) -> MemoryStats:
         held = len(self._kv_tokens)
         size = self._ctx().state_size() if held else 0
+        full = held + self._evicted
         return MemoryStats(
             method=self.compression.method,
             memory_tokens=held,
             memory_bytes=size,
-            full_context_tokens=held,
-            full_context_bytes=size,
+            full_context_tokens=full,
+            full_context_bytes=full * self.engine.model.f16_bytes_per_token,
             context_window=self.engine.n_ctx,
         )
 
+    def rebuild(self, progress: Progress | None = None) -> None:
+        """Recompute the memory from the messages, turn by turn, as if chatted live."""
+        ctx = self._ctx()
+        ctx.clear()
+        self._rendered = b""
+        self._kv_tokens, self._kv_ends = [], []
+        self._frozen = self._evicted = 0
+        render = self.engine.model.render_chat
+        total = len(self.messages)
+        if self.policy.budget is None:  # nothing is evicted: one batched prefill is the same
+            self._sync(render(self.messages, add_assistant=False))
+        else:
+            for i in range(1, total + 1):
+                self._sync(render(self.messages[:i], add_assistant=False))
+                if self.messages[i - 1].role == "assistant":
+                    self.policy.after_turn(self)
+                if progress is not None:
+                    progress(i, total)
+        if progress is not None:
+            progress(total, total)
+
     def save_state(self) -> bytes:
         """The memory as bytes: restoring them continues exactly here, with no re-prefill."""
-        payload = self._ctx().get_state() if self._kv_tokens else b""
+        ctx = self._ctx()
+        payload = ctx.get_state() if self._kv_tokens else b""
         header = {
             "backend": "llamacpp",
             "model": self.engine.fingerprint,
-            "compression": {"level": self.compression.level, "method": self.compression.method},
+            "compression": {"level": self.compression.level, **self.compression.key()},
             "messages": [[m.role, m.content] for m in self.messages],
             "rendered": base64.b64encode(self._rendered).decode(),
             "kv_tokens": self._kv_tokens,
             "kv_ends": self._kv_ends,
+            "frozen": self._frozen,
+            "evicted": self._evicted,
         }
         return StateBlob(header, payload).to_bytes()
 
@@ -193,6 +253,11 @@ class Conversation:
             raise StateError(f"The memory state was made by the {head.get('backend')} back end.")
         if head.get("model") != engine.fingerprint:
             raise StateError("The memory state was made by another model.")
+        kv_type = (head.get("compression") or {}).get("kv_type")
+        if kv_type != engine.kv_type:
+            raise StateError(
+                f"The memory state holds a {kv_type} KV cache; this engine's is {engine.kv_type}."
+            )
         try:
             comp = CompressionConfig(**head["compression"])
             conv = cls(engine, None, comp)
@@ -200,6 +265,8 @@ class Conversation:
             conv._rendered = base64.b64decode(head["rendered"])
             conv._kv_tokens = [int(t) for t in head["kv_tokens"]]
             conv._kv_ends = [int(e) for e in head["kv_ends"]]
+            conv._frozen = int(head["frozen"])
+            conv._evicted = int(head["evicted"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"The memory state header is malformed ({exc}).") from exc
         if len(conv._kv_tokens) != len(conv._kv_ends) or len(conv._kv_tokens) > engine.n_ctx:
@@ -214,6 +281,39 @@ class Conversation:
     @property
     def tokens_in_memory(self) -> int:
         return len(self._kv_tokens)
+
+    # -- the KVMemory handle policies edit -------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        return len(self._kv_tokens)
+
+    def evict(self, start: int, end: int) -> None:
+        if not 0 <= start < end <= len(self._kv_tokens):
+            raise ValueError(f"Cannot evict cells [{start}, {end}) of {len(self._kv_tokens)}.")
+        ctx = self._ctx()
+        ctx.remove(start, end)
+        ctx.shift(end, -1, start - end)
+        self._frozen = max(self._frozen, self._kv_ends[end - 1])
+        del self._kv_tokens[start:end]
+        del self._kv_ends[start:end]
+        self._evicted += end - start
+        self._compact(ctx)
+
+    def _compact(self, ctx) -> None:
+        """Make the cache after an eviction exactly what a save of it would restore.
+
+        llama.cpp defers a position shift to the next decode, and a state saved before that
+        restores wrong; so the last cell is decoded again, which applies it. Then the cache
+        is compacted by a state round trip: decoding into the holes an eviction leaves gave
+        logits far (up to 20) from the same cache compacted (CPU, llama-cpp-python 0.3.36).
+        The last cell is decoded once more in the compacted cache, so its KV and the logits
+        that sampling reads next come from there.
+        """
+        if self._kv_tokens:
+            self._redecode_last(ctx)
+            ctx.set_state(ctx.get_state())
+            self._redecode_last(ctx)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -237,6 +337,10 @@ class Conversation:
         """Make the KV cache hold exactly `target`; return (tokens decoded, seconds)."""
         ctx = self._ctx()
         common = _common_prefix(self._rendered, target)
+        if common < self._frozen:
+            self.rebuild()
+            ctx = self._ctx()
+            common = _common_prefix(self._rendered, target)
         if common < len(self._rendered):
             keep = bisect_right(self._kv_ends, common)
             ctx.remove(keep)
@@ -249,25 +353,41 @@ class Conversation:
         model = self.engine.model
         first = not self._kv_tokens
         tokens = model.tokenize(delta, add_special=first, parse_special=True)
-        if len(self._kv_tokens) + len(tokens) >= ctx.n_ctx:
+        capacity = ctx.n_ctx - 1
+        if self.policy.budget is None and self.held + len(tokens) > capacity:
             raise ContextFullError(
-                f"This conversation needs {len(self._kv_tokens) + len(tokens)} tokens, more than "
+                f"This conversation needs {self.held + len(tokens)} tokens, more than "
                 f"the context window of {ctx.n_ctx}. Start a new chat, raise the context size, "
                 "or pick a compression level in settings."
             )
-        start = time.perf_counter()
-        ctx.decode(tokens, len(self._kv_tokens))
         base = len(self._rendered)
-        end = base
+        ends, end = [], base
         for i, tok in enumerate(tokens):
-            if first and i == 0 and model.add_bos and tok == model.bos:
-                self._record(tok, end)
-                continue
-            end = min(end + len(model.piece(tok, special=True)), base + len(delta))
-            self._record(tok, end)
-        self._kv_ends[-1] = base + len(delta)
+            if not (first and i == 0 and model.add_bos and tok == model.bos):
+                end = min(end + len(model.piece(tok, special=True)), base + len(delta))
+            ends.append(end)
+        ends[-1] = base + len(delta)
+        start = time.perf_counter()
+        done = 0
+        while done < len(tokens):
+            room = capacity - self.held
+            if room < len(tokens) - done:
+                chunk = min(len(tokens) - done, max(1, ctx.n_ctx // 2))
+                if not self.policy.make_room(self, chunk, capacity):
+                    raise ContextFullError(
+                        "A single message is longer than this memory policy can take in."
+                    )
+                room = capacity - self.held
+            n = min(room, len(tokens) - done)
+            ctx.decode(tokens[done : done + n], self.held)
+            for tok, tok_end in zip(tokens[done : done + n], ends[done : done + n], strict=True):
+                self._record(tok, tok_end)
+            done += n
         self._rendered = target
         return len(tokens), time.perf_counter() - start
+
+    def _end_turn(self) -> None:
+        self.policy.after_turn(self)
 
     def _redecode_last(self, ctx) -> None:
         """Logits are only current after a decode: recompute them for the last cell."""
@@ -303,7 +423,9 @@ class Conversation:
                 if n_generated >= params.max_tokens:
                     finish = "length"
                     break
-                if len(self._kv_tokens) + 1 >= ctx.n_ctx:
+                if self.held + 1 > ctx.n_ctx - 1 and not self.policy.make_room(
+                    self, min(GENERATION_HEADROOM, ctx.n_ctx // 4), ctx.n_ctx - 1
+                ):
                     finish = "context_full"
                     break
                 token = sampler.sample(ctx)
@@ -330,6 +452,7 @@ class Conversation:
                 shown.append(tail)
             reply = "".join(shown)
             self.messages.append(ChatMessage("assistant", reply))
+            self._end_turn()
             self.last_reply = ReplyStats(
                 text=reply,
                 tokens=n_generated,

@@ -40,6 +40,8 @@ class Engine:
         self.info = info
         self.compression = compression
         self.n_ctx = ctx.n_ctx
+        self.kv_type = ctx.kv_type
+        self.evicts = ctx.evicts  # whether its conversations may run evicting policies
         self._fingerprint: str | None = None
         self._active: Conversation | None = None
         self._lock = threading.RLock()
@@ -57,7 +59,9 @@ class Engine:
     ) -> Engine:
         """Load a GGUF model (None: the embedded default) and make one context for it.
 
-        device "auto" offloads every layer when llama.cpp was built with GPU support.
+        device "auto" offloads every layer when llama.cpp was built with GPU support. The
+        compression level's K cache type, and whether cells may be evicted, are fixed here for
+        every conversation of this engine.
         """
         if backend not in BACKENDS:
             raise EngineError(f"Unknown back end {backend!r}; pick one of {BACKENDS}.")
@@ -82,7 +86,9 @@ class Engine:
         llama_model = LlamaModel(path, n_gpu_layers=n_gpu_layers)
         n_ctx = min(n_ctx, llama_model.n_ctx_train) if llama_model.n_ctx_train > 0 else n_ctx
         try:
-            ctx = LlamaContext(llama_model, n_ctx=n_ctx, n_threads=n_threads)
+            ctx = LlamaContext(llama_model, n_ctx=n_ctx, n_threads=n_threads,
+                               kv_type=compression.kv_type,
+                               evicts=compression.policy().budget is not None)
         except Exception:
             llama_model.close()
             raise

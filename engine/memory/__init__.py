@@ -1,0 +1,28 @@
+"""Memory policies: what a conversation's KV memory keeps after each turn.
+
+One small class per method behind one interface (like kvpress's presses). A policy never
+touches a back end directly: it edits the memory through the `KVMemory` handle the
+conversation gives it, so the same policy runs on any back end that offers those edits.
+"""
+
+from engine.memory.base import KVMemory, MemoryPolicy
+from engine.memory.full import FullPolicy
+from engine.memory.window import WindowPolicy
+
+POLICIES: dict[str, type[MemoryPolicy]] = {
+    FullPolicy.name: FullPolicy,
+    WindowPolicy.name: WindowPolicy,
+}
+
+
+def make_policy(method: str, **params: int) -> MemoryPolicy:
+    try:
+        cls = POLICIES[method]
+    except KeyError:
+        raise ValueError(
+            f"Unknown memory method {method!r}; this engine has {', '.join(POLICIES)}."
+        ) from None
+    return cls(**params)
+
+
+__all__ = ["POLICIES", "FullPolicy", "KVMemory", "MemoryPolicy", "WindowPolicy", "make_policy"]

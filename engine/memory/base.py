@@ -1,0 +1,51 @@
+"""The interface between memory policies and a conversation's KV memory."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Protocol
+
+
+class KVMemory(Protocol):
+    """The edits a back end offers a policy, on one conversation's sequence of KV cells.
+
+    Cells are indexed 0..held-1 and their positions stay contiguous: after `evict` the cells
+    behind the gap move down so the next token goes at position `held`. A compressing policy
+    (CCM) adds one more edit, running extra tokens through an adapter and keeping only their
+    cells; it then evicts the turn's own text cells with `evict`.
+    """
+
+    @property
+    def held(self) -> int: ...
+
+    def evict(self, start: int, end: int) -> None:
+        """Drop cells [start, end) and close the gap."""
+
+
+class MemoryPolicy(ABC):
+    """Decides which KV cells a conversation keeps.
+
+    `after_turn` runs when a turn is complete (a reply, or a teacher-forced turn);
+    `make_room` runs when the next decode would not fit the context window.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The parameters that make two memories comparable (saved with a state)."""
+
+    @property
+    def budget(self) -> int | None:
+        """Cells held after a turn at most (None: unbounded)."""
+        return None
+
+    def after_turn(self, memory: KVMemory) -> None:  # noqa: B027  (default: keep all)
+        """Compress or evict once a turn has finished."""
+
+    def make_room(self, memory: KVMemory, needed: int, capacity: int) -> bool:
+        """Free cells so `needed` more fit in `capacity`; False when this policy cannot."""
+        return memory.held + needed <= capacity
+
+    def describe(self) -> str:
+        return self.name

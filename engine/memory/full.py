@@ -1,0 +1,17 @@
+"""`full`: keep every token; the conversation ends when the context window is full."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.memory.base import MemoryPolicy
+
+
+class FullPolicy(MemoryPolicy):
+    name = "full"
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def describe(self) -> str:
+        return "full context, nothing evicted"

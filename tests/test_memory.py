@@ -1,0 +1,227 @@
+"""Memory policies on the real default model (CPU): what each keeps, and exact save/restore."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from engine import CompressionConfig, ContextFullError, Engine, SamplingParams
+from engine.conversation import Conversation
+from engine.memory import WindowPolicy, make_policy
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+FACTS = [
+    ("My name is Ada and I live in Lisbon.", "Nice to meet you, Ada from Lisbon."),
+    ("I have a dog called Pixel who loves the beach.", "Pixel sounds like a happy dog."),
+    ("My favourite food is grilled sardines with bread.", "Grilled sardines are a classic."),
+    ("I work as a lighthouse keeper on the coast.", "That sounds like a peaceful job."),
+    ("On weekends I repair old radios for my neighbours.", "What a useful hobby to have."),
+    ("My sister Marta is a pilot who flies to Brazil.", "Marta must travel a lot then."),
+]
+
+EngineFor = Callable[..., Engine]
+
+
+@pytest.fixture(scope="module")
+def engine_for() -> Iterator[EngineFor]:
+    """Engines by (kv_type, n_ctx), loaded once per module: the KV type is fixed per context."""
+    loaded: dict[tuple[str, int], Engine] = {}
+
+    def get(kv_type: str = "f16", n_ctx: int = 512) -> Engine:
+        key = (kv_type, n_ctx)
+        if key not in loaded:
+            config = window(4, 60, kv_type)  # an engine that may evict
+            loaded[key] = Engine.load(n_ctx=n_ctx, device="cpu", compression=config)
+        return loaded[key]
+
+    yield get
+    for eng in loaded.values():
+        eng.close()
+
+
+def window(sink: int, size: int, kv_type: str = "f16") -> CompressionConfig:
+    return CompressionConfig("balanced", "window", {"sink": sink, "window": size}, kv_type)
+
+
+def chat(conv: Conversation, turns: int) -> None:
+    for user, reply in (FACTS * 4)[:turns]:
+        conv.add_turn("user", user)
+        conv.add_turn("assistant", reply)
+
+
+def positions(eng: Engine) -> tuple[int, int]:
+    mem = eng.ctx.memory
+    return (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0))
+
+
+def next_logits(conv: Conversation) -> np.ndarray:
+    """Logits for the first token of the next reply to a fixed question."""
+    conv.add_turn("user", "Where do I live?", decode=False)
+    for _ in conv.generate(SamplingParams(temperature=0.0, max_tokens=1)):
+        pass
+    row = conv.engine.ctx.logits(-1)  # after the one sampled token was decoded
+    conv.truncate(len(conv.messages) - 2)
+    return row
+
+
+def test_levels_map_to_methods_and_budgets() -> None:
+    off = CompressionConfig.for_level("off")
+    assert (off.method, off.kv_type, off.policy().budget) == ("full", "f16", None)
+    budgets = [CompressionConfig.for_level(lv).policy().budget
+               for lv in ("light", "balanced", "aggressive")]
+    assert budgets == sorted(budgets, reverse=True) and budgets[-1] >= 64
+    balanced = CompressionConfig.for_level("balanced")
+    assert balanced.method == "window" and balanced.kv_type == "q8_0"
+    assert "window" in balanced.describe() and "q8_0" in balanced.describe()
+    assert CompressionConfig.for_level("balanced", quantize_kv=False).kv_type == "f16"
+    with pytest.raises(ValueError, match="Unknown memory method"):
+        make_policy("nope")
+
+
+def test_window_keeps_sinks_and_recent_tokens_with_contiguous_positions(
+    engine_for: EngineFor,
+) -> None:
+    eng = engine_for()
+    full = eng.new_conversation(compression=CompressionConfig("balanced", "full", {}, "f16"))
+    chat(full, 6)
+    all_tokens = list(full._kv_tokens)
+    conv = eng.new_conversation(compression=window(4, 60))
+    for i in range(6):
+        conv.add_turn("user", FACTS[i][0])
+        conv.add_turn("assistant", FACTS[i][1])
+        stats = conv.stats()
+        assert stats.memory_tokens <= 64
+        assert positions(eng) == (0, stats.memory_tokens - 1)
+    stats = conv.stats()
+    assert stats.memory_tokens == 64
+    assert conv._kv_tokens[:4] == all_tokens[:4]  # the attention sinks
+    assert conv._kv_tokens[4:] == all_tokens[-60:]  # the most recent window
+    assert stats.full_context_tokens == len(all_tokens)
+    assert stats.ratio == pytest.approx(len(all_tokens) / 64)
+    assert stats.full_context_bytes == len(all_tokens) * eng.model.f16_bytes_per_token
+
+
+def test_window_keeps_going_past_the_context_window(engine_for: EngineFor) -> None:
+    eng = engine_for(n_ctx=256)
+    conv = eng.new_conversation(compression=window(4, 96))
+    seen = 0
+    for user, _ in FACTS * 2:
+        reply = "".join(conv.send(user, SamplingParams(temperature=0.0, max_tokens=40)))
+        assert reply.strip()
+        assert conv.last_reply.finish_reason in ("stop", "length")
+        assert conv.stats().memory_tokens <= 100
+        seen = conv.stats().full_context_tokens
+    assert seen > 2 * eng.n_ctx
+    # A reply longer than the whole context window: the window slides while it is generated.
+    long = "".join(conv.send("Count from 1 to 300, one number per line.",
+                             SamplingParams(temperature=0.0, max_tokens=300)))
+    assert conv.last_reply.tokens > eng.n_ctx
+    assert conv.last_reply.finish_reason == "length", long[-200:]
+    assert positions(eng) == (0, conv.stats().memory_tokens - 1)
+
+
+def test_window_takes_a_paste_longer_than_the_context(engine_for: EngineFor) -> None:
+    eng = engine_for(n_ctx=256)
+    conv = eng.new_conversation(compression=window(4, 96))
+    paste = " ".join(f"line {i}: the quick brown fox." for i in range(120))
+    reply = "".join(conv.send(paste + "\nWhat animal is mentioned?", GREEDY))
+    assert reply.strip()
+    assert conv.stats().full_context_tokens > eng.n_ctx
+
+
+def test_full_policy_says_when_the_context_is_full(engine_for: EngineFor) -> None:
+    eng = engine_for(n_ctx=256)
+    conv = eng.new_conversation(compression=CompressionConfig("off", "full", {}, "f16"))
+    paste = " ".join(f"line {i}: the quick brown fox." for i in range(120))
+    with pytest.raises(ContextFullError, match="compression level"):
+        list(conv.send(paste, GREEDY))
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
+def test_save_restore_after_eviction_is_exact(engine_for: EngineFor, kv_type: str) -> None:
+    eng = engine_for(kv_type)
+    conv = eng.new_conversation(compression=window(4, 60, kv_type))
+    chat(conv, 6)
+    assert conv._evicted > 0
+    blob = conv.save_state()
+    stats = conv.stats()
+    expected = next_logits(conv)
+    expected_reply = "".join(conv.send("What is my dog called?", GREEDY))
+
+    restored = eng.restore_conversation(blob)
+    assert restored.stats() == stats
+    np.testing.assert_allclose(next_logits(restored), expected, atol=1e-4)
+    assert "".join(restored.send("What is my dog called?", GREEDY)) == expected_reply
+
+
+def test_quantized_kv_is_smaller_and_still_answers(engine_for: EngineFor) -> None:
+    sizes = {}
+    for kv_type in ("f16", "q8_0", "q4_0"):
+        conv = engine_for(kv_type).new_conversation(
+            compression=CompressionConfig("balanced", "full", {}, kv_type))
+        chat(conv, 2)
+        sizes[kv_type] = conv.stats().memory_bytes
+        answer = "".join(conv.send("What is the capital of France?", GREEDY))
+        assert "Paris" in answer, (kv_type, answer)
+    assert sizes["q8_0"] < 0.8 * sizes["f16"]  # K quantized, V f16
+    assert sizes["q4_0"] < 0.9 * sizes["q8_0"]
+
+
+def test_state_from_another_kv_type_is_refused(engine_for: EngineFor) -> None:
+    from engine import StateError
+
+    conv = engine_for("q8_0").new_conversation(compression=window(4, 60, "q8_0"))
+    chat(conv, 1)
+    with pytest.raises(StateError, match="q8_0"):
+        engine_for("f16").restore_conversation(conv.save_state())
+
+
+def test_regenerate_after_the_reply_was_evicted_rebuilds(engine_for: EngineFor) -> None:
+    eng = engine_for()
+    conv = eng.new_conversation(compression=window(4, 20))
+    chat(conv, 2)
+    first = "".join(conv.send("Tell me about lighthouses.", GREEDY))
+    assert conv._frozen > 0
+    conv.truncate(len(conv.messages) - 1)
+    again = "".join(conv.generate(GREEDY))
+    assert again.strip()
+    assert first.split()[:2] == again.split()[:2]
+    assert conv.stats().memory_tokens <= 24
+
+
+def test_changing_the_policy_takes_effect_next_turn(engine_for: EngineFor) -> None:
+    eng = engine_for()
+    conv = eng.new_conversation(compression=CompressionConfig("balanced", "full", {}, "f16"))
+    chat(conv, 4)
+    before = conv.stats().memory_tokens
+    assert before > 64
+    conv.compression = window(4, 40)
+    assert isinstance(conv.policy, WindowPolicy)
+    chat(conv, 1)
+    assert conv.stats().memory_tokens == 44
+    with pytest.raises(ValueError, match="KV cache"):
+        conv.compression = window(4, 40, "q8_0")
+    off = Engine.load(n_ctx=256, device="cpu")
+    try:
+        with pytest.raises(ValueError, match="keeps every token"):
+            off.new_conversation(compression=window(4, 40))
+    finally:
+        off.close()
+
+
+def test_rebuild_reports_progress_and_matches_turn_by_turn(engine_for: EngineFor) -> None:
+    eng = engine_for()
+    live = eng.new_conversation(compression=window(4, 60))
+    chat(live, 5)
+    copy = eng.new_conversation(compression=window(4, 60))
+    for m in live.messages[1:]:
+        copy.add_turn(m.role, m.content, decode=False)
+    seen: list[tuple[int, int]] = []
+    copy.rebuild(lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(live.messages), len(live.messages))
+    assert len(seen) > 2
+    assert copy._kv_tokens == live._kv_tokens
+    assert copy.stats().full_context_tokens == live.stats().full_context_tokens
