@@ -1,8 +1,10 @@
 """ChatService: the one place where the engine and the store meet.
 
-The transcript in SQLite is the source of truth; an engine conversation is built from it on
-first use and kept in step afterwards. A user message is committed before the model runs; the
-reply is committed when it ends, marked interrupted when it was stopped.
+The transcript in SQLite is the source of truth; an engine conversation is resumed from the
+saved memory (or rebuilt from the transcript) on first use and kept in step afterwards. A user
+message is committed before the model runs; the reply is committed when it ends, marked
+interrupted when it was stopped, and then the memory is saved. One lock serializes engine use:
+the engine has one context, shared by every conversation.
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from app.export import export_conversation
+from app.resume import Progress, ResumeReport, resume, save_memory
 from app.settings import Settings
-from engine import CompressionConfig, Engine, EngineInfo, MemoryStats, ReplyStats, SamplingParams
-from storage import ConversationRecord, MessageRecord, SearchHit, Store
+from engine import (
+    CompressionConfig,
+    Engine,
+    EngineError,
+    EngineInfo,
+    MemoryStats,
+    ReplyStats,
+    SamplingParams,
+)
+from storage import ConversationRecord, MessageRecord, SearchHit, StorageError, Store
 
 TITLE_LENGTH = 48
 
@@ -32,10 +43,15 @@ class EngineConversation(Protocol):
     def add_turn(self, role: str, text: str, decode: bool = ...) -> None: ...
     def truncate(self, n_messages: int) -> None: ...
     def stats(self) -> MemoryStats: ...
+    def rebuild(self, progress: Progress | None = ...) -> None: ...
+    def save_state(self) -> bytes: ...
 
 
 class EngineLike(Protocol):
     info: EngineInfo
+    fingerprint: str
+
+    def restore_conversation(self, blob: bytes) -> EngineConversation: ...
 
     def new_conversation(self, system: str | None = ...,
                          compression: CompressionConfig | None = ...) -> EngineConversation: ...
@@ -67,6 +83,7 @@ class Status:
     memory_bytes: int
     ratio: float
     tokens_per_second: float | None
+    memory_note: str | None = None
 
 
 def make_title(text: str) -> str:
@@ -89,7 +106,11 @@ class ChatService:
         self._engine: EngineLike | None = None
         self._engine_key: tuple[Any, ...] | None = None
         self._live: dict[int, EngineConversation] = {}
+        self._reports: dict[int, ResumeReport] = {}
+        self._stats: dict[int, MemoryStats] = {}  # read by the UI thread, never the engine
+        self.memory_error: str | None = None  # why the last memory save failed, if it did
         self._lock = threading.RLock()
+        self._use = threading.RLock()  # held while a conversation's memory is in the engine
 
     # -- engine ---------------------------------------------------------------------------------
 
@@ -111,16 +132,15 @@ class ChatService:
     def close_engine(self) -> None:
         with self._lock:
             self._live.clear()
+            self._reports.clear()
+            self._stats.clear()
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None
 
     def update_settings(self, settings: Settings) -> None:
         settings.save(self.store)
-        self.settings = settings
-        level = CompressionConfig.for_level(settings.compression)
-        for conv in self._live.values():
-            conv.compression = level
+        self.settings = settings  # a new level reloads the engine: memories resume under it
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -147,12 +167,17 @@ class ChatService:
 
     def delete(self, conversation_id: int) -> None:
         self.store.delete_conversation(conversation_id)
-        self._live.pop(conversation_id, None)
+        self._forget(conversation_id)
 
     def set_system_prompt(self, conversation_id: int, prompt: str) -> ConversationRecord:
         record = self.store.update_conversation(conversation_id, system_prompt=prompt or None)
-        self._live.pop(conversation_id, None)
+        self._forget(conversation_id)
         return record
+
+    def _forget(self, conversation_id: int) -> None:
+        self._live.pop(conversation_id, None)
+        self._reports.pop(conversation_id, None)
+        self._stats.pop(conversation_id, None)
 
     def export(self, conversation_id: int, fmt: str) -> str:
         record = self.store.get_conversation(conversation_id)
@@ -160,18 +185,39 @@ class ChatService:
 
     # -- chatting -------------------------------------------------------------------------------
 
-    def _engine_conversation(self, record: ConversationRecord) -> EngineConversation:
-        """The live engine conversation for a stored one, built from its transcript if needed."""
+    def open(self, conversation_id: int, progress: Progress | None = None) -> ResumeReport:
+        """Make the conversation's memory ready: restored from its saved state, or rebuilt."""
+        with self._use:
+            record = self.store.get_conversation(conversation_id)
+            self._engine_conversation(record, self.store.messages(conversation_id), progress)
+            return self._reports[conversation_id]
+
+    def _engine_conversation(
+        self, record: ConversationRecord, messages: list[MessageRecord],
+        progress: Progress | None = None,
+    ) -> EngineConversation:
+        """The live engine conversation for a stored one, resumed if it is not live yet."""
         live = self._live.get(record.id)
         if live is None:
-            live = self.engine.new_conversation(
-                system=record.system_prompt,
-                compression=CompressionConfig.for_level(self.settings.compression),
+            engine = self.engine
+            live, report = resume(
+                engine, self.store, record, messages,
+                CompressionConfig.for_level(self.settings.compression), progress,
             )
-            for msg in self.store.messages(record.id):
-                live.add_turn(msg.role, msg.content, decode=False)
             self._live[record.id] = live
+            self._reports[record.id] = report
+            self._stats[record.id] = live.stats()
+            if report.kind == "rebuilt":
+                self._save(record.id, messages[-1].id, live)
         return live
+
+    def _save(self, conversation_id: int, message_id: int, live: EngineConversation) -> None:
+        """Save the memory; a failure is reported, never raised: the transcript is safe."""
+        try:
+            save_memory(self.store, self.engine, conversation_id, message_id, live)
+            self.memory_error = None
+        except (StorageError, EngineError, OSError) as exc:
+            self.memory_error = f"Could not save the conversation's memory: {exc}"
 
     def _params(self) -> SamplingParams:
         s = self.settings
@@ -184,31 +230,29 @@ class ChatService:
         text = text.strip()
         if not text:
             raise ValueError("Cannot send an empty message.")
-        record = self.store.get_conversation(conversation_id)
-        user = self.store.add_message(conversation_id, "user", text)  # kept whatever happens
-        if record.title == "New chat" and not any(
-            m.role == "user" and m.id != user.id for m in self.store.messages(conversation_id)
-        ):
-            self.store.rename_conversation(conversation_id, make_title(text))
-        live = self._live.get(conversation_id)
-        if live is None:
-            live = self._engine_conversation(record)  # built from the transcript, this turn too
-        else:
+        with self._use:
+            record = self.store.get_conversation(conversation_id)
+            before = self.store.messages(conversation_id)
+            self.store.add_message(conversation_id, "user", text)  # kept whatever happens
+            if record.title == "New chat" and not any(m.role == "user" for m in before):
+                self.store.rename_conversation(conversation_id, make_title(text))
+            live = self._engine_conversation(record, before)
             live.add_turn("user", text, decode=False)
-        yield from self._stream(conversation_id, live, cancel)
+            yield from self._stream(conversation_id, live, cancel)
 
     def regenerate(
         self, conversation_id: int, cancel: threading.Event | None = None
     ) -> Iterator[str]:
         """Replace the last reply with a new one."""
-        record = self.store.get_conversation(conversation_id)
-        stored = self.store.messages(conversation_id)
-        if not stored or stored[-1].role != "assistant":
-            raise ValueError("There is no reply to regenerate yet.")
-        live = self._engine_conversation(record)
-        self.store.delete_message(stored[-1].id)
-        live.truncate(len(live.messages) - 1)
-        yield from self._stream(conversation_id, live, cancel)
+        with self._use:
+            record = self.store.get_conversation(conversation_id)
+            stored = self.store.messages(conversation_id)
+            if not stored or stored[-1].role != "assistant":
+                raise ValueError("There is no reply to regenerate yet.")
+            live = self._engine_conversation(record, stored)
+            self.store.delete_message(stored[-1].id)
+            live.truncate(len(live.messages) - 1)
+            yield from self._stream(conversation_id, live, cancel)
 
     def _stream(
         self, conversation_id: int, live: EngineConversation, cancel: threading.Event | None
@@ -222,22 +266,25 @@ class ChatService:
             reply = live.last_reply
             if reply is not None and reply is not before:
                 status = "interrupted" if reply.interrupted else "complete"
-                self.store.add_message(
+                saved = self.store.add_message(
                     conversation_id, "assistant", reply.text, status=status,
                     token_count=reply.tokens,
                 )
+                self._stats[conversation_id] = live.stats()
+                self._save(conversation_id, saved.id, live)
 
     def status(self, conversation_id: int | None) -> Status | None:
         if self._engine is None:
             return None
         info = self._engine.info
         live = self._live.get(conversation_id) if conversation_id is not None else None
+        stats = self._stats.get(conversation_id) if conversation_id is not None else None
         level = CompressionConfig.for_level(self.settings.compression)
-        if live is None:
+        if live is None or stats is None:
             return Status(info.model_name, info.device, level.level, level.method, 0, info.n_ctx,
                           0, 1.0, None)
-        stats = live.stats()
         speed = live.last_reply.tokens_per_second if live.last_reply else None
+        report = self._reports.get(conversation_id)
         return Status(
             model=info.model_name,
             device=info.device,
@@ -248,6 +295,7 @@ class ChatService:
             memory_bytes=stats.memory_bytes,
             ratio=stats.ratio,
             tokens_per_second=speed,
+            memory_note=report.short if report else None,
         )
 
     def with_settings(self, **changes: Any) -> Settings:

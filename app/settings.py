@@ -38,8 +38,11 @@ class Settings:
         return found
 
     def engine_key(self) -> tuple[Any, ...]:
-        """The settings that need a model reload when they change."""
-        return (self.model_path, self.n_gpu_layers, self.context_size)
+        """The settings that need a model reload when they change.
+
+        The compression level is one: it fixes the engine's K cache type and attention kernel.
+        """
+        return (self.model_path, self.n_gpu_layers, self.context_size, self.compression)
 
     @classmethod
     def load(cls, store: Store) -> Settings:

@@ -2,6 +2,7 @@
 
 from storage.store import (
     ConversationRecord,
+    MemoryStateRecord,
     MessageRecord,
     NotFoundError,
     SearchHit,
@@ -11,6 +12,7 @@ from storage.store import (
 
 __all__ = [
     "ConversationRecord",
+    "MemoryStateRecord",
     "MessageRecord",
     "NotFoundError",
     "SearchHit",

@@ -57,3 +57,29 @@ def m002_message_search(db: sqlite_utils.Database) -> None:
 @migration
 def m003_conversation_order(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX conversations_by_updated ON conversations(updated DESC, id DESC)")
+
+
+@migration
+def m004_memory_states(db: sqlite_utils.Database) -> None:
+    """Saved conversation memories: a cache of the transcript, rebuilt when it does not fit."""
+    db.execute(
+        """
+        CREATE TABLE memory_states (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL
+                REFERENCES conversations(id) ON DELETE CASCADE,
+            message_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+            created TEXT NOT NULL,
+            backend TEXT NOT NULL,
+            model_fingerprint TEXT NOT NULL,
+            policy TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            tokens_held INTEGER NOT NULL,
+            tokens_seen INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            checksum TEXT NOT NULL,
+            blob BLOB NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX memory_states_by_conversation ON memory_states(conversation_id, id)")

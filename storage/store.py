@@ -6,6 +6,7 @@ thread reads; WAL lets a second process (`ccm-chat list`) read while the app wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -64,6 +65,33 @@ class SearchHit:
     message_id: int
     role: str
     snippet: str
+
+
+@dataclass(frozen=True)
+class MemoryStateRecord:
+    """A saved conversation memory: opaque bytes plus what they must match to be reused."""
+
+    id: int
+    conversation_id: int
+    message_id: int | None
+    created: str
+    backend: str
+    model_fingerprint: str
+    policy: dict[str, Any]
+    position: int
+    tokens_held: int
+    tokens_seen: int
+    size: int
+    checksum: str
+    blob: bytes
+
+    @property
+    def intact(self) -> bool:
+        return len(self.blob) == self.size and checksum(self.blob) == self.checksum
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def utc_now() -> datetime:
@@ -298,3 +326,63 @@ class Store:
             db["settings"].upsert_all(
                 [{"key": k, "value": json.dumps(v)} for k, v in values.items()], pk="key"
             )
+
+    # -- memory states --------------------------------------------------------------------------
+
+    def save_memory_state(
+        self,
+        conversation_id: int,
+        message_id: int | None,
+        blob: bytes,
+        *,
+        backend: str,
+        model_fingerprint: str,
+        policy: dict[str, Any],
+        position: int,
+        tokens_held: int,
+        tokens_seen: int,
+    ) -> int:
+        """Store a new state and prune the older ones, in one transaction.
+
+        Until that transaction commits, the previous state is still the one on disk.
+        """
+        row = {
+            "conversation_id": conversation_id,
+            "message_id": message_id,
+            "created": self._now(),
+            "backend": backend,
+            "model_fingerprint": model_fingerprint,
+            "policy": json.dumps(policy, sort_keys=True),
+            "position": position,
+            "tokens_held": tokens_held,
+            "tokens_seen": tokens_seen,
+            "size": len(blob),
+            "checksum": checksum(blob),
+            "blob": blob,
+        }
+        with self._tx() as db:
+            state_id = db["memory_states"].insert(row).last_pk
+            db.execute(
+                "DELETE FROM memory_states WHERE conversation_id = ? AND id != ?",
+                (conversation_id, state_id),
+            )
+        return state_id
+
+    def latest_memory_state(self, conversation_id: int) -> MemoryStateRecord | None:
+        rows = self._read(
+            "SELECT * FROM memory_states WHERE conversation_id = ? ORDER BY id DESC LIMIT 1",
+            (conversation_id,),
+        )
+        if not rows:
+            return None
+        row = dict(rows[0])
+        row["policy"] = json.loads(row["policy"])
+        row["blob"] = bytes(row["blob"])
+        return MemoryStateRecord(**row)
+
+    def delete_memory_states(self, conversation_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM memory_states WHERE conversation_id = ?", (conversation_id,))
+
+    def memory_state_count(self) -> int:
+        return self._read("SELECT count(*) AS n FROM memory_states")[0]["n"]

@@ -6,12 +6,20 @@ truncate, stats, last_reply) but its replies are fixed text, streamed word by wo
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from engine import CompressionConfig, EngineInfo, MemoryStats, ReplyStats, SamplingParams
+from engine import (
+    CompressionConfig,
+    EngineInfo,
+    MemoryStats,
+    ReplyStats,
+    SamplingParams,
+    StateError,
+)
 from engine.llama_backend import ChatMessage
 
 INFO = EngineInfo("Scripted model", None, "scripted", "CPU", 4096, 0)  # type: ignore[arg-type]
@@ -64,6 +72,17 @@ class ScriptedConversation:
             self.messages.append(ChatMessage("assistant", reply))
             self.last_reply = ReplyStats(reply, len(shown), 10, 0.01, 0.5, finish)
 
+    def rebuild(self, progress=None) -> None:
+        self.engine.rebuilds += 1
+        for i in range(len(self.messages)):
+            if progress is not None:
+                progress(i + 1, len(self.messages))
+
+    def save_state(self) -> bytes:
+        """The transcript as JSON: enough for the service's save/resume logic."""
+        return json.dumps({"messages": [[m.role, m.content] for m in self.messages],
+                           "level": self.compression.level}).encode()
+
     def stats(self) -> MemoryStats:
         tokens = sum(len(m.content.split()) + 4 for m in self.messages)
         return MemoryStats(self.compression.method, tokens, tokens * 1024, tokens,
@@ -77,6 +96,9 @@ class ScriptedEngine:
         self.replies = replies or {}
         self.conversations: list[ScriptedConversation] = []
         self.closed = False
+        self.fingerprint = "scripted-model"
+        self.rebuilds = 0
+        self.restores = 0
 
     def reply_for(self, user_text: str, attempt: int) -> str:
         base = self.replies.get(user_text, scripted_reply(user_text))
@@ -87,6 +109,17 @@ class ScriptedEngine:
         conv = ScriptedConversation(self, compression or CompressionConfig())
         if system:
             conv.add_turn("system", system)
+        self.conversations.append(conv)
+        return conv
+
+    def restore_conversation(self, blob: bytes) -> ScriptedConversation:
+        try:
+            data = json.loads(blob)
+            conv = ScriptedConversation(self, CompressionConfig.for_level(data["level"]))
+            conv.messages = [ChatMessage(r, c) for r, c in data["messages"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"unreadable scripted state ({exc})") from exc
+        self.restores += 1
         self.conversations.append(conv)
         return conv
 

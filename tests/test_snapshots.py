@@ -33,6 +33,7 @@ def snapshot_app(tmp_path: Path) -> ChatApp:
 
 
 async def _settle(pilot) -> None:
+    await pilot.app.workers.wait_for_complete()
     await pilot.pause(0.2)
 
 

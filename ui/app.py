@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Footer, Input, ProgressBar
 
 from app.service import ChatService, Status
 from app.settings import Settings
@@ -53,6 +53,21 @@ class ReplyDone(Message):
     conversation_id: int
     error: str | None
     status: Status | None
+
+
+@dataclass
+class MemoryProgress(Message):
+    done: int
+    total: int
+
+
+@dataclass
+class MemoryReady(Message):
+    conversation_id: int
+    note: str | None
+    rebuilt: bool
+    status: Status | None
+    error: str | None
 
 
 @dataclass
@@ -114,6 +129,7 @@ class ChatApp(App[None]):
             yield Sidebar(id="sidebar")
             with Vertical(id="chat"):
                 yield ChatView(id="transcript")
+                yield ProgressBar(id="memory-progress", show_eta=False)
                 yield PromptInput(id="prompt")
         yield StatusBar("Loading model…", id="status")
         yield Footer()
@@ -184,6 +200,43 @@ class ChatApp(App[None]):
         status = self.service.status(conversation_id)
         if status:
             self.status_bar.show_status(status)
+        if conversation_id is not None and messages:
+            self.prepare_memory(conversation_id)
+
+    @work(thread=True, group="memory", exclusive=True)
+    def prepare_memory(self, conversation_id: int) -> None:
+        """Restore the conversation's saved memory, or rebuild it, before the next message."""
+
+        def progress(done: int, total: int) -> None:
+            self.post_message(MemoryProgress(done, total))
+
+        try:
+            report = self.service.open(conversation_id, progress)
+        except EXPECTED_ERRORS as exc:
+            self.post_message(MemoryReady(conversation_id, None, False, None, str(exc)))
+            return
+        self.post_message(MemoryReady(
+            conversation_id, report.message(), report.kind == "rebuilt",
+            self.service.status(conversation_id), None,
+        ))
+
+    def on_memory_progress(self, event: MemoryProgress) -> None:
+        bar = self.query_one("#memory-progress", ProgressBar)
+        bar.display = True
+        bar.update(total=event.total, progress=event.done)
+
+    def on_memory_ready(self, event: MemoryReady) -> None:
+        self.query_one("#memory-progress", ProgressBar).display = False
+        if event.conversation_id != self.current_id:
+            return
+        if event.error:
+            self.notify(event.error, title="Memory", severity="error", timeout=10)
+            return
+        if event.note:
+            self.notify(event.note, title="Memory",
+                        severity="warning" if event.rebuilt else "information")
+        if event.status and not self.generating:
+            self.status_bar.show_status(event.status)
 
     async def refresh_sidebar(self) -> None:
         query = self.sidebar.query_text
@@ -304,6 +357,8 @@ class ChatApp(App[None]):
             if reload and not self.generating:
                 self.status_bar.show_status("Loading model…")
                 self.load_engine()
+                if self.current_id is not None:
+                    self.prepare_memory(self.current_id)
             else:
                 status = self.service.status(self.current_id)
                 if status:

@@ -27,6 +27,8 @@ def format_status(status: Status) -> str:
     ]
     if status.tokens_per_second is not None:
         parts.append(f"{status.tokens_per_second:.1f} tok/s")
+    if status.memory_note:
+        parts.append(status.memory_note)
     return " │ ".join(parts)
 
 

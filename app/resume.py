@@ -1,0 +1,147 @@
+"""Saving a conversation's memory to the store, and resuming from it.
+
+The transcript is the source of truth and a saved memory is a cache of it: resume uses the
+cache when it was made by this model, back end and compression level for (a prefix of) this
+transcript, and otherwise rebuilds the memory from the messages and says why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine import CompressionConfig, EngineError, MemoryStats, StateError
+from storage import ConversationRecord, MemoryStateRecord, MessageRecord, Store
+
+Progress = Callable[[int, int], None]
+
+
+class MemoryConversation(Protocol):
+    messages: list[Any]
+    compression: CompressionConfig
+
+    def add_turn(self, role: str, text: str, decode: bool = ...) -> None: ...
+    def rebuild(self, progress: Progress | None = ...) -> None: ...
+    def save_state(self) -> bytes: ...
+    def stats(self) -> MemoryStats: ...
+
+
+class MemoryEngine(Protocol):
+    fingerprint: str
+
+    @property
+    def info(self) -> Any: ...
+
+    def new_conversation(self, system: str | None = ...,
+                         compression: CompressionConfig | None = ...) -> Any: ...
+    def restore_conversation(self, blob: bytes) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    """How a conversation's memory was made ready: new, restored, or rebuilt (and why)."""
+
+    kind: str
+    reason: str
+    seconds: float
+    tokens: int
+
+    def message(self) -> str:
+        if self.kind == "restored":
+            return f"Restored from saved memory ({self.tokens:,} tokens held)."
+        if self.kind == "rebuilt":
+            return f"Rebuilt memory from the transcript: {self.reason}."
+        return "New conversation."
+
+    @property
+    def short(self) -> str:
+        return {"restored": "restored from saved memory", "rebuilt": "rebuilt"}.get(
+            self.kind, "new")
+
+
+def policy_key(config: CompressionConfig) -> dict[str, Any]:
+    return {"level": config.level, **config.key()}
+
+
+def save_memory(store: Store, engine: MemoryEngine, conversation_id: int,
+                message_id: int | None, live: MemoryConversation) -> int:
+    """Save `live`'s memory as the state covering the transcript up to `message_id`."""
+    blob = live.save_state()
+    stats = live.stats()
+    return store.save_memory_state(
+        conversation_id, message_id, blob,
+        backend=engine.info.backend,
+        model_fingerprint=engine.fingerprint,
+        policy=policy_key(live.compression),
+        position=stats.memory_tokens,
+        tokens_held=stats.memory_tokens,
+        tokens_seen=stats.full_context_tokens,
+    )
+
+
+def _unusable(state: MemoryStateRecord | None, engine: MemoryEngine,
+              compression: CompressionConfig, messages: Sequence[MessageRecord]) -> str | None:
+    """Why the saved state cannot serve this transcript, or None when it may."""
+    if state is None:
+        return "no saved memory yet"
+    if not state.intact:
+        return "the saved memory is damaged (checksum mismatch)"
+    if state.model_fingerprint != engine.fingerprint:
+        return "the saved memory was made by another model"
+    if state.backend != engine.info.backend:
+        return f"the saved memory was made by the {state.backend} back end"
+    if state.policy != policy_key(compression):
+        return (f"the saved memory was made at compression level {state.policy.get('level')!r} "
+                f"({state.policy.get('method')}), not {compression.level!r}")
+    if state.message_id is None or state.message_id not in {m.id for m in messages}:
+        return "the transcript changed after the memory was saved"
+    return None
+
+
+def resume(
+    engine: MemoryEngine,
+    store: Store,
+    record: ConversationRecord,
+    messages: Sequence[MessageRecord],
+    compression: CompressionConfig,
+    progress: Progress | None = None,
+) -> tuple[Any, ResumeReport]:
+    """An engine conversation holding the memory of `messages`, and how it was made."""
+    start = time.perf_counter()
+    wanted = ([("system", record.system_prompt)] if record.system_prompt else []) + [
+        (m.role, m.content) for m in messages
+    ]
+    if not messages:
+        live = engine.new_conversation(system=record.system_prompt, compression=compression)
+        return live, ResumeReport("new", "", time.perf_counter() - start, 0)
+
+    state = store.latest_memory_state(record.id)
+    reason = _unusable(state, engine, compression, messages)
+    live = None
+    if reason is None:
+        try:
+            live = engine.restore_conversation(state.blob)  # type: ignore[union-attr]
+        except (StateError, EngineError) as exc:
+            reason = f"the saved memory could not be loaded ({exc})"
+    if live is not None:
+        held = [(m.role, m.content) for m in live.messages]
+        if wanted[: len(held)] != held:
+            reason, live = "the saved memory does not match the transcript", None
+        else:
+            behind = wanted[len(held):]
+            for role, content in behind:
+                live.add_turn(role, content)
+            if behind:
+                reason = (f"the saved memory was {len(behind)} message(s) behind the "
+                          "transcript; replayed them")
+    if live is None:
+        live = engine.new_conversation(system=record.system_prompt, compression=compression)
+        for m in messages:
+            live.add_turn(m.role, m.content, decode=False)
+        live.rebuild(progress)
+    kind = "restored" if reason is None else "rebuilt"
+    report = ResumeReport(kind, reason or "", time.perf_counter() - start,
+                          live.stats().memory_tokens)
+    return live, report
