@@ -34,6 +34,8 @@ async def test_chat_quit_relaunch_and_continue(db_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         assert titles(app) == ["What is the capital of France?"]
         assert boxes(app)[0] == ("user", "What is the capital of France?")
+        await wait_for(pilot, lambda: "restored from saved memory" in str(
+            app.status_bar.render()), timeout=60)
         await send(pilot, "And what is the capital of Germany?")
         await wait_for(pilot, lambda: not app.generating, timeout=60)
         await pilot.pause()

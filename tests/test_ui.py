@@ -377,3 +377,57 @@ async def test_huge_paste_is_kept(store: Store, size: int) -> None:
         msgs = store.messages(store.latest_conversation().id)
         assert [m.content for m in msgs] == [text, "That is a lot of text."]
         assert boxes(app)[0] == ("user", text)
+
+
+def notes(app: ChatApp) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+async def test_resume_says_restored_or_rebuilt(db_path: Path) -> None:
+    store = Store(db_path, clock=TickingClock())
+    app = make_app(store, ScriptedEngine())
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "remember the lighthouse")
+        await until_idle(pilot)
+    assert store.latest_memory_state(store.latest_conversation().id) is not None
+
+    engine = ScriptedEngine()
+    app = make_app(store, engine, resume_last=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: any("Restored from saved memory" in n for n in notes(app)))
+        assert "restored from saved memory" in str(app.status_bar.render())
+        assert (engine.restores, engine.rebuilds) == (1, 0)
+
+    conv_id = store.latest_conversation().id
+    store.db.execute("UPDATE memory_states SET checksum = 'x'")
+    store.db.conn.commit()
+    engine = ScriptedEngine()
+    app = make_app(store, engine, resume_last=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: any("Rebuilt memory" in n and "damaged" in n
+                                          for n in notes(app)))
+        assert "rebuilt" in str(app.status_bar.render())
+        assert (engine.restores, engine.rebuilds) == (0, 1)
+        assert boxes(app) == [("user", "remember the lighthouse"),
+                              ("assistant", "You said: remember the lighthouse")]
+    assert store.latest_memory_state(conv_id).intact
+    store.close()
+
+
+async def test_new_compression_level_takes_effect_next_turn(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hello")
+        await until_idle(pilot)
+        assert "memory: off (full)" in str(app.status_bar.render())
+        await pilot.press("ctrl+s")
+        app.screen.query_one("#compression", Select).value = "aggressive"
+        await pilot.pause()
+        assert "window" in str(app.screen.query_one("#method_note", Label).render())
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: any("compression level 'off'" in n for n in notes(app)))
+        await send(pilot, "and again")
+        await until_idle(pilot)
+        assert "memory: aggressive (window)" in str(app.status_bar.render())
+    state = store.latest_memory_state(store.latest_conversation().id)
+    assert state.policy["level"] == "aggressive"

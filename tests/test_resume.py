@@ -1,0 +1,214 @@
+"""Persisted memory on the real default model: exact resume, and every reason to rebuild."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.service import ChatService
+from app.settings import Settings
+from engine import Engine
+from engine.state_blob import StateBlob
+from storage import Store
+from tests.conftest import TickingClock
+
+GREEDY = Settings(temperature=0.0, max_tokens=30, context_size=2048)
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[dict[str, Engine]]:
+    """One engine per level used here, as the app loads them (by level name)."""
+    loaded = {level: Engine.load(n_ctx=2048, device="cpu", compression=level)
+              for level in ("off", "balanced")}
+    yield loaded
+    for eng in loaded.values():
+        eng.close()
+
+
+def service(store: Store, engines: dict[str, Engine], **changes) -> ChatService:
+    settings = Settings(**{**GREEDY.__dict__, **changes})
+    return ChatService(store, settings=settings,
+                       engine_factory=lambda s, m: engines[s.compression])
+
+
+def two_turns(svc: ChatService) -> int:
+    conv = svc.new_conversation()
+    "".join(svc.send(conv.id, "My name is Ada and I have a dog called Pixel."))
+    "".join(svc.send(conv.id, "What is the capital of France?"))
+    return conv.id
+
+
+def copy_db(src: Path, dst: Path) -> Store:
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+    return Store(dst, clock=TickingClock())
+
+
+def tamper(store: Store, conv_id: int, sql: str, *params: object) -> None:
+    store.db.execute(sql.replace("{id}", str(conv_id)), params)
+    store.db.conn.commit()
+
+
+def test_each_reply_saves_one_state_with_its_metadata(store: Store, engines) -> None:
+    svc = service(store, engines)
+    conv_id = two_turns(svc)
+    state = store.latest_memory_state(conv_id)
+    messages = store.messages(conv_id)
+    assert store.memory_state_count() == 1  # older states pruned in the same transaction
+    assert state.message_id == messages[-1].id
+    assert state.backend == "llamacpp" and state.model_fingerprint == engines["off"].fingerprint
+    assert state.policy == {"level": "off", "method": "full", "params": {}, "kv_type": "f16"}
+    assert state.intact and state.tokens_held == state.position == state.tokens_seen > 50
+    assert svc.memory_error is None
+
+
+def test_resume_restores_and_continues_exactly(db_path: Path, tmp_path: Path, engines) -> None:
+    store = Store(db_path, clock=TickingClock())
+    svc = service(store, engines)
+    conv_id = two_turns(svc)
+    later = copy_db(db_path, tmp_path / "later.db")
+    expected = "".join(svc.send(conv_id, "What is my dog called?"))
+
+    resumed = service(later, engines)
+    report = resumed.open(conv_id)
+    assert report.kind == "restored", report.reason
+    assert report.tokens == later.latest_memory_state(conv_id).tokens_held
+    assert "".join(resumed.send(conv_id, "What is my dog called?")) == expected
+    live = resumed._live[conv_id]
+    # only the new message and the reply were decoded: the transcript was not re-read
+    assert live.last_reply.prompt_tokens < 25
+    assert resumed.status(conv_id).memory_note == "restored from saved memory"
+    later.close()
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("UPDATE memory_states SET blob = zeroblob(size) WHERE conversation_id = {id}",
+         "damaged"),
+        ("UPDATE memory_states SET blob = substr(blob, 1, 1000), size = 1000 "
+         "WHERE conversation_id = {id}", "damaged"),
+        ("UPDATE memory_states SET model_fingerprint = 'another' WHERE conversation_id = {id}",
+         "another model"),
+        ("UPDATE memory_states SET backend = 'hf' WHERE conversation_id = {id}",
+         "hf back end"),
+    ],
+    ids=["corrupted", "truncated", "other-model", "other-backend"],
+)
+def test_unusable_state_is_detected_and_rebuilt(store: Store, engines, damage, reason) -> None:
+    conv_id = two_turns(service(store, engines))
+    before = store.messages(conv_id)
+    tamper(store, conv_id, damage)
+    svc = service(store, engines)
+    report = svc.open(conv_id)
+    assert report.kind == "rebuilt" and reason in report.reason
+    assert store.messages(conv_id) == before
+    assert store.latest_memory_state(conv_id).intact  # the rebuilt memory was saved again
+    assert "Berlin" in "".join(svc.send(conv_id, "And what is the capital of Germany?"))
+
+
+def test_blob_damaged_behind_a_valid_checksum_is_caught_by_its_own(store: Store,
+                                                                   engines) -> None:
+    from storage.store import checksum
+
+    conv_id = two_turns(service(store, engines))
+    blob = bytearray(store.latest_memory_state(conv_id).blob)
+    blob[len(blob) // 2] ^= 0xFF
+    tamper(store, conv_id, "UPDATE memory_states SET blob = ?, checksum = ? "
+           "WHERE conversation_id = {id}", bytes(blob), checksum(bytes(blob)))
+    report = service(store, engines).open(conv_id)
+    assert report.kind == "rebuilt" and "could not be loaded" in report.reason
+
+
+def test_state_behind_the_transcript_is_caught_up(store: Store, engines) -> None:
+    conv_id = two_turns(service(store, engines))
+    store.add_message(conv_id, "user", "I also like sailing.")
+    store.add_message(conv_id, "assistant", "Sailing is a lovely hobby.")
+    tamper(store, conv_id, "UPDATE memory_states SET message_id = "
+           "(SELECT min(id) + 1 FROM messages WHERE conversation_id = {id})")
+    svc = service(store, engines)
+    report = svc.open(conv_id)
+    assert report.kind == "rebuilt" and "behind" in report.reason
+    assert len(svc._live[conv_id].messages) == 1 + len(store.messages(conv_id))
+
+
+def test_changed_transcript_and_changed_level_rebuild(store: Store, engines) -> None:
+    svc = service(store, engines)
+    conv_id = two_turns(svc)
+    "".join(svc.regenerate(conv_id))  # a new last reply: its state is saved again
+    assert service(store, engines).open(conv_id).kind == "restored"
+    store.delete_message(store.messages(conv_id)[-1].id)
+    report = service(store, engines).open(conv_id)
+    assert report.kind == "rebuilt" and "transcript changed" in report.reason
+
+    balanced = service(store, engines, compression="balanced")
+    report = balanced.open(conv_id)
+    assert report.kind == "rebuilt" and "compression level 'off'" in report.reason
+    assert store.latest_memory_state(conv_id).policy["method"] == "window"
+    assert service(store, engines, compression="balanced").open(conv_id).kind == "restored"
+
+
+def test_long_conversation_under_window_saves_a_bounded_state(store: Store, engines) -> None:
+    svc = service(store, engines, compression="balanced", max_tokens=60)
+    conv = svc.new_conversation()
+    for i in range(12):
+        "".join(svc.send(conv.id, f"Tell me one fact about the number {i + 1}, in detail."))
+    state = store.latest_memory_state(conv.id)
+    assert state.tokens_held == 512  # the balanced budget, after the last exchange
+    assert state.tokens_seen > state.tokens_held
+    assert svc.status(conv.id).ratio > 1.0
+    report = service(store, engines, compression="balanced").open(conv.id)
+    assert report.kind == "restored"
+    header = StateBlob.from_bytes(state.blob).header
+    assert header["evicted"] == state.tokens_seen - state.tokens_held
+
+
+WRITER = """
+import os, sys
+from storage import Store
+store = Store(sys.argv[1])
+conv = store.create_conversation("crash test")
+blob = os.urandom(8 << 20)
+i = 0
+while True:
+    i += 1
+    msg = store.add_message(conv.id, "user", f"message {i}")
+    print(msg.id, flush=True)
+    store.save_memory_state(conv.id, msg.id, blob[i % 97:] + blob[: i % 97], backend="llamacpp",
+                            model_fingerprint="x", policy={}, position=i, tokens_held=i,
+                            tokens_seen=i)
+"""
+
+
+def test_sigkill_during_a_save_keeps_the_database_sound(tmp_path: Path) -> None:
+    db = tmp_path / "crash.db"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "PYTHONPATH": "."})
+    committed = []
+    while len(committed) < 6:
+        line = proc.stdout.readline()
+        assert line, "the writer died early"
+        committed.append(int(line))
+    time.sleep(0.05)  # somewhere inside an 8 MB state write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed += [int(x) for x in proc.stdout.read().split()]
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = Store(db)
+    ids = {m.id for m in store.messages(1)}
+    assert set(committed) <= ids
+    state = store.latest_memory_state(1)
+    assert state.intact and store.memory_state_count() == 1
+    store.close()
