@@ -16,6 +16,9 @@ LLAMA_CMAKE_ARGS := $(if $(CUDA),-DGGML_CUDA=on,)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# torch pinned first: on the dev machine this takes the CPU build from local disk, where a
+	# bare `torch` would pull a multi-GB CUDA build (a CUDA host gets its CUDA build either way)
+	$(PY) -m pip install --quiet torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -19,7 +19,7 @@ from app import paths
 from app.export import FORMATS
 from app.service import ChatService
 from app.settings import Settings
-from engine import DEFAULT_SYSTEM_PROMPT, Engine, EngineError, SamplingParams
+from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, Engine, EngineError, SamplingParams
 from engine.models import MODEL_ENV_VAR
 from storage import StorageError, Store
 
@@ -33,7 +33,12 @@ def _common_flags() -> argparse.ArgumentParser:
     common.add_argument(
         "--model", default=argparse.SUPPRESS,
         help=f"a .gguf model file (default: ${MODEL_ENV_VAR}, settings, else the embedded "
-        "SmolLM2-135M-Instruct)",
+        "SmolLM2-135M-Instruct); with --backend hf, also a transformers model folder",
+    )
+    common.add_argument(
+        "--backend", choices=BACKENDS, default=argparse.SUPPRESS,
+        help="llamacpp, hf (transformers + torch), or auto (the default: llamacpp for a "
+        ".gguf file, hf for a model folder)",
     )
     return common
 
@@ -89,6 +94,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     store = _open_store(args)
     service = ChatService(store, model_override=getattr(args, "model", None))
+    if hasattr(args, "backend"):  # for this session only; settings keep their own
+        service.settings = service.with_settings(backend=args.backend)
     if args.conversation is not None:
         store.get_conversation(args.conversation)
     app = ChatApp(service, conversation_id=args.conversation, resume_last=args.resume)
@@ -114,7 +121,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     model = getattr(args, "model", None) or settings.model_path or None
-    with Engine.load(model=model, n_ctx=settings.context_size) as engine:
+    backend = getattr(args, "backend", settings.backend)
+    with Engine.load(model=model, backend=backend, n_ctx=settings.context_size) as engine:
         system = args.system if args.system is not None else settings.system_prompt
         conv = engine.new_conversation(system=system or DEFAULT_SYSTEM_PROMPT)
         for piece in conv.send(prompt, params):

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import platformdirs
 
+from engine.models import CACHE_DIR_ENV, model_cache_dir
+
+__all__ = ["CACHE_DIR_ENV", "cache_dir", "data_dir", "db_path"]
+
 APP_NAME = "ccm-chat"
 DATA_DIR_ENV = "CCM_CHAT_DATA_DIR"
 DB_ENV = "CCM_CHAT_DB"
-CACHE_DIR_ENV = "CCM_CHAT_CACHE_DIR"
 DB_FILENAME = "ccm-chat.db"
 
 
@@ -20,10 +23,7 @@ def data_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    override = os.environ.get(CACHE_DIR_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_cache_dir(APP_NAME))
+    return model_cache_dir()
 
 
 def db_path(override: str | os.PathLike[str] | None = None) -> Path:

@@ -52,6 +52,7 @@ class EngineLike(Protocol):
     fingerprint: str
 
     def restore_conversation(self, blob: bytes) -> EngineConversation: ...
+    def compression_for(self, level: str) -> CompressionConfig: ...
 
     def new_conversation(self, system: str | None = ...,
                          compression: CompressionConfig | None = ...) -> EngineConversation: ...
@@ -64,6 +65,7 @@ EngineFactory = Callable[[Settings, str | None], EngineLike]
 def load_engine(settings: Settings, model_override: str | None) -> EngineLike:
     return Engine.load(
         model=model_override or settings.model_path or None,
+        backend=settings.backend,
         compression=settings.compression,
         n_ctx=settings.context_size,
         n_gpu_layers=settings.n_gpu_layers if settings.n_gpu_layers >= 0 else None,
@@ -202,7 +204,7 @@ class ChatService:
             engine = self.engine
             live, report = resume(
                 engine, self.store, record, messages,
-                CompressionConfig.for_level(self.settings.compression), progress,
+                engine.compression_for(self.settings.compression), progress,
             )
             self._live[record.id] = live
             self._reports[record.id] = report
@@ -279,7 +281,7 @@ class ChatService:
         info = self._engine.info
         live = self._live.get(conversation_id) if conversation_id is not None else None
         stats = self._stats.get(conversation_id) if conversation_id is not None else None
-        level = CompressionConfig.for_level(self.settings.compression)
+        level = self._engine.compression_for(self.settings.compression)
         if live is None or stats is None:
             return Status(info.model_name, info.device, level.level, level.method, 0, info.n_ctx,
                           0, 1.0, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from engine import DEFAULT_SYSTEM_PROMPT, LEVELS
+from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, LEVELS
 from storage import Store
 
 
@@ -19,6 +19,7 @@ class Settings:
     max_tokens: int = 512
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     compression: str = "off"
+    backend: str = "auto"  # auto: llama.cpp for a .gguf file, transformers for a model folder
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> keys
 
     def problems(self) -> list[str]:
@@ -33,6 +34,8 @@ class Settings:
             found.append("Top-p must be above 0 and at most 1.")
         if not 1 <= self.max_tokens <= 32_768:
             found.append("Max tokens must be between 1 and 32768.")
+        if self.backend not in BACKENDS:
+            found.append(f"Back end must be one of {', '.join(BACKENDS)}.")
         if self.compression not in LEVELS:
             found.append(f"Compression level must be one of {', '.join(LEVELS)}.")
         return found
@@ -42,7 +45,8 @@ class Settings:
 
         The compression level is one: it fixes the engine's K cache type and attention kernel.
         """
-        return (self.model_path, self.n_gpu_layers, self.context_size, self.compression)
+        return (self.model_path, self.n_gpu_layers, self.context_size, self.compression,
+                self.backend)
 
     @classmethod
     def load(cls, store: Store) -> Settings:

@@ -15,11 +15,12 @@ import llama_cpp  # noqa: F401  isort: skip
 
 from engine.config import LEVELS, CompressionConfig, SamplingParams
 from engine.conversation import Conversation, MemoryStats, ReplyStats
-from engine.engine import DEFAULT_SYSTEM_PROMPT, Engine, EngineInfo
+from engine.engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, Engine, EngineInfo
 from engine.errors import ContextFullError, EngineError, ModelError, StateError
 from engine.models import default_model_path, resolve_model_path
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_SYSTEM_PROMPT",
     "LEVELS",
     "CompressionConfig",

@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.config import CompressionConfig, SamplingParams
 from engine.errors import ContextFullError, EngineError, StateError
-from engine.llama_backend import ChatMessage, Sampler
+from engine.llama_backend import ChatMessage
 from engine.memory import MemoryPolicy
 from engine.state_blob import StateBlob
 from engine.stops import StopStringMatcher
@@ -233,7 +233,7 @@ class Conversation:
         ctx = self._ctx()
         payload = ctx.get_state() if self._kv_tokens else b""
         header = {
-            "backend": "llamacpp",
+            "backend": self.engine.info.backend,
             "model": self.engine.fingerprint,
             "compression": {"level": self.compression.level, **self.compression.key()},
             "messages": [[m.role, m.content] for m in self.messages],
@@ -249,7 +249,7 @@ class Conversation:
     def from_state(cls, engine: Engine, data: bytes) -> Conversation:
         blob = StateBlob.from_bytes(data)
         head = blob.header
-        if head.get("backend") != "llamacpp":
+        if head.get("backend") != engine.info.backend:
             raise StateError(f"The memory state was made by the {head.get('backend')} back end.")
         if head.get("model") != engine.fingerprint:
             raise StateError("The memory state was made by another model.")
@@ -298,7 +298,8 @@ class Conversation:
         del self._kv_tokens[start:end]
         del self._kv_ends[start:end]
         self._evicted += end - start
-        self._compact(ctx)
+        if ctx.defers_shift:
+            self._compact(ctx)
 
     def _compact(self, ctx) -> None:
         """Make the cache after an eviction exactly what a save of it would restore.
@@ -408,7 +409,7 @@ class Conversation:
         ctx = self._ctx()
         if prompt_tokens == 0:
             self._redecode_last(ctx)
-        sampler = Sampler(params.temperature, params.top_p, params.seed)
+        sampler = ctx.sampler(params.temperature, params.top_p, params.seed)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStringMatcher(params.stop)
         shown: list[str] = []

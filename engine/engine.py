@@ -15,7 +15,13 @@ from engine.config import CompressionConfig
 from engine.conversation import Conversation
 from engine.errors import EngineError
 from engine.llama_backend import LlamaContext, LlamaModel, gpu_available
-from engine.models import DEFAULT_MODEL_NAME, model_fingerprint, resolve_model_path
+from engine.models import (
+    DEFAULT_MODEL_NAME,
+    MODEL_ENV_VAR,
+    model_cache_dir,
+    model_fingerprint,
+    resolve_model_path,
+)
 
 BACKENDS = ("auto", "llamacpp", "hf")
 DEVICES = ("auto", "cpu", "gpu")
@@ -56,25 +62,28 @@ class Engine:
         n_ctx: int = 4096,
         n_gpu_layers: int | None = None,
         n_threads: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> Engine:
-        """Load a GGUF model (None: the embedded default) and make one context for it.
+        """Load a model (None: the embedded default) and make one context for it.
 
-        device "auto" offloads every layer when llama.cpp was built with GPU support. The
-        compression level's K cache type, and whether cells may be evicted, are fixed here for
-        every conversation of this engine.
+        backend "auto" is llama.cpp for a .gguf file and transformers ("hf") for a model
+        folder; "hf" also loads a .gguf, converting it once into `cache_dir`. device "auto"
+        uses the GPU when the back end has one. The compression level's K cache type, and
+        whether cells may be evicted, are fixed here for every conversation of this engine.
         """
         if backend not in BACKENDS:
             raise EngineError(f"Unknown back end {backend!r}; pick one of {BACKENDS}.")
-        if backend == "hf":
-            raise EngineError(
-                "The transformers (hf) back end is not available in this version; "
-                "use --backend llamacpp (the default)."
-            )
         if device not in DEVICES:
             raise EngineError(f"Unknown device {device!r}; pick one of {DEVICES}.")
+        path = resolve_model_path(model, allow_dir=backend != "llamacpp")
+        if backend == "auto":
+            backend = "hf" if path.is_dir() else "llamacpp"
         if isinstance(compression, str):
-            compression = CompressionConfig.for_level(compression)
-        path = resolve_model_path(model)
+            compression = CompressionConfig.for_level(compression,
+                                                      quantize_kv=backend == "llamacpp")
+        default = model is None and not os.environ.get(MODEL_ENV_VAR)
+        if backend == "hf":
+            return cls._load_hf(path, compression, device, n_ctx, cache_dir, default)
         has_gpu = gpu_available()
         if device == "gpu" and not has_gpu:
             raise EngineError(
@@ -92,18 +101,47 @@ class Engine:
         except Exception:
             llama_model.close()
             raise
-        on_gpu = n_gpu_layers != 0 and has_gpu
-        name = DEFAULT_MODEL_NAME if model is None and not os.environ.get("CCM_CHAT_MODEL") \
-            else llama_model.name
         info = EngineInfo(
-            model_name=name,
+            model_name=DEFAULT_MODEL_NAME if default else llama_model.name,
             model_path=path,
             backend="llamacpp",
-            device="GPU (CUDA)" if on_gpu else "CPU",
+            device="GPU (CUDA)" if n_gpu_layers != 0 and has_gpu else "CPU",
             n_ctx=ctx.n_ctx,
             n_gpu_layers=n_gpu_layers,
         )
         return cls(llama_model, ctx, info, compression)
+
+    @classmethod
+    def _load_hf(cls, path: Path, compression: CompressionConfig, device: str, n_ctx: int,
+                 cache_dir: str | os.PathLike[str] | None, default: bool) -> Engine:
+        if compression.kv_type != "f16":
+            raise EngineError(
+                f"The hf back end keeps its KV cache unquantized; {compression.kv_type} is "
+                "for llama.cpp."
+            )
+        import torch  # the hf back end is optional at run time: import it only when used
+
+        from engine.hf_backend import HFContext, HFModel
+
+        if device == "gpu" and not torch.cuda.is_available():
+            raise EngineError("--device gpu was asked for, but torch sees no CUDA device.")
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        hf_model = HFModel(path, "cuda" if use_cuda else "cpu",
+                           Path(cache_dir) if cache_dir else model_cache_dir())
+        ctx = HFContext(hf_model, n_ctx)
+        info = EngineInfo(
+            model_name=DEFAULT_MODEL_NAME if default else hf_model.name,
+            model_path=path,
+            backend="hf",
+            device="GPU (CUDA, bfloat16)" if use_cuda else "CPU (float32)",
+            n_ctx=ctx.n_ctx,
+            n_gpu_layers=-1 if use_cuda else 0,
+        )
+        return cls(hf_model, ctx, info, compression)  # type: ignore[arg-type]
+
+    def compression_for(self, level: str) -> CompressionConfig:
+        """What `level` means on this engine's back end."""
+        return CompressionConfig.for_level(level, quantize_kv=self.info.backend == "llamacpp")
 
     @property
     def fingerprint(self) -> str:

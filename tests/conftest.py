@@ -67,3 +67,15 @@ def real_engine() -> Iterator[Engine]:
     eng = Engine.load(n_ctx=2048, device="cpu")
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="session")
+def hf_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """The embedded default GGUF on the transformers back end (CPU, float32), loaded once.
+
+    The first load converts the GGUF into a cache dir, as the app does under the user's.
+    """
+    eng = Engine.load(backend="hf", n_ctx=512, device="cpu", compression="balanced",
+                      cache_dir=tmp_path_factory.mktemp("hf-cache"))
+    yield eng
+    eng.close()

@@ -112,6 +112,9 @@ class ScriptedEngine:
         self.conversations.append(conv)
         return conv
 
+    def compression_for(self, level: str) -> CompressionConfig:
+        return CompressionConfig.for_level(level)
+
     def restore_conversation(self, blob: bytes) -> ScriptedConversation:
         try:
             data = json.loads(blob)

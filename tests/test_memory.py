@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import llama_cpp
 import numpy as np
 import pytest
 
@@ -53,8 +52,7 @@ def chat(conv: Conversation, turns: int) -> None:
 
 
 def positions(eng: Engine) -> tuple[int, int]:
-    mem = eng.ctx.memory
-    return (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0))
+    return eng.ctx.pos_min(), eng.ctx.pos_max()
 
 
 def next_logits(conv: Conversation) -> np.ndarray:

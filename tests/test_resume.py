@@ -212,3 +212,25 @@ def test_sigkill_during_a_save_keeps_the_database_sound(tmp_path: Path) -> None:
     state = store.latest_memory_state(1)
     assert state.intact and store.memory_state_count() == 1
     store.close()
+
+
+def test_hf_back_end_saves_and_restores_through_the_store(db_path: Path, tmp_path: Path,
+                                                          hf_engine: Engine, engines) -> None:
+    store = Store(db_path, clock=TickingClock())
+    hf = service(store, {"balanced": hf_engine}, compression="balanced", max_tokens=12)
+    conv = hf.new_conversation()
+    "".join(hf.send(conv.id, "My name is Ada and I have a dog called Pixel."))
+    state = store.latest_memory_state(conv.id)
+    assert state.backend == "hf" and state.policy["kv_type"] == "f16"
+    later = copy_db(db_path, tmp_path / "later.db")
+    expected = "".join(hf.send(conv.id, "What is my dog called?"))
+
+    resumed = service(later, {"balanced": hf_engine}, compression="balanced", max_tokens=12)
+    assert resumed.open(conv.id).kind == "restored"
+    assert "".join(resumed.send(conv.id, "What is my dog called?")) == expected
+
+    llama = service(later, engines, compression="balanced", max_tokens=12)
+    report = llama.open(conv.id)
+    assert report.kind == "rebuilt" and "hf back end" in report.reason
+    later.close()
+    store.close()

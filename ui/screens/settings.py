@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
 from app.settings import Settings
-from engine import LEVELS, CompressionConfig
+from engine import BACKENDS, LEVELS, CompressionConfig
 
 NUMBER_FIELDS = {
     "n_gpu_layers": ("GPU layers (-1 all, 0 CPU only)", int),
@@ -34,6 +34,11 @@ def parse_keymap(text: str) -> dict[str, str]:
             raise ValueError(f"Key binding {part.strip()!r} is not of the form action=keys.")
         keymap[name.strip()] = keys.strip()
     return keymap
+
+
+def describe_level(level: str, backend: str) -> str:
+    """Which method the level runs and why (K cache quantization is llama.cpp's)."""
+    return CompressionConfig.for_level(level, quantize_kv=backend != "hf").describe()
 
 
 def format_keymap(keymap: dict[str, str]) -> str:
@@ -63,6 +68,9 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield from _row("Model file (.gguf; empty = embedded default)",
                                 Input(value=s.model_path, id="model_path", compact=True,
                                       placeholder="(embedded SmolLM2-135M-Instruct)"))
+                yield from _row("Back end", Select(
+                    [(b, b) for b in BACKENDS], value=s.backend, allow_blank=False,
+                    id="backend", compact=True))
                 for name, (label, _) in NUMBER_FIELDS.items():
                     yield from _row(label, Input(value=str(getattr(s, name)), id=name,
                                                  compact=True))
@@ -71,8 +79,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield from _row("Compression level", Select(
                     [(level, level) for level in LEVELS], value=s.compression,
                     allow_blank=False, id="compression", compact=True))
-                yield Label(CompressionConfig.for_level(s.compression).describe(),
-                            id="method_note")
+                yield Label(describe_level(s.compression, s.backend), id="method_note")
                 yield from _row("Key bindings (action=keys; …)",
                                 Input(value=format_keymap(s.keymap), id="keymap",
                                       placeholder="regenerate=ctrl+g; stop=escape",
@@ -81,9 +88,10 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
 
-    @on(Select.Changed, "#compression")
+    @on(Select.Changed, "#compression, #backend")
     def _level_changed(self, event: Select.Changed) -> None:
-        note = CompressionConfig.for_level(str(event.value)).describe()
+        note = describe_level(str(self.query_one("#compression", Select).value),
+                              str(self.query_one("#backend", Select).value))
         self.query_one("#method_note", Label).update(note)
 
     def read_form(self) -> Settings:
@@ -97,6 +105,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         values["model_path"] = self.query_one("#model_path", Input).value.strip()
         values["system_prompt"] = self.query_one("#system_prompt", Input).value.strip()
         values["compression"] = str(self.query_one("#compression", Select).value)
+        values["backend"] = str(self.query_one("#backend", Select).value)
         values["keymap"] = parse_keymap(self.query_one("#keymap", Input).value)
         candidate = replace(self.settings, **values)  # type: ignore[arg-type]
         problems = candidate.problems()

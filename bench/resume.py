@@ -1,0 +1,137 @@
+"""Resume: time from opening an old conversation to the first token of the next reply.
+
+Restored from the SQLite memory state vs rebuilt by re-reading the transcript, at several
+transcript lengths, for compression off and balanced, side by side in one process. The
+transcripts are MemoryBank exchanges (../shared/data/memorybank_en), repeated to length.
+Prints a table and writes JSON.
+
+    python bench/resume.py --device cpu --out bench/results/resume_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from app.service import ChatService
+from app.settings import Settings
+from engine import Engine, SamplingParams
+from storage import Store
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
+QUESTION = "What did we talk about first?"
+
+
+def exchanges() -> list[tuple[str, str]]:
+    bank = json.loads((DATA / "memory_bank_en.json").read_text())
+    pairs = []
+    for user in bank.values():
+        for day in user["history"].values():
+            pairs += [(t["query"], t["response"]) for t in day]
+    return pairs
+
+
+def fill(store: Store, engine: Engine, tokens: int) -> int:
+    """A conversation whose transcript is about `tokens` tokens long."""
+    conv = store.create_conversation("bench")
+    count, pairs = 0, exchanges()
+    i = 0
+    while count < tokens:
+        user, reply = pairs[i % len(pairs)]
+        i += 1
+        store.add_message(conv.id, "user", user)
+        store.add_message(conv.id, "assistant", reply)
+        count += len(engine.model.tokenize(f"{user}\n{reply}".encode(), False, False)) + 10
+    return conv.id
+
+
+def first_token(service: ChatService, conv_id: int) -> tuple[float, str, float]:
+    """(seconds from open to the first token, how the memory was made, seconds to open)."""
+    start = time.perf_counter()
+    report = service.open(conv_id)
+    opened = time.perf_counter() - start
+    live = service._live[conv_id]
+    next(iter(live.send(QUESTION, SamplingParams(temperature=0.0, max_tokens=1))))
+    return time.perf_counter() - start, report.kind, opened
+
+
+def fresh(store: Store, settings: Settings, engine: Engine) -> ChatService:
+    """A service as a new session has it: nothing live, the engine already loaded."""
+    return ChatService(store, settings=settings, engine_factory=lambda s, m: engine)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--lengths", default="1000,4000,16000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/resume.json"))
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="ccm-resume-"))
+    for level in ("off", "balanced"):
+        engine = Engine.load(n_ctx=8192 if level == "off" else 2048, compression=level,
+                             device=args.device)
+        settings = Settings(compression=level, context_size=engine.n_ctx)
+        for length in lengths:
+            store = Store(tmp / f"{level}-{length}.db")
+            conv_id = fill(store, engine, length)
+            row = {"level": level, "transcript_tokens": length, "method":
+                   engine.compression.method}
+            if level == "off" and length > engine.n_ctx - 64:
+                row["note"] = f"does not fit the {engine.n_ctx}-token context without compression"
+                rows.append(row)
+                store.close()
+                continue
+            rebuilt, kind, _ = first_token(fresh(store, settings, engine), conv_id)  # saves too
+            assert kind == "rebuilt", kind
+            restored = []
+            for _ in range(args.repeats):
+                seconds, kind, opened = first_token(fresh(store, settings, engine), conv_id)
+                assert kind == "restored", kind
+                restored.append((seconds, opened))
+            state = store.latest_memory_state(conv_id)
+            row.update(
+                rebuild_first_token_s=rebuilt,
+                restore_first_token_s=statistics.median(s for s, _ in restored),
+                restore_open_s=statistics.median(o for _, o in restored),
+                state_bytes=state.size,
+                tokens_held=state.tokens_held,
+                tokens_seen=state.tokens_seen,
+                full_f16_kv_bytes=state.tokens_seen * engine.model.f16_bytes_per_token,
+            )
+            row["speedup"] = row["rebuild_first_token_s"] / row["restore_first_token_s"]
+            rows.append(row)
+            store.close()
+        engine.close()
+
+    header = (f"{'level':10} {'tokens':>7} {'rebuild→1st tok':>16} {'restore→1st tok':>16} "
+              f"{'speedup':>8} {'state MB':>9} {'full KV MB':>11}")
+    print(header)
+    for r in rows:
+        if "note" in r:
+            print(f"{r['level']:10} {r['transcript_tokens']:>7} {r['note']}")
+            continue
+        print(f"{r['level']:10} {r['transcript_tokens']:>7} {r['rebuild_first_token_s']:>15.2f}s "
+              f"{r['restore_first_token_s']:>15.3f}s {r['speedup']:>7.0f}x "
+              f"{r['state_bytes'] / 1e6:>9.1f} {r['full_f16_kv_bytes'] / 1e6:>11.1f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "device": args.device,
+        "command": "python bench/resume.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "rows": rows,
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

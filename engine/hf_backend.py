@@ -1,0 +1,306 @@
+"""The transformers back end: the same model and context interface as engine.llama_backend.
+
+`Conversation` drives either back end through the same calls (tokenize, render_chat, decode,
+remove, shift, get/set state), so memory policies, save/restore and streaming are shared.
+The KV cache is transformers' DynamicCache; positions of its cells are tracked here so cells
+can be evicted from the middle and the rest shifted down (their keys re-rotated), as in
+llama.cpp. Weights run in bfloat16 on CUDA and float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
+
+from engine.errors import EngineError, ModelError
+from engine.llama_backend import ChatMessage
+from engine.models import model_fingerprint
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
+def converted_dir(gguf: Path, cache_dir: Path) -> Path:
+    """Where a GGUF's weights, converted for transformers, are kept (by content hash)."""
+    return cache_dir / "hf-converted" / model_fingerprint(gguf)[:16]
+
+
+def load_pretrained(path: Path, cache_dir: Path, dtype: torch.dtype):
+    """(model, tokenizer) from a transformers folder, or from a GGUF via a converted cache.
+
+    Converting a GGUF takes over a minute on a small CPU, so the result is saved once under
+    the cache dir and loaded from there afterwards.
+    """
+    hf_logging.set_verbosity_error()  # progress bars and warnings would scribble on the UI
+    hf_logging.disable_progress_bar()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"{path} is not a transformers model folder (no config.json). Pass a folder "
+                "saved with save_pretrained, or a .gguf file."
+            )
+        source, extra = path, {}
+    else:
+        cached = converted_dir(path, cache_dir)
+        if (cached / "config.json").exists() and (cached / "done").exists():
+            source, extra = cached, {}
+        else:
+            source, extra = path.parent, {"gguf_file": path.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"transformers could not load {path}: {exc}") from exc
+    if extra:
+        # The weights were dequantized to `dtype` on load; what is left of the GGUF
+        # "quantizer" only stops save_pretrained from writing them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        cached = converted_dir(path, cache_dir)
+        shutil.rmtree(cached, ignore_errors=True)
+        model.save_pretrained(cached)
+        tokenizer.save_pretrained(cached)
+        (cached / "done").write_text(json.dumps({"from": str(path)}))
+    return model, tokenizer
+
+
+class HFModel:
+    """Weights, tokenizer and chat template, through transformers."""
+
+    def __init__(self, path: Path, device: str, cache_dir: Path) -> None:
+        self.path = path
+        self.cache_dir = cache_dir
+        self.device = torch.device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        model, self.tokenizer = load_pretrained(path, cache_dir, dtype)
+        self.torch_model = model.to(self.device).eval()
+        config = model.config
+        self.config = config
+        if not self.tokenizer.chat_template:
+            raise ModelError(
+                f"{path.name} has no chat template, so ccm-chat cannot format a conversation "
+                "for it. Use an instruction-tuned (chat) model."
+            )
+        self.n_vocab = config.vocab_size
+        self.n_ctx_train = getattr(config, "max_position_embeddings", 0) or 0
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // (
+            config.num_attention_heads)
+        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.f16_bytes_per_token = 2 * 2 * config.num_hidden_layers * n_kv * head_dim
+        self.bos = self.tokenizer.bos_token_id
+        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.add_bos = self.bos is not None and bool(probe) and probe[0] == self.bos
+        self._special = set(self.tokenizer.all_special_ids)
+        self._byte_level = "Ġ" in "".join(self.tokenizer.convert_ids_to_tokens(
+            self.tokenizer(" a b", add_special_tokens=False)["input_ids"]))
+        self._eog = self._end_of_generation_ids()
+        self.name = Path(str(config.name_or_path or path.stem)).name or path.stem
+
+    def _end_of_generation_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        generation = getattr(self.torch_model, "generation_config", None)
+        eos = getattr(generation, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
+            tok = self.tokenizer.convert_tokens_to_ids(name)
+            if isinstance(tok, int) and tok != self.tokenizer.unk_token_id:
+                ids.add(tok)
+        return {i for i in ids if i is not None}
+
+    def close(self) -> None:
+        self.torch_model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def tokenize(self, text: bytes, add_special: bool, parse_special: bool) -> list[int]:
+        return list(self.tokenizer(text.decode("utf-8", "replace"),
+                                   add_special_tokens=add_special)["input_ids"])
+
+    def piece(self, token: int, special: bool) -> bytes:
+        if token in self._special:
+            return self.tokenizer.convert_ids_to_tokens(token).encode() if special else b""
+        if self._byte_level:
+            text = self.tokenizer.convert_ids_to_tokens(token)
+            return bytes(BYTE_DECODER.get(ch, 32) for ch in text)
+        return self.tokenizer.decode([token]).encode()
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token in self._eog
+
+    def render_chat(self, messages: Sequence[ChatMessage], add_assistant: bool) -> bytes:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        text = self.tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=add_assistant)
+        return text.encode()
+
+
+class HFContext:
+    """One KV sequence on a DynamicCache, with llama.cpp's position semantics."""
+
+    def __init__(self, model: HFModel, n_ctx: int, n_batch: int = 512) -> None:
+        self.model = model
+        self.n_ctx = min(n_ctx, model.n_ctx_train) if model.n_ctx_train else n_ctx
+        self.n_batch = n_batch
+        self.kv_type = "f16"  # unquantized (float32 on the CPU, bfloat16 on CUDA)
+        self.evicts = True
+        self.defers_shift = False  # shift() re-rotates keys at once; no holes are left
+        self._rotary = getattr(model.torch_model.model, "rotary_emb", None)
+        self.clear()
+
+    def close(self) -> None:
+        self.cache = None
+
+    def clear(self) -> None:
+        self.cache = DynamicCache(config=self.model.config)
+        self.positions = torch.empty(0, dtype=torch.long)
+        self._last = np.zeros(self.model.n_vocab, dtype=np.float32)
+
+    def _layers(self):
+        return [layer for layer in self.cache.layers if layer.is_initialized]
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], start_pos: int, want: Sequence[int] = ()) -> dict:
+        if start_pos != len(self.positions):
+            raise EngineError(f"decode at {start_pos}, but the cache holds {len(self.positions)}.")
+        wanted = set(want) | {len(tokens) - 1}
+        rows: dict[int, np.ndarray] = {}
+        device = self.model.device
+        for offset in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[offset: offset + self.n_batch])
+            keep = [i for i in range(len(chunk)) if offset + i in wanted]
+            pos = torch.arange(start_pos + offset, start_pos + offset + len(chunk))
+            out = self.model.torch_model(
+                input_ids=torch.tensor([chunk], device=device),
+                position_ids=pos[None].to(device),
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=torch.tensor(keep, device=device),
+            )
+            logits = out.logits[0].float().cpu().numpy()
+            for j, i in enumerate(keep):
+                rows[offset + i] = logits[j]
+            self.positions = torch.cat([self.positions, pos])
+        self._last = rows.pop(len(tokens) - 1)
+        return rows
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        return self._last.copy()
+
+    def remove(self, p0: int, p1: int = -1) -> None:
+        hi = p1 if p1 >= 0 else np.iinfo(np.int64).max
+        keep = ~((self.positions >= p0) & (self.positions < hi))
+        if bool(keep.all()):
+            return
+        index = keep.nonzero().flatten()
+        for layer in self._layers():
+            idx = index.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(2, idx)
+            layer.values = layer.values.index_select(2, idx)
+        self.positions = self.positions[keep]
+
+    @torch.inference_mode()
+    def shift(self, p0: int, p1: int, delta: int) -> None:
+        """Move cells at positions [p0, p1) by delta, re-rotating their keys now."""
+        if self._rotary is None:
+            raise EngineError("This model has no rotary position embedding to shift.")
+        hi = p1 if p1 >= 0 else np.iinfo(np.int64).max
+        sel = ((self.positions >= p0) & (self.positions < hi)).nonzero().flatten()
+        if len(sel) == 0 or delta == 0:
+            return
+        for layer in self._layers():
+            keys = layer.keys
+            idx = sel.to(keys.device)
+            part = keys.index_select(2, idx).float()
+            cos, sin = self._rotary(part, torch.full((1, len(sel)), delta, device=keys.device))
+            scale = getattr(self._rotary, "attention_scaling", 1.0) or 1.0
+            cos, sin = cos.float()[:, None] / scale, sin.float()[:, None] / scale
+            half = part.shape[-1] // 2
+            rotated = torch.cat([-part[..., half:], part[..., :half]], dim=-1)
+            keys.index_copy_(2, idx, (part * cos + rotated * sin).to(keys.dtype))
+        self.positions[sel] += delta
+
+    def pos_max(self) -> int:
+        return int(self.positions.max()) if len(self.positions) else -1
+
+    def pos_min(self) -> int:
+        return int(self.positions.min()) if len(self.positions) else -1
+
+    def state_size(self) -> int:
+        return sum(t.nelement() * t.element_size()
+                   for layer in self._layers() for t in (layer.keys, layer.values))
+
+    def get_state(self) -> bytes:
+        tensors = {"positions": self.positions.clone()}
+        for i, layer in enumerate(self._layers()):
+            tensors[f"k.{i}"] = layer.keys.contiguous().cpu()
+            tensors[f"v.{i}"] = layer.values.contiguous().cpu()
+        return save_tensors(tensors, metadata={"layers": str(len(self._layers()))})
+
+    def set_state(self, data: bytes) -> None:
+        self.clear()
+        try:
+            tensors = load_tensors(data)
+            n_layers = self.model.config.num_hidden_layers
+            if any(f"k.{i}" not in tensors for i in range(n_layers)):
+                raise ValueError("layers missing")
+            cache = DynamicCache(config=self.model.config)
+            for i in range(n_layers):
+                cache.update(tensors[f"k.{i}"].to(self.model.device),
+                             tensors[f"v.{i}"].to(self.model.device), i)
+            positions = tensors["positions"].long()
+        except Exception as exc:  # safetensors raises its own error types
+            self.clear()
+            raise EngineError(f"The saved memory state could not be read ({exc}).") from exc
+        self.cache, self.positions = cache, positions
+
+    def sampler(self, temperature: float, top_p: float, seed: int | None) -> NumpySampler:
+        return NumpySampler(temperature, top_p, seed)
+
+
+class NumpySampler:
+    """Greedy, or temperature then top-p then a seeded draw, over the last logits."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, ctx: HFContext) -> int:
+        logits = ctx.logits(-1).astype(np.float64)
+        if self.temperature <= 0:
+            return int(np.argmax(logits))
+        probs = np.exp((logits - logits.max()) / self.temperature)
+        probs /= probs.sum()
+        order = np.argsort(-probs)
+        if self.top_p < 1.0:
+            cut = int(np.searchsorted(np.cumsum(probs[order]), self.top_p)) + 1
+            order = order[:cut]
+        kept = probs[order] / probs[order].sum()
+        return int(order[self.rng.choice(len(order), p=kept)])
+
+    def close(self) -> None:
+        pass
