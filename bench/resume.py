@@ -56,8 +56,11 @@ def first_token(service: ChatService, conv_id: int) -> tuple[float, str, float]:
     report = service.open(conv_id)
     opened = time.perf_counter() - start
     live = service._live[conv_id]
-    next(iter(live.send(QUESTION, SamplingParams(temperature=0.0, max_tokens=1))))
-    return time.perf_counter() - start, report.kind, opened
+    pieces = live.send(QUESTION, SamplingParams(temperature=0.0, max_tokens=1))
+    next(pieces)
+    seconds = time.perf_counter() - start
+    pieces.close()  # the reply's end (and the policy's after-turn work) is not the first token
+    return seconds, report.kind, opened
 
 
 def fresh(store: Store, settings: Settings, engine: Engine) -> ChatService:

@@ -208,7 +208,12 @@ class Conversation:
         )
 
     def rebuild(self, progress: Progress | None = None) -> None:
-        """Recompute the memory from the messages, turn by turn, as if chatted live."""
+        """Recompute the memory from the messages.
+
+        A policy that keeps whole tokens (full, window) says which tokens it would hold, and
+        only those are decoded, in one batch; one that transforms them (CCM) is replayed turn
+        by turn, as if chatted live.
+        """
         ctx = self._ctx()
         ctx.clear()
         self._rendered = b""
@@ -218,6 +223,8 @@ class Conversation:
         total = len(self.messages)
         if self.policy.budget is None:  # nothing is evicted: one batched prefill is the same
             self._sync(render(self.messages, add_assistant=False))
+        elif self.policy.kept_after_rebuild is not None:
+            self._prefill_kept(render(self.messages, add_assistant=False))
         else:
             for i in range(1, total + 1):
                 self._sync(render(self.messages[:i], add_assistant=False))
@@ -227,6 +234,36 @@ class Conversation:
                     progress(i, total)
         if progress is not None:
             progress(total, total)
+
+    def _prefill_kept(self, rendered: bytes) -> None:
+        """Decode only the tokens the policy keeps of `rendered`, at contiguous positions."""
+        model, ctx = self.engine.model, self._ctx()
+        tokens = model.tokenize(rendered, add_special=True, parse_special=True)
+        ends = self._token_ends(tokens, 0, len(rendered), first=True)
+        sink, recent = self.policy.kept_after_rebuild  # type: ignore[misc]
+        keep = list(range(len(tokens)))
+        if len(tokens) > sink + recent:
+            keep = keep[:sink] + keep[len(tokens) - recent:]
+            self._frozen = ends[len(tokens) - recent - 1]
+        kept = [tokens[i] for i in keep]
+        if len(kept) >= ctx.n_ctx:
+            raise ContextFullError("The memory this policy keeps does not fit the context.")
+        ctx.decode(kept, 0)
+        self._kv_tokens, self._kv_ends = kept, [ends[i] for i in keep]
+        self._evicted = len(tokens) - len(kept)
+        self._rendered = rendered
+
+    def _token_ends(self, tokens: list[int], base: int, length: int, first: bool) -> list[int]:
+        """Where each token ends in the rendered bytes (the BOS token adds none)."""
+        model = self.engine.model
+        ends, end = [], base
+        for i, tok in enumerate(tokens):
+            if not (first and i == 0 and model.add_bos and tok == model.bos):
+                end = min(end + len(model.piece(tok, special=True)), base + length)
+            ends.append(end)
+        if ends:
+            ends[-1] = base + length
+        return ends
 
     def save_state(self) -> bytes:
         """The memory as bytes: restoring them continues exactly here, with no re-prefill."""
@@ -361,13 +398,7 @@ class Conversation:
                 f"the context window of {ctx.n_ctx}. Start a new chat, raise the context size, "
                 "or pick a compression level in settings."
             )
-        base = len(self._rendered)
-        ends, end = [], base
-        for i, tok in enumerate(tokens):
-            if not (first and i == 0 and model.add_bos and tok == model.bos):
-                end = min(end + len(model.piece(tok, special=True)), base + len(delta))
-            ends.append(end)
-        ends[-1] = base + len(delta)
+        ends = self._token_ends(tokens, len(self._rendered), len(delta), first)
         start = time.perf_counter()
         done = 0
         while done < len(tokens):

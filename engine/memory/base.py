@@ -40,6 +40,12 @@ class MemoryPolicy(ABC):
         """Cells held after a turn at most (None: unbounded)."""
         return None
 
+    @property
+    def kept_after_rebuild(self) -> tuple[int, int] | None:
+        """(first n, last m) tokens of a transcript that a rebuild decodes, for a policy that
+        keeps whole tokens; None: replay the transcript turn by turn through `after_turn`."""
+        return None
+
     def after_turn(self, memory: KVMemory) -> None:  # noqa: B027  (default: keep all)
         """Compress or evict once a turn has finished."""
 

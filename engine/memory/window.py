@@ -28,6 +28,10 @@ class WindowPolicy(MemoryPolicy):
     def budget(self) -> int:
         return self.sink + self.window
 
+    @property
+    def kept_after_rebuild(self) -> tuple[int, int]:
+        return self.sink, self.window
+
     def after_turn(self, memory: KVMemory) -> None:
         self._trim(memory, self.budget)
 
