@@ -275,6 +275,16 @@ class ChatService:
                 self._stats[conversation_id] = live.stats()
                 self._save(conversation_id, saved.id, live)
 
+    def reply_notice(self, conversation_id: int) -> str | None:
+        """What the user should know about how the last reply ended, if anything."""
+        live = self._live.get(conversation_id)
+        reply = live.last_reply if live is not None else None
+        if reply is not None and reply.finish_reason == "context_full":
+            return ("The context window is full, so the reply was cut short. Pick a compression "
+                    "level in settings (Ctrl+S) to keep the conversation going, or raise the "
+                    "context size.")
+        return None
+
     def status(self, conversation_id: int | None) -> Status | None:
         if self._engine is None:
             return None

@@ -9,6 +9,7 @@ llama.cpp. Weights run in bfloat16 on CUDA and float32 on the CPU.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from collections.abc import Sequence
@@ -169,6 +170,9 @@ class HFContext:
         self.evicts = True
         self.defers_shift = False  # shift() re-rotates keys at once; no holes are left
         self._rotary = getattr(model.torch_model.model, "rotary_emb", None)
+        forward = inspect.signature(model.torch_model.forward).parameters
+        # transformers renamed past_key_values to cache (5.2x); take whichever this one has
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         self.clear()
 
     def close(self) -> None:
@@ -196,7 +200,7 @@ class HFContext:
             out = self.model.torch_model(
                 input_ids=torch.tensor([chunk], device=device),
                 position_ids=pos[None].to(device),
-                cache=self.cache,
+                **{self._cache_arg: self.cache},
                 use_cache=True,
                 logits_to_keep=torch.tensor(keep, device=device),
             )

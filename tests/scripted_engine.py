@@ -66,7 +66,7 @@ class ScriptedConversation:
                 if self.engine.delay:
                     time.sleep(self.engine.delay)
             else:
-                finish = "stop"
+                finish = self.engine.finish_reason
         finally:
             reply = "".join(shown)
             self.messages.append(ChatMessage("assistant", reply))
@@ -97,6 +97,7 @@ class ScriptedEngine:
         self.conversations: list[ScriptedConversation] = []
         self.closed = False
         self.fingerprint = "scripted-model"
+        self.finish_reason = "stop"  # how a reply that runs to its end finishes
         self.rebuilds = 0
         self.restores = 0
 

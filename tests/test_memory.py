@@ -138,6 +138,15 @@ def test_full_policy_says_when_the_context_is_full(engine_for: EngineFor) -> Non
         list(conv.send(paste, GREEDY))
 
 
+def test_full_policy_ends_a_reply_when_the_context_fills(engine_for: EngineFor) -> None:
+    eng = engine_for(n_ctx=256)
+    conv = eng.new_conversation(compression=CompressionConfig("off", "full", {}, "f16"))
+    "".join(conv.send("Write a very long story about a dragon who learns to cook.",
+                      SamplingParams(temperature=0.0, max_tokens=400)))
+    assert conv.last_reply.finish_reason == "context_full"
+    assert conv.stats().memory_tokens == eng.n_ctx - 1
+
+
 @pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
 def test_save_restore_after_eviction_is_exact(engine_for: EngineFor, kv_type: str) -> None:
     eng = engine_for(kv_type)

@@ -431,3 +431,13 @@ async def test_new_compression_level_takes_effect_next_turn(store: Store, script
         assert "memory: aggressive (window)" in str(app.status_bar.render())
     state = store.latest_memory_state(store.latest_conversation().id)
     assert state.policy["level"] == "aggressive"
+
+
+async def test_a_full_context_is_explained(store: Store, scripted) -> None:
+    scripted.finish_reason = "context_full"
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "a very long chat")
+        await until_idle(pilot)
+        assert any("context window is full" in n and "compression level" in n
+                   for n in notes(app))

@@ -53,6 +53,7 @@ class ReplyDone(Message):
     conversation_id: int
     error: str | None
     status: Status | None
+    notice: str | None = None
 
 
 @dataclass
@@ -474,7 +475,8 @@ class ChatApp(App[None]):
             status = self.service.status(conversation_id)
         except EXPECTED_ERRORS:
             status = None
-        self.post_message(ReplyDone(conversation_id, error, status))
+        self.post_message(ReplyDone(conversation_id, error, status,
+                                    self.service.reply_notice(conversation_id)))
 
     async def on_reply_piece(self, event: ReplyPiece) -> None:
         await self.chat_view.write_reply(event.text)
@@ -495,6 +497,8 @@ class ChatApp(App[None]):
             await self.chat_view.show_messages(messages)
         if event.error:
             self.notify(event.error, title="Reply failed", severity="error", timeout=10)
+        elif event.notice:
+            self.notify(event.notice, title="Context full", severity="warning", timeout=10)
         if event.status:
             self.status_bar.show_status(event.status)
         await self.refresh_sidebar()
