@@ -222,7 +222,7 @@ class Conversation:
         render = self.engine.model.render_chat
         total = len(self.messages)
         if self.policy.budget is None:  # nothing is evicted: one batched prefill is the same
-            self._sync(render(self.messages, add_assistant=False))
+            self._sync(render(self.messages, add_assistant=False), progress)
         elif self.policy.kept_after_rebuild is not None:
             self._prefill_kept(render(self.messages, add_assistant=False))
         else:
@@ -315,14 +315,11 @@ class Conversation:
             raise StateError("The memory state's KV payload does not match its header.")
         return conv
 
-    @property
-    def tokens_in_memory(self) -> int:
-        return len(self._kv_tokens)
-
     # -- the KVMemory handle policies edit -------------------------------------------------------
 
     @property
     def held(self) -> int:
+        """Tokens (KV cells) the memory holds now."""
         return len(self._kv_tokens)
 
     def evict(self, start: int, end: int) -> None:
@@ -371,8 +368,11 @@ class Conversation:
             ctx.set_state(self._parked)
         self._parked = None
 
-    def _sync(self, target: bytes) -> tuple[int, float]:
-        """Make the KV cache hold exactly `target`; return (tokens decoded, seconds)."""
+    def _sync(self, target: bytes, progress: Progress | None = None) -> tuple[int, float]:
+        """Make the KV cache hold exactly `target`; return (tokens decoded, seconds).
+
+        `progress(done, total)` hears of each batch of tokens decoded.
+        """
         ctx = self._ctx()
         common = _common_prefix(self._rendered, target)
         if common < self._frozen:
@@ -410,11 +410,13 @@ class Conversation:
                         "A single message is longer than this memory policy can take in."
                     )
                 room = capacity - self.held
-            n = min(room, len(tokens) - done)
+            n = min(room, len(tokens) - done, ctx.n_batch)
             ctx.decode(tokens[done : done + n], self.held)
             for tok, tok_end in zip(tokens[done : done + n], ends[done : done + n], strict=True):
                 self._record(tok, tok_end)
             done += n
+            if progress is not None:
+                progress(done, len(tokens))
         self._rendered = target
         return len(tokens), time.perf_counter() - start
 

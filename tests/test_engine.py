@@ -71,10 +71,10 @@ def test_streams_pieces_that_make_up_the_reply(real_engine: Engine) -> None:
 def test_second_turn_uses_the_first(real_engine: Engine) -> None:
     conv = real_engine.new_conversation()
     reply(conv, "What is the capital of France?")
-    before = conv.tokens_in_memory
+    before = conv.held
     second = reply(conv, "And what is the capital of Germany?")
     assert "Berlin" in second
-    assert conv.tokens_in_memory > before
+    assert conv.held > before
 
 
 def test_max_tokens_stops_the_reply(real_engine: Engine) -> None:
@@ -165,7 +165,7 @@ def test_stats_count_the_tokens_held(real_engine: Engine) -> None:
     reply(conv, "Hi!")
     stats = conv.stats()
     assert stats.method == "full"
-    assert stats.memory_tokens == conv.tokens_in_memory > 10
+    assert stats.memory_tokens == conv.held > 10
     assert stats.full_context_tokens == stats.memory_tokens
     assert stats.ratio == 1.0
     per_token = stats.memory_bytes / stats.memory_tokens
@@ -200,7 +200,7 @@ def test_save_and_restore_gives_identical_logits_and_continuation(real_engine: E
     blob = conv.save_state()
     restored = real_engine.restore_conversation(blob)
     assert restored.messages == conv.messages
-    assert restored.tokens_in_memory == conv.tokens_in_memory
+    assert restored.held == conv.held
     for c in (conv, restored):
         c.add_turn("user", "What is my favourite fruit?", decode=False)
     np.testing.assert_allclose(next_logits(restored), next_logits(conv), atol=1e-4)

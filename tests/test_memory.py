@@ -234,3 +234,16 @@ def test_rebuild_holds_what_the_live_window_held(engine_for: EngineFor) -> None:
     assert copy._kv_tokens == live._kv_tokens  # the sinks and the recent window, decoded once
     assert positions(eng) == (0, 63)
     assert copy.stats().full_context_tokens == live.stats().full_context_tokens
+
+
+def test_full_rebuild_reports_progress_as_it_decodes(engine_for: EngineFor) -> None:
+    eng = engine_for(n_ctx=2048)
+    conv = eng.new_conversation(compression=CompressionConfig("off", "full", {}, "f16"))
+    for user, reply in FACTS * 4:
+        conv.add_turn("user", user, decode=False)
+        conv.add_turn("assistant", reply, decode=False)
+    seen: list[tuple[int, int]] = []
+    conv.rebuild(lambda done, total: seen.append((done, total)))
+    token_steps = [s for s in seen if s[1] == conv.held]
+    assert len(token_steps) >= 2 and token_steps[-1] == (conv.held, conv.held) and conv.held > 512
+    assert seen[-1] == (len(conv.messages), len(conv.messages))
