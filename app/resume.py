@@ -56,9 +56,9 @@ class ResumeReport:
         return "New conversation."
 
     @property
-    def short(self) -> str:
-        return {"restored": "restored from saved memory", "rebuilt": "rebuilt"}.get(
-            self.kind, "new")
+    def short(self) -> str | None:
+        """For the status bar, which the full message would not fit."""
+        return {"restored": "memory restored", "rebuilt": "memory rebuilt"}.get(self.kind)
 
 
 def policy_key(config: CompressionConfig) -> dict[str, Any]:

@@ -24,7 +24,7 @@ async def test_chat_quit_relaunch_and_continue(db_path: Path) -> None:
         (role, reply), = boxes(app)[1:]
         assert role == "assistant" and "Paris" in reply
         status = str(app.status_bar.render())
-        assert "tok/s" in status and "/2,048 tokens" in status
+        assert "tok/s" in status and "/2,048 tok" in status
         await pilot.press("ctrl+q")
     app.service.close_engine()
     store.close()
@@ -34,7 +34,7 @@ async def test_chat_quit_relaunch_and_continue(db_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         assert titles(app) == ["What is the capital of France?"]
         assert boxes(app)[0] == ("user", "What is the capital of France?")
-        await wait_for(pilot, lambda: "restored from saved memory" in str(
+        await wait_for(pilot, lambda: "memory restored" in str(
             app.status_bar.render()), timeout=60)
         await send(pilot, "And what is the capital of Germany?")
         await wait_for(pilot, lambda: not app.generating, timeout=60)

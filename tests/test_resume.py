@@ -85,7 +85,7 @@ def test_resume_restores_and_continues_exactly(db_path: Path, tmp_path: Path, en
     live = resumed._live[conv_id]
     # only the new message and the reply were decoded: the transcript was not re-read
     assert live.last_reply.prompt_tokens < 25
-    assert resumed.status(conv_id).memory_note == "restored from saved memory"
+    assert resumed.status(conv_id).memory_note == "memory restored"
     later.close()
     store.close()
 

@@ -20,10 +20,10 @@ def format_status(status: Status) -> str:
     parts = [
         status.model,
         status.device,
-        f"memory: {status.level} ({status.method})",
-        f"{status.tokens_in_context:,}/{status.context_window:,} tokens",
+        f"{status.level}: {status.method}",
+        f"{status.tokens_in_context:,}/{status.context_window:,} tok",
         human_bytes(status.memory_bytes),
-        f"ratio {status.ratio:.1f}x",
+        f"{status.ratio:.1f}x",
     ]
     if status.tokens_per_second is not None:
         parts.append(f"{status.tokens_per_second:.1f} tok/s")
