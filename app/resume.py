@@ -8,35 +8,13 @@ transcript, and otherwise rebuilds the memory from the messages and says why.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from engine import CompressionConfig, EngineError, MemoryStats, StateError
+from app.engine_api import EngineConversation, EngineLike, Progress
+from engine import CompressionConfig, EngineError, StateError
 from storage import ConversationRecord, MemoryStateRecord, MessageRecord, Store
-
-Progress = Callable[[int, int], None]
-
-
-class MemoryConversation(Protocol):
-    messages: list[Any]
-    compression: CompressionConfig
-
-    def add_turn(self, role: str, text: str, decode: bool = ...) -> None: ...
-    def rebuild(self, progress: Progress | None = ...) -> None: ...
-    def save_state(self) -> bytes: ...
-    def stats(self) -> MemoryStats: ...
-
-
-class MemoryEngine(Protocol):
-    fingerprint: str
-
-    @property
-    def info(self) -> Any: ...
-
-    def new_conversation(self, system: str | None = ...,
-                         compression: CompressionConfig | None = ...) -> Any: ...
-    def restore_conversation(self, blob: bytes) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -65,8 +43,8 @@ def policy_key(config: CompressionConfig) -> dict[str, Any]:
     return {"level": config.level, **config.key()}
 
 
-def save_memory(store: Store, engine: MemoryEngine, conversation_id: int,
-                message_id: int | None, live: MemoryConversation) -> int:
+def save_memory(store: Store, engine: EngineLike, conversation_id: int,
+                message_id: int | None, live: EngineConversation) -> int:
     """Save `live`'s memory as the state covering the transcript up to `message_id`."""
     blob = live.save_state()
     stats = live.stats()
@@ -81,7 +59,7 @@ def save_memory(store: Store, engine: MemoryEngine, conversation_id: int,
     )
 
 
-def _unusable(state: MemoryStateRecord | None, engine: MemoryEngine,
+def _unusable(state: MemoryStateRecord | None, engine: EngineLike,
               compression: CompressionConfig, messages: Sequence[MessageRecord]) -> str | None:
     """Why the saved state cannot serve this transcript, or None when it may."""
     if state is None:
@@ -101,13 +79,13 @@ def _unusable(state: MemoryStateRecord | None, engine: MemoryEngine,
 
 
 def resume(
-    engine: MemoryEngine,
+    engine: EngineLike,
     store: Store,
     record: ConversationRecord,
     messages: Sequence[MessageRecord],
     compression: CompressionConfig,
     progress: Progress | None = None,
-) -> tuple[Any, ResumeReport]:
+) -> tuple[EngineConversation, ResumeReport]:
     """An engine conversation holding the memory of `messages`, and how it was made."""
     start = time.perf_counter()
     wanted = ([("system", record.system_prompt)] if record.system_prompt else []) + [

@@ -12,51 +12,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
+from app.engine_api import EngineConversation, EngineLike, Progress
 from app.export import export_conversation
-from app.resume import Progress, ResumeReport, resume, save_memory
+from app.resume import ResumeReport, resume, save_memory
 from app.settings import Settings
 from engine import (
-    CompressionConfig,
     Engine,
     EngineError,
-    EngineInfo,
     MemoryStats,
-    ReplyStats,
     SamplingParams,
 )
 from storage import ConversationRecord, MessageRecord, SearchHit, StorageError, Store
 
 TITLE_LENGTH = 48
-
-
-class EngineConversation(Protocol):
-    messages: list[Any]
-    last_reply: ReplyStats | None
-    compression: CompressionConfig
-
-    def send(self, text: str, params: SamplingParams | None = ...,
-             cancel: threading.Event | None = ...) -> Iterator[str]: ...
-    def generate(self, params: SamplingParams | None = ...,
-                 cancel: threading.Event | None = ...) -> Iterator[str]: ...
-    def add_turn(self, role: str, text: str, decode: bool = ...) -> None: ...
-    def truncate(self, n_messages: int) -> None: ...
-    def stats(self) -> MemoryStats: ...
-    def rebuild(self, progress: Progress | None = ...) -> None: ...
-    def save_state(self) -> bytes: ...
-
-
-class EngineLike(Protocol):
-    info: EngineInfo
-    fingerprint: str
-
-    def restore_conversation(self, blob: bytes) -> EngineConversation: ...
-    def compression_for(self, level: str) -> CompressionConfig: ...
-
-    def new_conversation(self, system: str | None = ...,
-                         compression: CompressionConfig | None = ...) -> EngineConversation: ...
-    def close(self) -> None: ...
 
 
 EngineFactory = Callable[[Settings, str | None], EngineLike]
@@ -283,6 +253,8 @@ class ChatService:
             return ("The context window is full, so the reply was cut short. Pick a compression "
                     "level in settings (Ctrl+S) to keep the conversation going, or raise the "
                     "context size.")
+        if self.memory_error:
+            return f"{self.memory_error} The reply is saved; the memory will be rebuilt."
         return None
 
     def status(self, conversation_id: int | None) -> Status | None:

@@ -168,3 +168,22 @@ def test_real_engine_through_the_service(store: Store, real_engine: Engine) -> N
     status = svc.status(conv.id)
     assert status.tokens_in_context > 20 and status.device == "CPU"
     svc._engine = None  # the session-wide engine stays open for other tests
+
+
+def test_a_failed_memory_save_loses_nothing_and_is_told(service: ChatService,
+                                                        monkeypatch) -> None:
+    from storage import StorageError
+
+    def disk_full(*args, **kwargs):
+        raise StorageError("database or disk is full")
+
+    conv = service.new_conversation()
+    monkeypatch.setattr(service.store, "save_memory_state", disk_full)
+    reply = "".join(service.send(conv.id, "hello"))
+    assert [m.content for m in service.messages(conv.id)] == ["hello", reply]
+    notice = service.reply_notice(conv.id)
+    assert "disk is full" in notice and "reply is saved" in notice
+    monkeypatch.undo()
+    "".join(service.send(conv.id, "again"))
+    assert service.reply_notice(conv.id) is None
+    assert service.store.latest_memory_state(conv.id) is not None

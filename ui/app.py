@@ -498,7 +498,7 @@ class ChatApp(App[None]):
         if event.error:
             self.notify(event.error, title="Reply failed", severity="error", timeout=10)
         elif event.notice:
-            self.notify(event.notice, title="Context full", severity="warning", timeout=10)
+            self.notify(event.notice, severity="warning", timeout=10)
         if event.status:
             self.status_bar.show_status(event.status)
         await self.refresh_sidebar()

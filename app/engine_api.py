@@ -1,0 +1,38 @@
+"""What the app needs of an engine: the real `engine.Engine`, or a scripted one in tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from engine import CompressionConfig, EngineInfo, MemoryStats, ReplyStats, SamplingParams
+
+Progress = Callable[[int, int], None]
+
+
+class EngineConversation(Protocol):
+    messages: list[Any]
+    last_reply: ReplyStats | None
+    compression: CompressionConfig
+
+    def send(self, text: str, params: SamplingParams | None = ...,
+             cancel: threading.Event | None = ...) -> Iterator[str]: ...
+    def generate(self, params: SamplingParams | None = ...,
+                 cancel: threading.Event | None = ...) -> Iterator[str]: ...
+    def add_turn(self, role: str, text: str, decode: bool = ...) -> None: ...
+    def truncate(self, n_messages: int) -> None: ...
+    def stats(self) -> MemoryStats: ...
+    def rebuild(self, progress: Progress | None = ...) -> None: ...
+    def save_state(self) -> bytes: ...
+
+
+class EngineLike(Protocol):
+    info: EngineInfo
+    fingerprint: str
+
+    def new_conversation(self, system: str | None = ...,
+                         compression: CompressionConfig | None = ...) -> EngineConversation: ...
+    def restore_conversation(self, blob: bytes) -> EngineConversation: ...
+    def compression_for(self, level: str) -> CompressionConfig: ...
+    def close(self) -> None: ...
