@@ -46,7 +46,7 @@ async def send(pilot, text: str) -> None:
 
 
 async def until_idle(pilot) -> None:
-    await wait_for(pilot, lambda: not pilot.app.generating)
+    await wait_for(pilot, lambda: not pilot.app.generating, timeout=30)
     await pilot.pause()
 
 
@@ -76,17 +76,18 @@ async def test_send_a_message_and_see_the_reply(store: Store, scripted) -> None:
 
 
 async def test_reply_streams_in_before_it_ends(store: Store) -> None:
-    engine = ScriptedEngine(delay=0.03, replies={"go": " ".join(f"w{i}" for i in range(60))})
+    # 300 words, 30 ms apart: 9 s of streaming, so a loaded machine still sees it midway
+    engine = ScriptedEngine(delay=0.03, replies={"go": " ".join(f"w{i}" for i in range(300))})
     app = make_app(store, engine)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")
         reply_box = list(app.query(MessageBox))[-1]
-        await wait_for(pilot, lambda: "w5" in reply_box.markdown.source)
+        await wait_for(pilot, lambda: "w5 " in reply_box.markdown.source)
         partial = reply_box.markdown.source
-        assert app.generating and "w59" not in partial
+        assert app.generating and "w299" not in partial
         await until_idle(pilot)
         assert reply_box.markdown.source.startswith(partial.rstrip())
-        assert reply_box.content.endswith("w59")
+        assert reply_box.content.endswith("w299")
 
 
 async def test_escape_stops_the_reply_and_keeps_it(store: Store) -> None:
