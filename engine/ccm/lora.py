@@ -1,0 +1,34 @@
+"""A LoRA that is on only at <COMP> positions: ordinary text runs through the frozen model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class CompGate:
+    """Which positions of the current forward are <COMP> slots: (batch, seq) float, or None."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+
+class ConditionalLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: CompGate) -> None:
+        super().__init__()
+        self.base = base
+        self.gate = gate
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        mask = self.gate.mask
+        if mask is None or not bool(mask.any()):
+            return out
+        delta = (x @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
+        return out + delta * self.scale * mask[..., None].to(x.dtype)
