@@ -17,6 +17,16 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def with_active_lora(n_comp: int, std: float) -> tuple[LlamaForCausalLM, Compressor]:
+    """A compressor whose LoRA is not the zero it starts as, so the <COMP> path shows."""
+    model = tiny_llama()
+    comp = Compressor(model, n_comp=n_comp, rank=4)
+    for m in model.modules():
+        if isinstance(m, ConditionalLoRALinear):
+            torch.nn.init.normal_(m.lora_b, std=std)
+    return model, comp
+
+
 def test_concat_layout_blocks_and_positions() -> None:
     layout = concat_layout([3, 2, 2], n_comp=2)
     assert layout.length == 3 + 2 + 2 + 2 + 2
@@ -31,11 +41,7 @@ def test_concat_layout_blocks_and_positions() -> None:
 
 
 def test_lora_is_active_only_at_comp_positions() -> None:
-    model = tiny_llama()
-    comp = Compressor(model, n_comp=2, rank=4)
-    for m in model.modules():
-        if isinstance(m, ConditionalLoRALinear):
-            torch.nn.init.normal_(m.lora_b, std=0.5)
+    model, comp = with_active_lora(n_comp=2, std=0.5)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         plain = model(input_ids=ids).logits
@@ -50,11 +56,7 @@ def test_lora_is_active_only_at_comp_positions() -> None:
 
 
 def test_parallel_and_recursive_paths_give_the_same_logits() -> None:
-    model = tiny_llama()
-    comp = Compressor(model, n_comp=3, rank=4)
-    for m in model.modules():
-        if isinstance(m, ConditionalLoRALinear):
-            torch.nn.init.normal_(m.lora_b, std=0.2)
+    model, comp = with_active_lora(n_comp=3, std=0.2)
     torch.manual_seed(1)
     turns = [torch.randint(3, 97, (n,)).tolist() for n in (6, 4, 7, 5)]
     with torch.no_grad():
