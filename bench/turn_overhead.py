@@ -1,0 +1,78 @@
+"""Per-turn cost of the memory policy against the turn itself, per level, side by side.
+
+Each level chats the same MemoryBank user turns (greedy replies); the time spent in the
+policy's after-turn work (eviction, position shift, compaction) is measured against the
+turn's prefill + generation time. Prints a table and writes JSON.
+
+    python bench/turn_overhead.py --device cpu --out bench/results/turn_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy)
+from resume import exchanges  # isort: skip
+
+
+def run(level: str, turns: int, device: str, max_tokens: int) -> dict:
+    engine = Engine.load(compression=level, device=device, n_ctx=4096)
+    conv = engine.new_conversation()
+    policy_s: list[float] = []
+    original = conv.policy.after_turn
+
+    def timed(memory) -> None:
+        start = time.perf_counter()
+        original(memory)
+        policy_s.append(time.perf_counter() - start)
+
+    conv.policy.after_turn = timed  # type: ignore[method-assign]
+    turn_s, speeds = [], []
+    for user, _ in exchanges()[:turns]:
+        start = time.perf_counter()
+        for _ in conv.send(user, SamplingParams(temperature=0.0, max_tokens=max_tokens)):
+            pass
+        turn_s.append(time.perf_counter() - start - policy_s[-1])
+        speeds.append(conv.last_reply.tokens_per_second)
+    stats = conv.stats()
+    engine.close()
+    return {"level": level, "turns": turns, "method": engine.compression.method,
+            "turn_s_median": statistics.median(turn_s),
+            "policy_ms_median": 1000 * statistics.median(policy_s),
+            "policy_ms_max": 1000 * max(policy_s),
+            "decode_tok_s_last5": statistics.median(speeds[-5:]),
+            "tokens_held": stats.memory_tokens, "tokens_seen": stats.full_context_tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--turns", type=int, default=30)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/turn_overhead.json"))
+    args = parser.parse_args()
+    rows = [run(level, args.turns, args.device, args.max_tokens)
+            for level in ("off", "light", "balanced", "aggressive")]
+    print(f"{'level':11} {'turn s':>7} {'policy ms (median / max)':>25} {'tok/s':>7} "
+          f"{'held':>6} {'seen':>6}")
+    for r in rows:
+        print(f"{r['level']:11} {r['turn_s_median']:>7.2f} {r['policy_ms_median']:>12.1f} / "
+              f"{r['policy_ms_max']:<10.1f} {r['decode_tok_s_last5']:>7.1f} "
+              f"{r['tokens_held']:>6} {r['tokens_seen']:>6}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "device": args.device,
+        "command": f"python bench/turn_overhead.py --device {args.device} --turns "
+                   f"{args.turns} --max-tokens {args.max_tokens}",
+        "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
