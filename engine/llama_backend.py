@@ -86,6 +86,13 @@ class LlamaModel:
         self.chat_template: bytes | None = template or None
         self.name = self.meta("general.name") or path.stem
 
+    def load_adapter(self, path: Path) -> object:
+        """A GGUF LoRA adapter for this model (freed with the model)."""
+        adapter = llama_cpp.llama_adapter_lora_init(self.ptr, str(path).encode())
+        if not adapter:
+            raise ModelError(f"llama.cpp could not load the LoRA adapter {path}.")
+        return adapter
+
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(512)
         n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
@@ -227,6 +234,35 @@ class LlamaContext:
                 if (offset + i) in wanted and (offset + i) != len(tokens) - 1:
                     rows[offset + i] = self.logits(i)
         return rows
+
+    def decode_embeddings(self, vectors: np.ndarray, start_pos: int) -> None:
+        """Decode rows of input embeddings (the <COMP> vectors) at start_pos.. ."""
+        n, n_embd = vectors.shape
+        batch = llama_cpp.llama_batch_init(n, n_embd, 1)
+        try:
+            flat = np.ascontiguousarray(vectors, dtype=np.float32).ravel()
+            ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
+            batch.n_tokens = n
+            for i in range(n):
+                batch.pos[i] = start_pos + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = SEQ
+                batch.logits[i] = i == n - 1
+            rc = llama_cpp.llama_decode(self.ptr, batch)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode of {n} embeddings failed (code {rc}).")
+
+    def set_adapter(self, adapter: object | None, scale: float = 1.0) -> None:
+        """Turn a LoRA adapter on for the next decodes (None: off)."""
+        if adapter is None:
+            llama_cpp.llama_set_adapters_lora(self.ptr, None, 0, None)
+            return
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(scale)
+        if llama_cpp.llama_set_adapters_lora(self.ptr, arr, 1, scales) != 0:
+            raise EngineError("llama.cpp refused the LoRA adapter.")
 
     def logits(self, i: int = -1) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)

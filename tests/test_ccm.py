@@ -68,3 +68,75 @@ def test_parallel_and_recursive_paths_give_the_same_logits() -> None:
     alone = model(input_ids=torch.tensor([turns[-1]]),
                   position_ids=torch.tensor([layout.text_index[-1]])).logits[0]
     assert (alone - recursive[-1]).abs().max() > 1e-3
+
+
+def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_path) -> None:
+    """<COMP> slots through the GGUF LoRA in llama.cpp and through the conditional LoRA in
+    transformers leave memories that give the next turn the same NLL (default model)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from engine import Engine
+    from engine.ccm.export import export_lora_gguf
+    from engine.hf_backend import converted_dir
+
+    source = converted_dir(hf_engine.info.model_path, hf_engine.model.cache_dir)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    comp = Compressor(hf, n_comp=4, rank=8, alpha=16)
+    for layer in hf.model.layers:  # q and k strongly: their rows are permuted for llama.cpp
+        for name, std in (("q_proj", 0.3), ("k_proj", 0.3), ("v_proj", 0.02), ("o_proj", 0.02)):
+            torch.nn.init.normal_(getattr(layer.self_attn, name).lora_b, std=std)
+    tokenize = hf_engine.model.tokenize
+    turn = tokenize(b"<|im_start|>user\nMy dog is called Pixel.<|im_end|>\n"
+                    b"<|im_start|>assistant\nNice!<|im_end|>\n", False, True)
+    reply = tokenize(b"<|im_start|>user\nWhat is my dog called?<|im_end|>\n"
+                     b"<|im_start|>assistant\nYour dog is called Pixel.", False, True)
+    start = len(turn) + 4
+
+    def nll(rows: np.ndarray) -> float:
+        logp = torch.log_softmax(torch.as_tensor(rows, dtype=torch.float64), -1)
+        return float(-logp[torch.arange(len(reply) - 1), torch.tensor(reply[1:])].mean())
+
+    def through_transformers(lora: bool) -> float:
+        cache = DynamicCache(config=hf.config)
+        with torch.no_grad():
+            hf(input_ids=torch.tensor([turn]), position_ids=torch.arange(len(turn))[None],
+               cache=cache, use_cache=True)
+            comp.gate.mask = torch.ones(1, 4) if lora else None
+            hf(inputs_embeds=comp.comp[None], position_ids=torch.arange(len(turn), start)[None],
+               cache=cache, use_cache=True)
+            comp.gate.mask = None
+            keep = torch.arange(len(turn), start)  # only the <COMP> cells stay
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(2, keep)
+                layer.values = layer.values.index_select(2, keep)
+            logits = hf(input_ids=torch.tensor([reply]), cache=cache, use_cache=True,
+                        position_ids=torch.arange(start, start + len(reply))[None]).logits[0]
+        return nll(logits[:-1].numpy())
+
+    eng = Engine.load(n_ctx=512, device="cpu", compression="balanced")
+    try:
+        adapter = eng.model.load_adapter(export_lora_gguf(hf, tmp_path / "lora.gguf", 16.0))
+        ctx = eng.ctx
+
+        def through_llama_cpp(lora: bool) -> float:
+            ctx.clear()
+            ctx.decode(turn, 0)
+            ctx.set_adapter(adapter if lora else None)
+            ctx.decode_embeddings(comp.comp.detach().numpy(), len(turn))
+            ctx.set_adapter(None)
+            ctx.remove(0, len(turn))
+            rows = ctx.decode(reply, start, want=range(len(reply) - 1))
+            return nll(np.stack([rows[i] for i in range(len(reply) - 1)]))
+
+        results = {lora: (through_transformers(lora), through_llama_cpp(lora))
+                   for lora in (False, True)}
+    finally:
+        eng.close()
+    (hf_off, ll_off), (hf_on, ll_on) = results[False], results[True]
+    assert ll_on - ll_off > 0.3, results  # the adapter matters (measured 0.43)
+    # measured 0.005 with the adapter (0.51 when q/k rows are not permuted), and 0.27 without
+    # it: llama.cpp's Q4_1 kernels against the dequantized float32 weights on a 4-slot memory
+    assert abs(hf_on - ll_on) < 0.15, results
+    assert abs(hf_off - ll_off) < 0.35, results
