@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -140,3 +142,47 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
     # it: llama.cpp's Q4_1 kernels against the dequantized float32 weights on a 4-slot memory
     assert abs(hf_on - ll_on) < 0.15, results
     assert abs(hf_off - ll_off) < 0.35, results
+
+
+def recall_episodes(seed: int):
+    """A fact (token) planted in the first turn, asked for at the end; filler in between."""
+    from engine.ccm.train import Episode
+
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        fact = int(torch.randint(10, 97, (1,), generator=g))
+        filler = torch.randint(10, 97, (4,), generator=g).tolist()
+        yield Episode(context=[[3, fact, 4], filler], prompt=[5, 6], reply=[fact, 7])
+
+
+def test_training_learns_to_recall_through_the_comp_slots(tmp_path) -> None:
+    from engine.ccm.train import episode_loss, train
+
+    model, comp = with_active_lora(n_comp=2, std=0.0)
+    held_out = list(islice(recall_episodes(98), 16))  # other facts than training sees
+    base_weight = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    with torch.no_grad():
+        before = sum(float(episode_loss(comp, e)) for e in held_out) / len(held_out)
+    losses = train(comp, recall_episodes(0), steps=120, out_dir=tmp_path, lr=1e-2,
+                   checkpoint_every=40, show_progress=False)
+    with torch.no_grad():
+        after = sum(float(episode_loss(comp, e)) for e in held_out) / len(held_out)
+    assert len(losses) == 120 and after < before - 0.5, (before, after)
+    # the base model did not move: only the <COMP> table and the LoRA learn
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, base_weight)
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path) -> None:
+    from engine.ccm.train import STATE, train
+
+    _, comp = with_active_lora(n_comp=2, std=0.0)
+    train(comp, recall_episodes(0), steps=10, out_dir=tmp_path, checkpoint_every=5,
+          show_progress=False)
+    _, fresh = with_active_lora(n_comp=2, std=0.0)
+    assert not torch.equal(fresh.comp, comp.comp)
+    assert train(fresh, recall_episodes(1), steps=10, out_dir=tmp_path,
+                 show_progress=False) == []  # already there: it only loads
+    torch.testing.assert_close(fresh.comp, comp.comp)
+    more = train(fresh, recall_episodes(1), steps=14, out_dir=tmp_path, checkpoint_every=5,
+                 show_progress=False)
+    assert len(more) == 4 and '"step": 14' in (tmp_path / STATE).read_text()
