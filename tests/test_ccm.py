@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import islice
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -186,3 +187,51 @@ def test_training_resumes_from_its_checkpoint(tmp_path) -> None:
     more = train(fresh, recall_episodes(1), steps=14, out_dir=tmp_path, checkpoint_every=5,
                  show_progress=False)
     assert len(more) == 4 and '"step": 14' in (tmp_path / STATE).read_text()
+
+
+def test_chitchat_episodes_split_and_shape(hf_engine) -> None:
+    from engine.ccm.data import chitchat_episodes, held_apart, load_chitchat
+
+    conversations = load_chitchat()
+    held = [cid for cid in conversations if held_apart(cid)]
+    assert 0.05 < len(held) / len(conversations) < 0.15
+    tokenizer = hf_engine.model.tokenizer
+
+    def render(messages, add_assistant):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_assistant)
+
+    def tokenize(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    header = tokenize("<|im_start|>assistant\n")
+    for episode in islice(chitchat_episodes(conversations, render, tokenize, seed=3), 20):
+        assert episode.context and episode.reply
+        assert episode.prompt[-len(header):] == header  # the reply follows the assistant header
+        assert all(len(turn) <= 96 for turn in episode.context)
+
+
+def test_train_compressor_command_writes_what_llama_cpp_loads(tmp_path, monkeypatch,
+                                                              hf_engine) -> None:
+    import json
+
+    from app.cli import main
+    from engine import Engine
+
+    monkeypatch.setenv("CCM_CHAT_CACHE_DIR", str(hf_engine.model.cache_dir))  # converted
+    out = tmp_path / "comp"
+    assert main(["train-compressor", "--out", str(out), "--steps", "3", "--n-comp", "2",
+                 "--eval-episodes", "2", "--device", "cpu"]) == 0
+    card = json.loads((out / "compressor.json").read_text())
+    assert card["steps"] == 3 and card["n_comp"] == 2
+    assert card["base_fingerprint"] == hf_engine.fingerprint
+    eng = Engine.load(n_ctx=256, device="cpu", compression="balanced")
+    try:
+        adapter = eng.model.load_adapter(out / "lora.gguf")
+        eng.ctx.decode([1, 2, 3], 0)
+        eng.ctx.set_adapter(adapter)
+        eng.ctx.decode_embeddings(np.load(out / "comp_vectors.npy"), 3)
+        eng.ctx.set_adapter(None)
+        assert eng.ctx.pos_max() == 4
+    finally:
+        eng.close()

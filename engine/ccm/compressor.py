@@ -49,25 +49,27 @@ class Compressor(nn.Module):
         finally:
             self.gate.mask = None
 
-    def episode_embeds(self, turns: list[list[int]], layout: Layout) -> torch.Tensor:
+    def episode_embeds(self, turns: list[list[int]]) -> torch.Tensor:
+        """Each turn's token embeddings, with the <COMP> vectors after every turn but the last."""
         embed = self.model.get_input_embeddings()
-        dtype = embed.weight.dtype
-        rows = torch.zeros(layout.length, embed.weight.shape[1], dtype=dtype)
-        for ids, index in zip(turns, layout.text_index, strict=True):
-            rows[index] = embed(torch.tensor(ids))
-        comp_at = layout.is_comp.nonzero().flatten()
-        rows[comp_at] = self.comp[layout.slot[comp_at]].to(dtype)
-        return rows[None]
+        dtype, device = embed.weight.dtype, embed.weight.device
+        pieces = []
+        for b, ids in enumerate(turns):
+            pieces.append(embed(torch.tensor(ids, device=device)))
+            if b < len(turns) - 1:
+                pieces.append(self.comp.to(dtype))
+        return torch.cat(pieces)[None]
 
     def parallel_logits(self, turns: list[list[int]]) -> tuple[torch.Tensor, Layout]:
         """One forward over the flattened episode under the CCM-concat block mask."""
         layout = concat_layout([len(t) for t in turns], self.n_comp)
-        dtype = self.model.get_input_embeddings().weight.dtype
+        weight = self.model.get_input_embeddings().weight
+        dtype, device = weight.dtype, weight.device
         logits = self._run(
-            layout.is_comp[None].to(dtype),
-            inputs_embeds=self.episode_embeds(turns, layout),
-            position_ids=torch.arange(layout.length)[None],
-            attention_mask=layout.additive_mask(dtype),
+            layout.is_comp[None].to(device, dtype),
+            inputs_embeds=self.episode_embeds(turns),
+            position_ids=torch.arange(layout.length, device=device)[None],
+            attention_mask=layout.additive_mask(dtype).to(device),
             use_cache=False,
         )
         return logits, layout

@@ -38,8 +38,9 @@ def episode_loss(compressor: Compressor, episode: Episode) -> torch.Tensor:
     logits, layout = compressor.parallel_logits([*episode.context, final])
     index = layout.text_index[-1]
     first = len(episode.prompt)
-    predict = logits[index[first - 1 : -1]]  # the rows that predict each reply token
-    return F.cross_entropy(predict.float(), torch.tensor(episode.reply))
+    predict = logits[torch.tensor(index[first - 1 : -1], device=logits.device)]  # rows that
+    # predict each reply token
+    return F.cross_entropy(predict.float(), torch.tensor(episode.reply, device=predict.device))
 
 
 def _trainable_state(compressor: Compressor) -> dict[str, torch.Tensor]:
