@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, required=True, help="output folder")
     tr.add_argument("--steps", type=int, default=500)
     tr.add_argument("--n-comp", type=int, default=2, help="<COMP> slots per turn")
+    tr.add_argument("--method", choices=("concat", "merge"), default="concat",
+                    help="concat keeps every turn's slots; merge keeps their running mean")
     tr.add_argument("--rank", type=int, default=8, help="LoRA rank")
     tr.add_argument("--lr", type=float, default=3e-4)
     tr.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
@@ -199,6 +201,7 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
     card = train_compressor(
         getattr(args, "model", None), args.out, steps=args.steps, n_comp=args.n_comp,
         rank=args.rank, lr=args.lr, device=args.device, eval_episodes=args.eval_episodes,
+        method=args.method,
     )
     print(f"held-apart reply NLL: {card['held_apart_reply_nll_before']:.3f} -> "
           f"{card['held_apart_reply_nll_after']:.3f}; written to {args.out}")

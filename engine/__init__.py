@@ -11,29 +11,30 @@ Usable on its own, without the UI:
 
 # llama_cpp goes first: on a CUDA host, loading a model segfaulted in init_tokenizer when numpy
 # had been imported before llama_cpp (H100 host, numpy 2.5.2, llama-cpp-python 0.3.36).
-import llama_cpp  # noqa: F401  isort: skip
+# The rest loads on first use, so training (engine.ccm) runs where only torch is installed.
+from contextlib import suppress  # isort: skip
 
-from engine.config import LEVELS, CompressionConfig, SamplingParams
-from engine.conversation import Conversation, MemoryStats, ReplyStats
-from engine.engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, Engine, EngineInfo
-from engine.errors import ContextFullError, EngineError, ModelError, StateError
-from engine.models import default_model_path, resolve_model_path
+with suppress(ImportError):  # without it, the llama.cpp back end says what to install
+    import llama_cpp  # noqa: F401  isort: skip
 
-__all__ = [
-    "BACKENDS",
-    "DEFAULT_SYSTEM_PROMPT",
-    "LEVELS",
-    "CompressionConfig",
-    "ContextFullError",
-    "Conversation",
-    "Engine",
-    "EngineError",
-    "EngineInfo",
-    "MemoryStats",
-    "ModelError",
-    "ReplyStats",
-    "SamplingParams",
-    "StateError",
-    "default_model_path",
-    "resolve_model_path",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "LEVELS": "engine.config", "CompressionConfig": "engine.config",
+    "SamplingParams": "engine.config",
+    "Conversation": "engine.conversation", "MemoryStats": "engine.conversation",
+    "ReplyStats": "engine.conversation",
+    "BACKENDS": "engine.engine", "DEFAULT_SYSTEM_PROMPT": "engine.engine",
+    "Engine": "engine.engine", "EngineInfo": "engine.engine",
+    "ContextFullError": "engine.errors", "EngineError": "engine.errors",
+    "ModelError": "engine.errors", "StateError": "engine.errors",
+    "default_model_path": "engine.models", "resolve_model_path": "engine.models",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)
+

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.memory import MemoryPolicy, make_policy
+
+if TYPE_CHECKING:
+    from engine.ccm.files import CompressorFiles
 
 LEVELS: tuple[str, ...] = ("off", "light", "balanced", "aggressive")
 KV_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0")
@@ -32,7 +36,7 @@ class CompressionConfig:
 
     level: str = "off"
     method: str = "full"
-    params: dict[str, int] = field(default_factory=dict)
+    params: dict[str, object] = field(default_factory=dict)
     kv_type: str = "f16"
     reason: str = ""
 
@@ -43,14 +47,24 @@ class CompressionConfig:
             raise ValueError(f"Unknown KV cache type {self.kv_type!r}; pick one of {KV_TYPES}.")
 
     @classmethod
-    def for_level(cls, level: str, quantize_kv: bool = True) -> CompressionConfig:
-        """The best method this engine has for `level` (no trained compressor yet)."""
+    def for_level(cls, level: str, quantize_kv: bool = True,
+                  compressor: CompressorFiles | None = None) -> CompressionConfig:
+        """The best method there is for `level`: the model's trained CCM compressor if it has
+        one (its budget in <COMP> slots, the KV cache unquantized as it was trained), else
+        sink + recent window with K cache quantization."""
         if level not in LEVEL_BUDGETS:
             raise ValueError(f"Unknown compression level {level!r}; pick one of {LEVELS}.")
         budget, kv_type = LEVEL_BUDGETS[level]
         kv_type = kv_type if quantize_kv else "f16"
         if budget is None:
             return cls(level, "full", {}, kv_type, "keeps every token")
+        if compressor is not None:
+            n = compressor.n_comp
+            return cls(
+                level, compressor.method,
+                {"n_comp": n, "cap": max(1, budget // n), "compressor": compressor.fingerprint},
+                "f16", f"trained CCM compressor for this model ({compressor.folder.name})",
+            )
         return cls(
             level, "window", {"sink": SINK_TOKENS, "window": budget - SINK_TOKENS}, kv_type,
             "no trained CCM compressor for this model, so the training-free sink + recent "

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engine.chat import ChatMessage
 from engine.config import CompressionConfig, SamplingParams
 from engine.errors import ContextFullError, EngineError, StateError
-from engine.llama_backend import ChatMessage
 from engine.memory import MemoryPolicy
 from engine.state_blob import StateBlob
 from engine.stops import StopStringMatcher
@@ -105,6 +105,8 @@ class Conversation:
         self._kv_ends: list[int] = []
         self._frozen = 0  # bytes of _rendered before this are (partly) evicted: no rollback
         self._evicted = 0  # tokens the policy has dropped from the memory so far
+        self._slots = 0  # <COMP> cells at the front of the memory (CCM policies)
+        self._groups = 0  # exchanges the <COMP> slots stand for (CCM-merge's mean weight)
         self._parked: bytes | None = b""
 
     @property
@@ -125,8 +127,22 @@ class Conversation:
                 f"This engine was loaded for a level that keeps every token; load one with "
                 f"compression={config.level!r} to run {config.method!r}."
             )
+        if config.method.startswith("ccm-"):
+            self._check_compressor(config)
         self._compression = config
         self.policy: MemoryPolicy = policy
+
+    def _check_compressor(self, config: CompressionConfig) -> None:
+        ccm = self.engine.ccm
+        if ccm is None:
+            raise ValueError(f"{config.method} needs a trained compressor for this model, and "
+                             "none is loaded: train one with `ccm-chat train-compressor`.")
+        if config.method == "ccm-merge" and self.engine.info.backend != "hf":
+            raise ValueError("CCM-merge is not available on the llama.cpp back end: it averages "
+                             "cached keys and values, which llama.cpp's cache cannot do. Use "
+                             "ccm-concat, or the hf back end (--backend hf).")
+        if config.params.get("compressor") != ccm.files.fingerprint:
+            raise ValueError("This level was set up for another compressor than the one loaded.")
 
     # -- the public contract ---------------------------------------------------------------------
 
@@ -197,7 +213,7 @@ class Conversation:
     def stats(self) -> MemoryStats:
         held = len(self._kv_tokens)
         size = self._ctx().state_size() if held else 0
-        full = held + self._evicted
+        full = held - self._slots + self._evicted
         return MemoryStats(
             method=self.compression.method,
             memory_tokens=held,
@@ -218,7 +234,7 @@ class Conversation:
         ctx.clear()
         self._rendered = b""
         self._kv_tokens, self._kv_ends = [], []
-        self._frozen = self._evicted = 0
+        self._frozen = self._evicted = self._slots = self._groups = 0
         render = self.engine.model.render_chat
         total = len(self.messages)
         if self.policy.budget is None:  # nothing is evicted: one batched prefill is the same
@@ -279,6 +295,7 @@ class Conversation:
             "kv_ends": self._kv_ends,
             "frozen": self._frozen,
             "evicted": self._evicted,
+            "groups": self._groups,
         }
         return StateBlob(header, payload).to_bytes()
 
@@ -304,6 +321,8 @@ class Conversation:
             conv._kv_ends = [int(e) for e in head["kv_ends"]]
             conv._frozen = int(head["frozen"])
             conv._evicted = int(head["evicted"])
+            conv._groups = int(head.get("groups", 0))
+            conv._slots = sum(1 for t in conv._kv_tokens if t < 0)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"The memory state header is malformed ({exc}).") from exc
         if len(conv._kv_tokens) != len(conv._kv_ends) or len(conv._kv_tokens) > engine.n_ctx:
@@ -328,12 +347,60 @@ class Conversation:
         ctx = self._ctx()
         ctx.remove(start, end)
         ctx.shift(end, -1, start - end)
-        self._frozen = max(self._frozen, self._kv_ends[end - 1])
-        del self._kv_tokens[start:end]
-        del self._kv_ends[start:end]
-        self._evicted += end - start
+        self._forget(start, end)
         if ctx.defers_shift:
             self._compact(ctx)
+
+    def _forget(self, start: int, end: int) -> None:
+        """Bookkeeping for cells [start, end) gone from the cache: what they stood for."""
+        self._frozen = max(self._frozen, self._kv_ends[end - 1])
+        slots = sum(1 for t in self._kv_tokens[start:end] if t < 0)
+        self._slots -= slots
+        self._evicted += end - start - slots
+        del self._kv_tokens[start:end]
+        del self._kv_ends[start:end]
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def compress(self, merge: bool = False) -> None:
+        """Run the compressor's <COMP> slots after the text since the last compression, with
+        its adapter on, then keep only the slots (merge: their running mean)."""
+        ccm = self.engine.ccm
+        if ccm is None:
+            raise EngineError("No trained compressor is loaded for this model.")
+        # the exchange as the template renders it (a generated reply's end-of-turn marker is
+        # not in the cache yet), as the compressor was trained on it
+        self._sync(self.engine.model.render_chat(self.messages, add_assistant=False))
+        ctx = self._ctx()
+        n = len(ccm.vectors)
+        start = self._slots
+        if self.held == start:
+            return
+        over = self.held + n - (ctx.n_ctx - 1)
+        if over > 0:  # no room for the slots: the exchange's oldest text goes first
+            self.evict(start, start + min(over, self.held - start - 1))
+        end = self.held
+        ctx.set_adapter(ccm.adapter)
+        try:
+            ctx.decode_embeddings(ccm.vectors, end)
+        finally:
+            ctx.set_adapter(None)
+        for _ in range(n):
+            self._record(-1, len(self._rendered))
+        self._groups += 1
+        if not merge:
+            self.evict(start, end)
+            self._slots += n
+            return
+        ctx.remove(start, end)  # the text goes; the new slots move onto the held ones' places
+        ctx.shift(end, -1, -end)
+        self._forget(start, end)
+        if start:
+            ctx.merge_slots(n, 1.0 / self._groups)
+            self._forget(n, 2 * n)
+        self._slots = n
 
     def _compact(self, ctx) -> None:
         """Make the cache after an eviction exactly what a save of it would restore.
@@ -345,7 +412,14 @@ class Conversation:
         The last cell is decoded once more in the compacted cache, so its KV and the logits
         that sampling reads next come from there.
         """
-        if self._kv_tokens:
+        if self._kv_tokens and self._kv_tokens[-1] < 0:
+            # a <COMP> slot cannot be decoded again (its turn is gone): a throwaway token
+            # applies the shift instead; the next decode is new text, so no logits are needed
+            held = len(self._kv_tokens)
+            ctx.decode([self.engine.model.bos], held)
+            ctx.remove(held)
+            ctx.set_state(ctx.get_state())
+        elif self._kv_tokens:
             self._redecode_last(ctx)
             ctx.set_state(ctx.get_state())
             self._redecode_last(ctx)

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.ccm.files import CompressorFiles, LoadedCompressor, find_compressor
 from engine.config import CompressionConfig
 from engine.conversation import Conversation
 from engine.errors import EngineError
@@ -48,6 +49,7 @@ class Engine:
         self.n_ctx = ctx.n_ctx
         self.kv_type = ctx.kv_type
         self.evicts = ctx.evicts  # whether its conversations may run evicting policies
+        self.ccm: LoadedCompressor | None = None
         self._fingerprint: str | None = None
         self._active: Conversation | None = None
         self._lock = threading.RLock()
@@ -63,6 +65,7 @@ class Engine:
         n_gpu_layers: int | None = None,
         n_threads: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        compressor: str | os.PathLike[str] | bool = True,
     ) -> Engine:
         """Load a model (None: the embedded default) and make one context for it.
 
@@ -70,6 +73,8 @@ class Engine:
         folder; "hf" also loads a .gguf, converting it once into `cache_dir`. device "auto"
         uses the GPU when the back end has one. The compression level's K cache type, and
         whether cells may be evicted, are fixed here for every conversation of this engine.
+        `compressor`: a trained CCM compressor folder, True to use the one shipped or trained
+        for this model file if there is one (levels then run CCM), False for none.
         """
         if backend not in BACKENDS:
             raise EngineError(f"Unknown back end {backend!r}; pick one of {BACKENDS}.")
@@ -78,12 +83,16 @@ class Engine:
         path = resolve_model_path(model, allow_dir=backend != "llamacpp")
         if backend == "auto":
             backend = "hf" if path.is_dir() else "llamacpp"
+        files = _compressor_files(compressor, path)
         if isinstance(compression, str):
-            compression = CompressionConfig.for_level(compression,
-                                                      quantize_kv=backend == "llamacpp")
+            compression = CompressionConfig.for_level(compression, backend == "llamacpp", files)
         default = model is None and not os.environ.get(MODEL_ENV_VAR)
         if backend == "hf":
-            return cls._load_hf(path, compression, device, n_ctx, cache_dir, default)
+            engine = cls._load_hf(path, compression, device, n_ctx, cache_dir, default)
+            if files is not None:
+                engine.ccm = LoadedCompressor(files, engine.model.install_compressor(files),
+                                              files.vectors())
+            return engine
         has_gpu = gpu_available()
         if device == "gpu" and not has_gpu:
             raise EngineError(
@@ -109,7 +118,15 @@ class Engine:
             n_ctx=ctx.n_ctx,
             n_gpu_layers=n_gpu_layers,
         )
-        return cls(llama_model, ctx, info, compression)
+        engine = cls(llama_model, ctx, info, compression)
+        if files is not None:
+            try:
+                adapter = llama_model.load_adapter(files.folder / "lora.gguf")
+            except Exception:
+                engine.close()
+                raise
+            engine.ccm = LoadedCompressor(files, adapter, files.vectors())
+        return engine
 
     @classmethod
     def _load_hf(cls, path: Path, compression: CompressionConfig, device: str, n_ctx: int,
@@ -140,8 +157,9 @@ class Engine:
         return cls(hf_model, ctx, info, compression)  # type: ignore[arg-type]
 
     def compression_for(self, level: str) -> CompressionConfig:
-        """What `level` means on this engine's back end."""
-        return CompressionConfig.for_level(level, quantize_kv=self.info.backend == "llamacpp")
+        """What `level` means on this engine's back end, with its compressor if it has one."""
+        return CompressionConfig.for_level(level, self.info.backend == "llamacpp",
+                                           self.ccm.files if self.ccm else None)
 
     @property
     def fingerprint(self) -> str:
@@ -184,3 +202,16 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _compressor_files(compressor: str | os.PathLike[str] | bool,
+                      model_path: Path) -> CompressorFiles | None:
+    if compressor is False:
+        return None
+    if compressor is True:
+        return find_compressor(model_fingerprint(model_path))
+    files = CompressorFiles.open(compressor)
+    if files.card["base_fingerprint"] != model_fingerprint(model_path):
+        raise EngineError(f"The compressor in {files.folder} was trained for another model "
+                          f"file ({files.card.get('base_model', '?')}).")
+    return files

@@ -22,9 +22,10 @@ from safetensors.torch import save as save_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from engine.chat import ChatMessage
 from engine.errors import EngineError, ModelError
-from engine.llama_backend import ChatMessage
 from engine.models import model_fingerprint
+from engine.rope import rotate_keys
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -120,6 +121,26 @@ class HFModel:
             self.tokenizer(" a b", add_special_tokens=False)["input_ids"]))
         self._eog = self._end_of_generation_ids()
         self.name = Path(str(config.name_or_path or path.stem)).name or path.stem
+        self.compressor = None
+
+    def install_compressor(self, files) -> object:
+        """Put a trained compressor's LoRA and <COMP> table on this model (it wraps q/k/v/o;
+        the LoRA acts only where a <COMP> decode switches it on)."""
+        from safetensors.torch import load_file
+
+        from engine.ccm.compressor import Compressor
+
+        card = files.card
+        comp = Compressor(self.torch_model, card["n_comp"], card["rank"], card["alpha"],
+                          card["method"])
+        try:
+            comp.load_state_dict(load_file(files.folder / "compressor.safetensors"),
+                                 strict=False)
+        except (RuntimeError, OSError) as exc:
+            raise ModelError(f"The compressor in {files.folder} does not fit this model "
+                             f"({exc}).") from exc
+        self.compressor = comp.to(self.device, next(self.torch_model.parameters()).dtype)
+        return self.compressor
 
     def _end_of_generation_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -169,6 +190,7 @@ class HFContext:
         self.kv_type = "f16"  # unquantized (float32 on the CPU, bfloat16 on CUDA)
         self.evicts = True
         self.defers_shift = False  # shift() re-rotates keys at once; no holes are left
+        self._adapter_on = False
         self._rotary = getattr(model.torch_model.model, "rotary_emb", None)
         forward = inspect.signature(model.torch_model.forward).parameters
         # transformers renamed past_key_values to cache (5.2x); take whichever this one has
@@ -177,6 +199,42 @@ class HFContext:
 
     def close(self) -> None:
         self.cache = None
+
+    def set_adapter(self, adapter: object | None, scale: float = 1.0) -> None:
+        """The compressor's LoRA is on only for the <COMP> decodes that follow."""
+        self._adapter_on = adapter is not None
+
+    @torch.inference_mode()
+    def decode_embeddings(self, vectors: np.ndarray, start_pos: int) -> None:
+        """Decode the <COMP> vectors at start_pos.. (the compressor's own table)."""
+        comp = self.model.compressor
+        if comp is None:
+            raise EngineError("No compressor is installed on this model.")
+        if start_pos != len(self.positions):
+            raise EngineError(f"decode at {start_pos}, but the cache holds {len(self.positions)}.")
+        n = len(vectors)
+        device = self.model.device
+        pos = torch.arange(start_pos, start_pos + n)
+        embeds = torch.as_tensor(vectors, device=device).to(comp.comp.dtype)[None]
+        comp.gate.mask = torch.full((1, n), float(self._adapter_on), device=device,
+                                    dtype=comp.comp.dtype)
+        try:
+            self.model.torch_model(inputs_embeds=embeds, position_ids=pos[None].to(device),
+                                   use_cache=True, logits_to_keep=1,
+                                   **{self._cache_arg: self.cache})
+        finally:
+            comp.gate.mask = None
+        self.positions = torch.cat([self.positions, pos])
+
+    @torch.inference_mode()
+    def merge_slots(self, n: int, weight: float) -> None:
+        """Fold the last n cells into the first n as a running mean; drop the last n."""
+        for layer in self._layers():
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                head = t[:, :, :n] * (1 - weight) + t[:, :, -n:] * weight
+                setattr(layer, name, torch.cat([head.to(t.dtype), t[:, :, n:-n]], 2))
+        self.positions = self.positions[:-n]
 
     def clear(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
@@ -235,16 +293,11 @@ class HFContext:
         sel = ((self.positions >= p0) & (self.positions < hi)).nonzero().flatten()
         if len(sel) == 0 or delta == 0:
             return
+        step = torch.full((len(sel),), delta)
         for layer in self._layers():
-            keys = layer.keys
-            idx = sel.to(keys.device)
-            part = keys.index_select(2, idx).float()
-            cos, sin = self._rotary(part, torch.full((1, len(sel)), delta, device=keys.device))
-            scale = getattr(self._rotary, "attention_scaling", 1.0) or 1.0
-            cos, sin = cos.float()[:, None] / scale, sin.float()[:, None] / scale
-            half = part.shape[-1] // 2
-            rotated = torch.cat([-part[..., half:], part[..., :half]], dim=-1)
-            keys.index_copy_(2, idx, (part * cos + rotated * sin).to(keys.dtype))
+            idx = sel.to(layer.keys.device)
+            moved = rotate_keys(self._rotary, layer.keys.index_select(2, idx), step)
+            layer.keys.index_copy_(2, idx, moved)
         self.positions[sel] += delta
 
     def pos_max(self) -> int:

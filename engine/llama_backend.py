@@ -11,12 +11,12 @@ import ctypes
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
+from engine.chat import ChatMessage
 from engine.errors import EngineError, ModelError
 
 SEQ = 0
@@ -48,12 +48,6 @@ def _init_backend() -> None:
 def gpu_available() -> bool:
     _init_backend()
     return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
 
 
 class LlamaModel:

@@ -20,7 +20,7 @@ from engine import (
     SamplingParams,
     StateError,
 )
-from engine.llama_backend import ChatMessage
+from engine.chat import ChatMessage
 
 INFO = EngineInfo("Scripted model", None, "scripted", "CPU", 4096, 0)  # type: ignore[arg-type]
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from itertools import islice
 
 import numpy as np
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.ccm import Compressor, ConditionalLoRALinear, concat_layout
+from engine.ccm import Compressor, ConditionalLoRALinear, episode_layout
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -20,10 +21,11 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def with_active_lora(n_comp: int, std: float) -> tuple[LlamaForCausalLM, Compressor]:
+def with_active_lora(n_comp: int, std: float,
+                     method: str = "concat") -> tuple[LlamaForCausalLM, Compressor]:
     """A compressor whose LoRA is not the zero it starts as, so the <COMP> path shows."""
     model = tiny_llama()
-    comp = Compressor(model, n_comp=n_comp, rank=4)
+    comp = Compressor(model, n_comp=n_comp, rank=4, method=method)
     for m in model.modules():
         if isinstance(m, ConditionalLoRALinear):
             torch.nn.init.normal_(m.lora_b, std=std)
@@ -31,16 +33,36 @@ def with_active_lora(n_comp: int, std: float) -> tuple[LlamaForCausalLM, Compres
 
 
 def test_concat_layout_blocks_and_positions() -> None:
-    layout = concat_layout([3, 2, 2], n_comp=2)
+    layout = episode_layout([3, 2, 2], n_comp=2)
     assert layout.length == 3 + 2 + 2 + 2 + 2
     assert layout.is_comp.tolist() == [0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0]
-    allowed = layout.allowed()
-    # turn 2's text sees C1 and itself, not turn 1's text
-    assert allowed[5, 3] and allowed[5, 4] and not allowed[5, 0] and allowed[5, 5]
-    # C2 sees turn 2's text and C1, not turn 1's text; nothing sees the future
-    assert allowed[8, 5] and allowed[8, 3] and not allowed[8, 2] and not allowed[3, 4]
-    # the last turn sees every earlier group but no earlier text
-    assert allowed[10].nonzero().flatten().tolist() == [3, 4, 7, 8, 9, 10]
+    # compact positions: turn 2 starts after the 2 memory slots, turn 3 after 4
+    assert layout.positions.tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5, 4, 5]
+    assert layout.view_delta.tolist() == [-3, -2]  # C1 moves from 3-4 to 0-1, C2 from 4-5 to 2-3
+    allowed, memory = layout.allowed(), layout.memory_allowed()
+    # turn 2 sees itself and C1's memory view, not turn 1's text nor C1 raw
+    assert allowed[5, 5] and not allowed[5, 0] and not allowed[5, 3]
+    assert memory[5].tolist() == [True, True, False, False]
+    # C2 sees turn 2's text, itself causally, and C1's view; nothing sees the future
+    assert allowed[8, 5] and allowed[8, 7] and not allowed[7, 8] and not allowed[8, 2]
+    # the last turn sees both groups' views and its own text only
+    assert memory[10].tolist() == [True, True, True, True]
+    assert allowed[10].nonzero().flatten().tolist() == [9, 10]
+    assert not memory[:5].any()
+
+
+def test_merge_layout_sees_only_the_merged_memory() -> None:
+    layout = episode_layout([3, 2, 2], n_comp=2, method="merge")
+    memory = layout.memory_allowed()
+    assert layout.comp_index().tolist() == [[3, 4], [7, 8]]
+    # memory is n slots: turns 2 and 3 both start at position 2, every group moves to 0-1
+    assert layout.positions.tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5, 2, 3]
+    assert layout.view_delta.tolist() == [-3, -4]
+    # turn 2 and C2 see M1 (columns 0-1); the last turn sees M2, the mean of C1 and C2
+    assert memory[5].tolist() == [True, True, False, False]
+    assert memory[8].tolist() == [True, True, False, False]
+    assert memory[10].tolist() == [False, False, True, True]
+    assert not memory[:5].any()
 
 
 def test_lora_is_active_only_at_comp_positions() -> None:
@@ -58,8 +80,9 @@ def test_lora_is_active_only_at_comp_positions() -> None:
     assert (gated_on[:, 2:] - plain[:, 2:]).abs().max() > 1e-3
 
 
-def test_parallel_and_recursive_paths_give_the_same_logits() -> None:
-    model, comp = with_active_lora(n_comp=3, std=0.2)
+@pytest.mark.parametrize("method", ["concat", "merge"])
+def test_parallel_and_recursive_paths_give_the_same_logits(method: str) -> None:
+    model, comp = with_active_lora(n_comp=3, std=0.2, method=method)
     torch.manual_seed(1)
     turns = [torch.randint(3, 97, (n,)).tolist() for n in (6, 4, 7, 5)]
     with torch.no_grad():
@@ -69,8 +92,22 @@ def test_parallel_and_recursive_paths_give_the_same_logits() -> None:
         torch.testing.assert_close(parallel[index], step, atol=1e-4, rtol=1e-4)
     # and the memory matters: without the <COMP> groups the last turn reads differently
     alone = model(input_ids=torch.tensor([turns[-1]]),
-                  position_ids=torch.tensor([layout.text_index[-1]])).logits[0]
+                  position_ids=layout.positions[layout.text_index[-1]][None]).logits[0]
     assert (alone - recursive[-1]).abs().max() > 1e-3
+
+
+def test_merge_reads_a_different_memory_than_concat() -> None:
+    """Same weights, same episode: after two groups the merged mean is not the concat pair."""
+    torch.manual_seed(1)
+    turns = [torch.randint(3, 97, (n,)).tolist() for n in (6, 4, 7, 5)]
+    last = {}
+    for method in ("concat", "merge"):
+        _, comp = with_active_lora(n_comp=2, std=0.2, method=method)
+        with torch.no_grad():
+            last[method] = comp.recursive_logits(turns)
+    # the second turn reads one group either way; the last reads the mean of three vs all three
+    torch.testing.assert_close(last["concat"][1], last["merge"][1])
+    assert (last["concat"][-1] - last["merge"][-1]).abs().max() > 1e-3
 
 
 def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_path) -> None:

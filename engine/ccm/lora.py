@@ -9,10 +9,14 @@ from torch import nn
 
 
 class CompGate:
-    """Which positions of the current forward are <COMP> slots: (batch, seq) float, or None."""
+    """What the current forward is: which positions are <COMP> slots ((batch, seq) float, or
+    None) and, in a parallel training forward, the episode's layout; with the model's rotary
+    embedding, which moves slots into their memory positions."""
 
-    def __init__(self) -> None:
+    def __init__(self, rotary: nn.Module) -> None:
         self.mask: torch.Tensor | None = None
+        self.layout = None
+        self.rotary = rotary
 
 
 class ConditionalLoRALinear(nn.Module):

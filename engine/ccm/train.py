@@ -8,6 +8,7 @@ the same checkpoint dir resumes from it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,10 @@ def train(
     lr: float = 3e-4,
     checkpoint_every: int = 50,
     show_progress: bool = True,
+    max_seconds: float | None = None,
 ) -> list[float]:
-    """Train for `steps` steps in all (resuming from `out_dir`); return this run's losses."""
+    """Train for `steps` steps in all (resuming from `out_dir`), or until `max_seconds` have
+    passed; return this run's losses."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for p in compressor.model.parameters():
         p.requires_grad_(False)
@@ -72,6 +75,7 @@ def train(
     losses: list[float] = []
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not show_progress,
                desc="compressor")
+    started = time.monotonic()
     for step in bar:
         loss = episode_loss(compressor, next(episodes))
         optimizer.zero_grad()
@@ -79,7 +83,10 @@ def train(
         optimizer.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+        out_of_time = max_seconds is not None and time.monotonic() - started > max_seconds
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps or out_of_time:
             save_file(_trainable_state(compressor), out_dir / CHECKPOINT)
             (out_dir / STATE).write_text(json.dumps({"step": step + 1}))
+        if out_of_time:
+            break
     return losses

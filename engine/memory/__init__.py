@@ -6,16 +6,19 @@ conversation gives it, so the same policy runs on any back end that offers those
 """
 
 from engine.memory.base import KVMemory, MemoryPolicy
+from engine.memory.ccm import CCMMergePolicy, CCMPolicy
 from engine.memory.full import FullPolicy
 from engine.memory.window import WindowPolicy
 
 POLICIES: dict[str, type[MemoryPolicy]] = {
     FullPolicy.name: FullPolicy,
     WindowPolicy.name: WindowPolicy,
+    CCMPolicy.name: CCMPolicy,
+    CCMMergePolicy.name: CCMMergePolicy,
 }
 
 
-def make_policy(method: str, **params: int) -> MemoryPolicy:
+def make_policy(method: str, **params: object) -> MemoryPolicy:
     try:
         cls = POLICIES[method]
     except KeyError:
@@ -25,4 +28,5 @@ def make_policy(method: str, **params: int) -> MemoryPolicy:
     return cls(**params)
 
 
-__all__ = ["POLICIES", "FullPolicy", "KVMemory", "MemoryPolicy", "WindowPolicy", "make_policy"]
+__all__ = ["POLICIES", "CCMMergePolicy", "CCMPolicy", "FullPolicy", "KVMemory", "MemoryPolicy",
+           "WindowPolicy", "make_policy"]

@@ -11,12 +11,21 @@ class KVMemory(Protocol):
 
     Cells are indexed 0..held-1 and their positions stay contiguous: after `evict` the cells
     behind the gap move down so the next token goes at position `held`. A compressing policy
-    (CCM) adds one more edit, running extra tokens through an adapter and keeping only their
-    cells; it then evicts the turn's own text cells with `evict`.
+    (CCM) uses one more edit, `compress`: the memory then is `slots` <COMP> cells at the front,
+    followed by the text of the exchange in progress.
     """
 
     @property
     def held(self) -> int: ...
+
+    @property
+    def slots(self) -> int:
+        """<COMP> cells held (at the front)."""
+        ...
+
+    def compress(self, merge: bool = False) -> None:
+        """Run the <COMP> slots over the text since the last compression and keep only them
+        (merge: fold them into the running mean of the slots already held)."""
 
     def evict(self, start: int, end: int) -> None:
         """Drop cells [start, end) and close the gap."""

@@ -1,0 +1,96 @@
+"""A trained compressor on disk, and where the engine looks for one for a model.
+
+A compressor folder (what `ccm-chat train-compressor` writes) holds the card
+`compressor.json` (the base model's fingerprint, method, n, rank, alpha), the trained
+tensors `compressor.safetensors`, the LoRA as a llama.cpp adapter `lora.gguf` and the <COMP>
+vectors `comp_vectors.npy`. Shipped ones live in the `assets` package; a user's own go in the
+user data dir's `compressors/` folder. Only torch-free code here: the engine imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import platformdirs
+
+from engine.errors import ModelError
+
+CARD = "compressor.json"
+FILES = (CARD, "compressor.safetensors", "lora.gguf", "comp_vectors.npy")
+
+
+@dataclass(frozen=True)
+class LoadedCompressor:
+    """A compressor as a back end runs it: its adapter handle and <COMP> vectors (n, d)."""
+
+    files: CompressorFiles
+    adapter: object
+    vectors: np.ndarray
+
+
+@dataclass(frozen=True)
+class CompressorFiles:
+    folder: Path
+    card: dict
+
+    @property
+    def method(self) -> str:
+        return f"ccm-{self.card['method']}"
+
+    @property
+    def n_comp(self) -> int:
+        return int(self.card["n_comp"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies these weights: a memory made with other weights is not reused."""
+        digest = hashlib.sha256((self.folder / "compressor.safetensors").read_bytes())
+        return digest.hexdigest()[:16]
+
+    def vectors(self) -> np.ndarray:
+        return np.load(self.folder / "comp_vectors.npy").astype(np.float32)
+
+    @classmethod
+    def open(cls, folder: str | Path) -> CompressorFiles:
+        folder = Path(folder)
+        missing = [f for f in FILES if not (folder / f).is_file()]
+        if missing:
+            raise ModelError(
+                f"{folder} is not a complete compressor (missing {', '.join(missing)}). "
+                "Train one with `ccm-chat train-compressor --out DIR`."
+            )
+        try:
+            card = json.loads((folder / CARD).read_text())
+            for key in ("base_fingerprint", "method", "n_comp", "rank", "alpha"):
+                card[key]  # noqa: B018  (presence check)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{folder / CARD} is not a compressor card ({exc}).") from exc
+        return cls(folder, card)
+
+
+def compressor_dirs() -> list[Path]:
+    """Shipped compressors first, then the user's own."""
+    shipped = Path(str(resources.files("assets"))) / "compressors"
+    return [shipped, Path(platformdirs.user_data_dir("ccm-chat")) / "compressors"]
+
+
+def find_compressor(model_fingerprint: str, method: str = "concat",
+                    dirs: list[Path] | None = None) -> CompressorFiles | None:
+    """The first complete compressor trained for this exact model file, if any."""
+    for root in dirs if dirs is not None else compressor_dirs():
+        if not root.is_dir():
+            continue
+        for card in sorted(root.glob(f"*/{CARD}")):
+            try:
+                files = CompressorFiles.open(card.parent)
+            except ModelError:
+                continue
+            if (files.card["base_fingerprint"] == model_fingerprint
+                    and files.card["method"] == method):
+                return files
+    return None
