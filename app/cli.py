@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the <COMP> vectors and conditional LoRA of a compressed context "
         "memory for a model (a .gguf file or a transformers folder; default: the embedded "
         "model) on chitchat-dataset conversations. Resumes from --out if a checkpoint is there.")
-    tr.add_argument("--out", type=Path, required=True, help="output folder")
+    tr.add_argument("--out", type=Path, default=None,
+                    help="output folder (default: a new folder under the user's compressors "
+                         "dir, where the app finds it)")
     tr.add_argument("--steps", type=int, default=500)
     tr.add_argument("--n-comp", type=int, default=2, help="<COMP> slots per turn")
     tr.add_argument("--method", choices=("concat", "merge"), default="concat",
@@ -182,6 +184,9 @@ def cmd_paths(args: argparse.Namespace) -> int:
     print("settings:  stored in the database (settings table)")
     print(f"data dir:  {paths.data_dir()}   (${paths.DATA_DIR_ENV})")
     print(f"cache dir: {paths.cache_dir()}   (${paths.CACHE_DIR_ENV})")
+    from engine.ccm.files import user_compressor_dir
+
+    print(f"compressors: {user_compressor_dir()}   (trained ones the app picks up)")
     model = getattr(args, "model", None) or os.environ.get(MODEL_ENV_VAR)
     if model:
         print(f"model:     {model}")
@@ -196,15 +201,20 @@ def cmd_paths(args: argparse.Namespace) -> int:
 
 
 def cmd_train_compressor(args: argparse.Namespace) -> int:
+    from engine.ccm.files import user_compressor_dir
     from engine.ccm.recipe import train_compressor  # torch: only when training
+    from engine.models import resolve_model_path
 
+    model = getattr(args, "model", None)
+    out = args.out or user_compressor_dir() / (
+        f"{resolve_model_path(model, allow_dir=True).stem}-ccm-{args.method}-n{args.n_comp}")
     card = train_compressor(
-        getattr(args, "model", None), args.out, steps=args.steps, n_comp=args.n_comp,
+        model, out, steps=args.steps, n_comp=args.n_comp,
         rank=args.rank, lr=args.lr, device=args.device, eval_episodes=args.eval_episodes,
         method=args.method,
     )
     print(f"held-apart reply NLL: {card['held_apart_reply_nll_before']:.3f} -> "
-          f"{card['held_apart_reply_nll_after']:.3f}; written to {args.out}")
+          f"{card['held_apart_reply_nll_after']:.3f}; written to {out}")
     return 0
 
 

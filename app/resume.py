@@ -70,7 +70,12 @@ def _unusable(state: MemoryStateRecord | None, engine: EngineLike,
         return "the saved memory was made by another model"
     if state.backend != engine.info.backend:
         return f"the saved memory was made by the {state.backend} back end"
-    if state.policy != policy_key(compression):
+    wanted = policy_key(compression)
+    if state.policy != wanted:
+        if {k: state.policy.get(k) for k in ("level", "method")} == {
+                k: wanted[k] for k in ("level", "method")}:
+            return (f"the saved memory was made with other {wanted['method']} settings "
+                    "(memory size, or another compressor's weights)")
         return (f"the saved memory was made at compression level {state.policy.get('level')!r} "
                 f"({state.policy.get('method')}), not {compression.level!r}")
     if state.message_id is None or state.message_id not in {m.id for m in messages}:

@@ -370,9 +370,6 @@ class Conversation:
         ccm = self.engine.ccm
         if ccm is None:
             raise EngineError("No trained compressor is loaded for this model.")
-        # the exchange as the template renders it (a generated reply's end-of-turn marker is
-        # not in the cache yet), as the compressor was trained on it
-        self._sync(self.engine.model.render_chat(self.messages, add_assistant=False))
         ctx = self._ctx()
         n = len(ccm.vectors)
         start = self._slots
@@ -560,6 +557,10 @@ class Conversation:
                 shown.append(tail)
             reply = "".join(shown)
             self.messages.append(ChatMessage("assistant", reply))
+            if self.policy.reads_finished_exchange:
+                # the reply's end-of-turn marker, which generation stops before, goes in too:
+                # a compressor was trained on exchanges as the template renders them
+                self._sync(model.render_chat(self.messages, add_assistant=False))
             self._end_turn()
             self.last_reply = ReplyStats(
                 text=reply,

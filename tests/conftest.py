@@ -76,6 +76,6 @@ def hf_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     The first load converts the GGUF into a cache dir, as the app does under the user's.
     """
     eng = Engine.load(backend="hf", n_ctx=512, device="cpu", compression="balanced",
-                      cache_dir=tmp_path_factory.mktemp("hf-cache"))
+                      cache_dir=tmp_path_factory.mktemp("hf-cache"), compressor=False)
     yield eng
     eng.close()

@@ -155,7 +155,7 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
                         position_ids=torch.arange(start, start + len(reply))[None]).logits[0]
         return nll(logits[:-1].numpy())
 
-    eng = Engine.load(n_ctx=512, device="cpu", compression="balanced")
+    eng = Engine.load(n_ctx=512, device="cpu", compression="balanced", compressor=False)
     try:
         adapter = eng.model.load_adapter(export_lora_gguf(hf, tmp_path / "lora.gguf", 16.0))
         ctx = eng.ctx
@@ -226,26 +226,44 @@ def test_training_resumes_from_its_checkpoint(tmp_path) -> None:
     assert len(more) == 4 and '"step": 14' in (tmp_path / STATE).read_text()
 
 
-def test_chitchat_episodes_split_and_shape(hf_engine) -> None:
-    from engine.ccm.data import chitchat_episodes, held_apart, load_chitchat
+def test_episodes_split_and_shape(hf_engine) -> None:
+    from engine.ccm.data import (
+        POOLS,
+        _held_value,
+        chitchat_episodes,
+        chitchat_pool,
+        held_apart,
+        load_chitchat,
+        recall_cases,
+    )
+    from engine.ccm.recipe import model_tokens
 
     conversations = load_chitchat()
     held = [cid for cid in conversations if held_apart(cid)]
     assert 0.05 < len(held) / len(conversations) < 0.15
-    tokenizer = hf_engine.model.tokenizer
-
-    def render(messages, add_assistant):
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_assistant)
-
-    def tokenize(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    header = tokenize("<|im_start|>assistant\n")
-    for episode in islice(chitchat_episodes(conversations, render, tokenize, seed=3), 20):
+    tok = model_tokens(hf_engine.model.tokenizer)
+    header = tok.tokenize("<|im_start|>assistant\n")
+    train_pool = chitchat_pool(conversations, held_out=False)
+    for episode in islice(chitchat_episodes(tok, train_pool, seed=3), 20):
         assert episode.context and episode.reply
         assert episode.prompt[-len(header):] == header  # the reply follows the assistant header
-        assert all(len(turn) <= 96 for turn in episode.context)
+        assert all(len(ex) <= 2 * 96 for ex in episode.context)
+        # one <COMP> group per exchange: each holds a user turn and the assistant's answer
+        texts = [tok_text(hf_engine, ex) for ex in episode.context]
+        assert all(t.count("<|im_start|>user") == 1 and "<|im_start|>assistant" in t
+                   for t in texts)
+    # recall: the answer's value is planted in the first exchange; held-apart values are
+    # never the ones training asks for
+    case = next(recall_cases(tok, train_pool, held_out=True, seed=1))
+    value = tok_text(hf_engine, case.answers[0]).split()[-1].rstrip(".")
+    assert value in tok_text(hf_engine, case.episode.context[0])
+    assert _held_value(value) and len(case.answers) == 4
+    trained = {v for vs in POOLS.values() for v in vs if not _held_value(v)}
+    assert value not in trained
+
+
+def tok_text(engine, ids: list[int]) -> str:
+    return engine.model.tokenizer.decode(ids)
 
 
 def test_train_compressor_command_writes_what_llama_cpp_loads(tmp_path, monkeypatch,
@@ -260,15 +278,12 @@ def test_train_compressor_command_writes_what_llama_cpp_loads(tmp_path, monkeypa
     assert main(["train-compressor", "--out", str(out), "--steps", "3", "--n-comp", "2",
                  "--eval-episodes", "2", "--device", "cpu"]) == 0
     card = json.loads((out / "compressor.json").read_text())
-    assert card["steps"] == 3 and card["n_comp"] == 2
+    assert card["steps"] == 3 and card["n_comp"] == 2 and card["method"] == "concat"
     assert card["base_fingerprint"] == hf_engine.fingerprint
-    eng = Engine.load(n_ctx=256, device="cpu", compression="balanced")
-    try:
-        adapter = eng.model.load_adapter(out / "lora.gguf")
-        eng.ctx.decode([1, 2, 3], 0)
-        eng.ctx.set_adapter(adapter)
-        eng.ctx.decode_embeddings(np.load(out / "comp_vectors.npy"), 3)
-        eng.ctx.set_adapter(None)
-        assert eng.ctx.pos_max() == 4
-    finally:
-        eng.close()
+    # the engine runs it: a level now means CCM with this compressor's 2 slots per exchange
+    with Engine.load(n_ctx=256, device="cpu", compression="balanced", compressor=out) as eng:
+        assert eng.compression.method == "ccm-concat"
+        conv = eng.new_conversation()
+        conv.add_turn("user", "Hello there.")
+        conv.add_turn("assistant", "Hi!")
+        assert conv.stats().memory_tokens == 2

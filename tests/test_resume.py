@@ -25,8 +25,10 @@ GREEDY = Settings(temperature=0.0, max_tokens=30, context_size=2048)
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[dict[str, Engine]]:
-    """One engine per level used here, as the app loads them (by level name)."""
-    loaded = {level: Engine.load(n_ctx=2048, device="cpu", compression=level)
+    """One engine per level used here, as the app loads them (by level name), without the
+    shipped compressor: these tests are about the training-free window (see test_ccm_resume)."""
+    loaded = {level: Engine.load(n_ctx=2048, device="cpu", compression=level,
+                                 compressor=False)
               for level in ("off", "balanced")}
     yield loaded
     for eng in loaded.values():
@@ -234,3 +236,34 @@ def test_hf_back_end_saves_and_restores_through_the_store(db_path: Path, tmp_pat
     assert report.kind == "rebuilt" and "hf back end" in report.reason
     later.close()
     store.close()
+
+
+def test_ccm_memory_saves_restores_and_rebuilds_through_the_store(db_path: Path,
+                                                                  tmp_path: Path) -> None:
+    """The default model at balanced runs its shipped compressor: one slot per exchange is
+    what is saved, restored, and rebuilt (replayed exchange by exchange) when unusable."""
+    with Engine.load(n_ctx=2048, device="cpu", compression="balanced") as eng:
+        ccm = {"balanced": eng}
+        store = Store(db_path, clock=TickingClock())
+        conv_id = two_turns(service(store, ccm, compression="balanced"))
+        state = store.latest_memory_state(conv_id)
+        assert state.policy["method"] == "ccm-concat" and state.tokens_held == 2
+        later = copy_db(db_path, tmp_path / "later.db")
+        expected = "".join(service(store, ccm, compression="balanced").send(
+            conv_id, "What is my dog called?"))
+
+        resumed = service(later, ccm, compression="balanced")
+        assert resumed.open(conv_id).kind == "restored"
+        assert "".join(resumed.send(conv_id, "What is my dog called?")) == expected
+
+        # a state made with other compressor weights is not reused: rebuilt from the text
+        # (re-tokenized, so not bit-identical to the sampled tokens), it still recalls
+        again = copy_db(db_path, tmp_path / "again.db")
+        tamper(again, conv_id, "UPDATE memory_states SET policy = json_set(policy, "
+               "'$.params.compressor', 'other') WHERE conversation_id = {id}")
+        rebuilt = service(again, ccm, compression="balanced")
+        report = rebuilt.open(conv_id)
+        assert report.kind == "rebuilt" and "another compressor" in report.reason
+        assert "Pixel" in "".join(rebuilt.send(conv_id, "What is my dog called?"))
+        for s in (store, later, again):
+            s.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -73,10 +74,15 @@ class CompressorFiles:
         return cls(folder, card)
 
 
+def user_compressor_dir() -> Path:
+    """Where a user's own compressors go (under the app's data dir, $CCM_CHAT_DATA_DIR wins)."""
+    data = os.environ.get("CCM_CHAT_DATA_DIR") or platformdirs.user_data_dir("ccm-chat")
+    return Path(data).expanduser() / "compressors"
+
+
 def compressor_dirs() -> list[Path]:
     """Shipped compressors first, then the user's own."""
-    shipped = Path(str(resources.files("assets"))) / "compressors"
-    return [shipped, Path(platformdirs.user_data_dir("ccm-chat")) / "compressors"]
+    return [Path(str(resources.files("assets"))) / "compressors", user_compressor_dir()]
 
 
 def find_compressor(model_fingerprint: str, method: str = "concat",

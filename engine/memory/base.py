@@ -39,6 +39,7 @@ class MemoryPolicy(ABC):
     """
 
     name: ClassVar[str]
+    reads_finished_exchange: ClassVar[bool] = False  # after_turn wants the rendered exchange
 
     @abstractmethod
     def params(self) -> dict[str, Any]:

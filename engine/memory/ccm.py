@@ -15,6 +15,7 @@ from engine.memory.base import KVMemory, MemoryPolicy
 
 class CCMPolicy(MemoryPolicy):
     name = "ccm-concat"
+    reads_finished_exchange = True
 
     def __init__(self, n_comp: int, cap: int = 512, compressor: str = "") -> None:
         if n_comp < 1 or cap < 1:

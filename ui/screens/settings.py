@@ -11,8 +11,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
+from app.levels import describe_level
 from app.settings import Settings
-from engine import BACKENDS, LEVELS, CompressionConfig
+from engine import BACKENDS, LEVELS
 
 NUMBER_FIELDS = {
     "n_gpu_layers": ("GPU layers (-1 all, 0 CPU only)", int),
@@ -34,11 +35,6 @@ def parse_keymap(text: str) -> dict[str, str]:
             raise ValueError(f"Key binding {part.strip()!r} is not of the form action=keys.")
         keymap[name.strip()] = keys.strip()
     return keymap
-
-
-def describe_level(level: str, backend: str) -> str:
-    """Which method the level runs and why (K cache quantization is llama.cpp's)."""
-    return CompressionConfig.for_level(level, quantize_kv=backend != "hf").describe()
 
 
 def format_keymap(keymap: dict[str, str]) -> str:
@@ -79,7 +75,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield from _row("Compression level", Select(
                     [(level, level) for level in LEVELS], value=s.compression,
                     allow_blank=False, id="compression", compact=True))
-                yield Label(describe_level(s.compression, s.backend), id="method_note")
+                yield Label(describe_level(s.compression, s.backend, s.model_path),
+                            id="method_note")
                 yield from _row("Key bindings (action=keys; …)",
                                 Input(value=format_keymap(s.keymap), id="keymap",
                                       placeholder="regenerate=ctrl+g; stop=escape",
@@ -91,7 +88,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
     @on(Select.Changed, "#compression, #backend")
     def _level_changed(self, event: Select.Changed) -> None:
         note = describe_level(str(self.query_one("#compression", Select).value),
-                              str(self.query_one("#backend", Select).value))
+                              str(self.query_one("#backend", Select).value),
+                              self.query_one("#model_path", Input).value.strip())
         self.query_one("#method_note", Label).update(note)
 
     def read_form(self) -> Settings:
