@@ -36,14 +36,16 @@ TURNS = (4, 8, 16, 32)
 LONGCHAT = Path(__file__).resolve().parents[2] / "shared/data/longchat_topics/5_topics.jsonl"
 
 
-def datasets(tok, limit: int, longchat: Path):
+def datasets(tok, limit: int, longchat: Path, only: list[str] | None = None):
+    if only == ["longchat"]:
+        return {"longchat": longchat_cases(longchat, tok, limit)}
     held = chitchat_pool(load_chitchat(), held_out=True)
     sets = {f"ppl@{t}": [conversation_episode(tok, pairs, t - 1)
                          for pairs in held if len(pairs) >= t][:limit] for t in TURNS}
     sets["recall"] = list(islice(recall_cases(tok, held, held_out=True, seed=123), limit))
     if longchat.exists():
         sets["longchat"] = longchat_cases(longchat, tok, limit)
-    return sets
+    return {k: v for k, v in sets.items() if not only or k in only}
 
 
 def evaluate(compressor: Compressor, memory: Memory, sets, label: str, n: int) -> list[dict]:
@@ -108,13 +110,15 @@ def main() -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--limit", type=int, default=100, help="cases per set")
     parser.add_argument("--longchat", type=Path, default=LONGCHAT)
+    parser.add_argument("--sets", default="", help="comma list of sets to run (default all)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows: list[dict] = []
     started = time.perf_counter()
     if args.baselines or args.window:
         comp = load_compressor(None, args.device, args.model)
-        sets = datasets(model_tokens_of(comp, args.model), args.limit, args.longchat)
+        sets = datasets(model_tokens_of(comp, args.model), args.limit, args.longchat,
+                        [x for x in args.sets.split(",") if x])
         if args.baselines:
             rows += evaluate(comp, Memory("none"), sets, "none", 0)
             rows += evaluate(comp, Memory("full"), sets, "full", 0)
@@ -122,7 +126,8 @@ def main() -> None:
             rows += evaluate(comp, Memory("window", n), sets, "sink+window", n)
     for folder in args.compressor:
         comp = load_compressor(folder, args.device, args.model)
-        sets = datasets(model_tokens_of(comp, args.model), args.limit, args.longchat)
+        sets = datasets(model_tokens_of(comp, args.model), args.limit, args.longchat,
+                        [x for x in args.sets.split(",") if x])
         rows += evaluate(comp, Memory("ccm"), sets, f"ccm-{comp.method}", comp.n_comp)
     result = {
         "command": " ".join(sys.argv), "machine": platform.node(),

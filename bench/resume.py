@@ -71,7 +71,10 @@ def fresh(store: Store, settings: Settings, engine: Engine) -> ChatService:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--lengths", default="1000,4000,16000")
+    parser.add_argument("--lengths", default="1000,4000,16000,64000")
+    parser.add_argument("--ccm-max-length", type=int, default=16000,
+                        help="longest transcript rebuilt under CCM (a rebuild replays every "
+                             "exchange: minutes past this on a small CPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/resume.json"))
     args = parser.parse_args()
@@ -79,14 +82,17 @@ def main() -> None:
 
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="ccm-resume-"))
-    for level in ("off", "balanced"):
+    for level, ccm in (("off", False), ("balanced", False), ("balanced", True)):
         engine = Engine.load(n_ctx=8192 if level == "off" else 2048, compression=level,
-                             device=args.device)
+                             device=args.device, compressor=ccm)
         settings = Settings(compression=level, context_size=engine.n_ctx)
+        name = f"{level} ({engine.compression.method})" if level != "off" else level
         for length in lengths:
-            store = Store(tmp / f"{level}-{length}.db")
+            if ccm and length > args.ccm_max_length:
+                continue
+            store = Store(tmp / f"{level}-{ccm}-{length}.db")
             conv_id = fill(store, engine, length)
-            row = {"level": level, "transcript_tokens": length, "method":
+            row = {"level": name, "transcript_tokens": length, "method":
                    engine.compression.method}
             if level == "off" and length > engine.n_ctx - 64:
                 row["note"] = f"does not fit the {engine.n_ctx}-token context without compression"
@@ -115,14 +121,14 @@ def main() -> None:
             store.close()
         engine.close()
 
-    header = (f"{'level':10} {'tokens':>7} {'rebuild→1st tok':>16} {'restore→1st tok':>16} "
+    header = (f"{'level':22} {'tokens':>7} {'rebuild→1st tok':>16} {'restore→1st tok':>16} "
               f"{'speedup':>8} {'state MB':>9} {'full KV MB':>11}")
     print(header)
     for r in rows:
         if "note" in r:
-            print(f"{r['level']:10} {r['transcript_tokens']:>7} {r['note']}")
+            print(f"{r['level']:22} {r['transcript_tokens']:>7} {r['note']}")
             continue
-        print(f"{r['level']:10} {r['transcript_tokens']:>7} {r['rebuild_first_token_s']:>15.2f}s "
+        print(f"{r['level']:22} {r['transcript_tokens']:>7} {r['rebuild_first_token_s']:>15.2f}s "
               f"{r['restore_first_token_s']:>15.3f}s {r['speedup']:>7.0f}x "
               f"{r['state_bytes'] / 1e6:>9.1f} {r['full_f16_kv_bytes'] / 1e6:>11.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
