@@ -8,15 +8,20 @@ from engine.ccm.files import CompressorFiles, find_compressor
 from engine.models import model_fingerprint
 
 
-def compressor_for(model_path: str, backend: str) -> CompressorFiles | None:
+def compressor_for(model_path: str, backend: str) -> tuple[CompressorFiles | None, bool]:
+    """(the model's compressor if any, whether it runs on llama.cpp)."""
     try:
         path = resolve_model_path(model_path or None, allow_dir=backend != "llamacpp")
-        return find_compressor(model_fingerprint(path))
     except (ModelError, OSError):
-        return None
+        return None, backend != "hf"
+    on_llama = backend == "llamacpp" or (backend == "auto" and not path.is_dir())
+    try:
+        return find_compressor(model_fingerprint(path)), on_llama
+    except (ModelError, OSError):
+        return None, on_llama
 
 
 def describe_level(level: str, backend: str, model_path: str = "") -> str:
     """The method the level runs and why (K cache quantization is llama.cpp's)."""
-    files = compressor_for(model_path, backend)
-    return CompressionConfig.for_level(level, backend != "hf", files).describe()
+    files, on_llama = compressor_for(model_path, backend)
+    return CompressionConfig.for_level(level, on_llama, files).describe()

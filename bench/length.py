@@ -27,6 +27,9 @@ from llama_cpp import Llama
 from engine import ContextFullError, Engine, SamplingParams
 from engine.ccm.data import chitchat_pool, load_chitchat
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plots import line_chart  # noqa: E402  (a sibling script module)
+
 CHECKPOINTS = (1, 10, 50, 100, 200)
 QUESTION = "Can you remind me what we talked about at the start?"
 REPLY_TOKENS = 32
@@ -97,13 +100,17 @@ def run(args: argparse.Namespace) -> dict:
             if t in CHECKPOINTS and (label == "off" or level == "balanced"):
                 row = {"config": label, "turn": t, "held": stats.memory_tokens,
                        "full_tokens": stats.full_context_tokens, **probe(engine, conv)}
-                if label == "off":
-                    row["reference_tok_s"] = reference(ref_llm(engine, args, threads),
-                                                       conv._kv_tokens)
+                if label == "off":  # llama-cpp-python's loop, flash attention as the engine's
+                    # context has it (on: it keeps every token) and as Llama's default (off)
+                    for fa in (True, False):
+                        row[f"reference_fa_{'on' if fa else 'off'}_tok_s"] = reference(
+                            ref_llm(engine, args, threads, fa), conv._kv_tokens)
+                    row["reference_tok_s"] = row["reference_fa_on_tok_s"]
                 probes.append(row)
                 print(f"{label:>20} turn {t:>3}: held {stats.memory_tokens:>5} "
                       f"ttft {row['ttft_s']:.3f} s  decode {row['decode_tok_s']:.1f} tok/s"
-                      + (f"  (llama-cpp-python {row['reference_tok_s']:.1f})"
+                      + (f"  (llama-cpp-python {row['reference_fa_on_tok_s']:.1f} flash attn "
+                         f"on, {row['reference_fa_off_tok_s']:.1f} off)"
                          if "reference_tok_s" in row else ""), flush=True)
         curves[label] = curve
         print(f"{label:>20}: {len(curve)} exchanges in {time.perf_counter() - started:.0f} s, "
@@ -114,50 +121,37 @@ def run(args: argparse.Namespace) -> dict:
             "device": args.device, "n_ctx": args.n_ctx, "curves": curves, "probes": probes}
 
 
-_REF: dict[str, Llama] = {}
+_REF: dict[bool, Llama] = {}
 
 
-def ref_llm(engine: Engine, args: argparse.Namespace, threads: int) -> Llama:
-    if "llm" not in _REF:
-        _REF["llm"] = Llama(str(engine.info.model_path), n_ctx=args.n_ctx, n_threads=threads,
-                            n_gpu_layers=-1 if args.device == "gpu" else 0, verbose=False)
-    return _REF["llm"]
+def ref_llm(engine: Engine, args: argparse.Namespace, threads: int, flash: bool) -> Llama:
+    if flash not in _REF:
+        _REF[flash] = Llama(str(engine.info.model_path), n_ctx=args.n_ctx, n_threads=threads,
+                            n_gpu_layers=-1 if args.device == "gpu" else 0, verbose=False,
+                            flash_attn=flash)
+    return _REF[flash]
 
 
 def plot(result: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, curve in result["curves"].items():
-        ax.plot([c["turn"] for c in curve], [c["bytes"] / 1e6 for c in curve], label=label,
-                linestyle="--" if "window" in label else "-")
-    ax.set_yscale("log")
-    ax.set_xlabel("exchanges")
-    ax.set_ylabel("KV memory held (MB, log)")
-    ax.set_title(f"Memory vs conversation length ({result['device']})")
-    ax.legend(fontsize=8)
-    memory = out.with_name(out.stem + "_memory.png")
-    fig.tight_layout()
-    fig.savefig(memory, dpi=110)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    memory = {label: ([c["turn"] for c in curve], [c["bytes"] / 1e6 for c in curve],
+                      "--" if "window" in label else "-")
+              for label, curve in result["curves"].items()}
+    speed = {}
     for label in dict.fromkeys(p["config"] for p in result["probes"]):
         rows = [p for p in result["probes"] if p["config"] == label]
-        ax.plot([p["turn"] for p in rows], [p["decode_tok_s"] for p in rows], "o-",
-                label=label)
+        speed[label] = ([p["turn"] for p in rows], [p["decode_tok_s"] for p in rows], "o-")
     refs = [p for p in result["probes"] if "reference_tok_s" in p]
-    ax.plot([p["turn"] for p in refs], [p["reference_tok_s"] for p in refs], "k:",
-            label="llama-cpp-python loop, uncompressed")
-    ax.set_xlabel("exchanges")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"Decode speed vs conversation length ({result['device']})")
-    ax.legend(fontsize=8)
-    speed = out.with_name(out.stem + "_speed.png")
-    fig.tight_layout()
-    fig.savefig(speed, dpi=110)
-    return [memory, speed]
+    for fa, style in (("on", "k:"), ("off", "k-.")):
+        speed[f"llama-cpp-python loop, uncompressed, flash attn {fa}"] = (
+            [p["turn"] for p in refs], [p.get(f"reference_fa_{fa}_tok_s") for p in refs], style)
+    device = result["device"]
+    return [
+        line_chart(out.with_name(out.stem + "_memory.png"), memory, "exchanges",
+                   "KV memory held (MB, log)", f"Memory vs conversation length ({device})",
+                   logy=True),
+        line_chart(out.with_name(out.stem + "_speed.png"), speed, "exchanges",
+                   "decode tokens/s", f"Decode speed vs conversation length ({device})"),
+    ]
 
 
 def main() -> None:
@@ -165,14 +159,19 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=Path("bench/results/length_cpu.json"))
+    parser.add_argument("--replot", action="store_true", help="only redraw from --out's JSON")
     args = parser.parse_args()
-    result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print("| config | turn | held | ttft s | decode tok/s | llama-cpp-python tok/s |")
+    if args.replot:
+        result = json.loads(args.out.read_text())
+    else:
+        result = run(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    print("| config | turn | held | ttft s | decode tok/s | llama-cpp-python tok/s (FA on / off) |")
     print("|---|---|---|---|---|---|")
     for p in result["probes"]:
-        ref = f"{p['reference_tok_s']:.1f}" if "reference_tok_s" in p else ""
+        ref = (f"{p['reference_fa_on_tok_s']:.1f} / {p['reference_fa_off_tok_s']:.1f}"
+               if "reference_tok_s" in p else "")
         print(f"| {p['config']} | {p['turn']} | {p['held']} | {p['ttft_s']:.3f} | "
               f"{p['decode_tok_s']:.1f} | {ref} |")
     for path in plot(result, args.out):

@@ -25,7 +25,6 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from engine.ccm.compressor import Compressor
 from engine.ccm.data import chitchat_pool, conversation_episode, load_chitchat, recall_cases
@@ -81,7 +80,7 @@ def load_compressor(folder: Path | None, device: str, model: str | None) -> Comp
         return Compressor(hf, n_comp=1).to(hf.device)
     card = json.loads((folder / CARD).read_text())
     comp = Compressor(hf, card["n_comp"], card["rank"], card["alpha"], card["method"])
-    comp.load_state_dict(load_file(folder / "compressor.safetensors"), strict=False)
+    comp.load_trainable(folder / "compressor.safetensors")
     return comp.to(hf.device)
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -141,8 +142,10 @@ class Conversation:
             raise ValueError("CCM-merge is not available on the llama.cpp back end: it averages "
                              "cached keys and values, which llama.cpp's cache cannot do. Use "
                              "ccm-concat, or the hf back end (--backend hf).")
-        if config.params.get("compressor") != ccm.files.fingerprint:
-            raise ValueError("This level was set up for another compressor than the one loaded.")
+        if (config.params.get("compressor") != ccm.files.fingerprint
+                or config.params.get("n_comp") != ccm.files.n_comp):
+            raise ValueError("This memory was set up for another compressor than the one "
+                             "loaded.")
 
     # -- the public contract ---------------------------------------------------------------------
 
@@ -314,7 +317,13 @@ class Conversation:
             )
         try:
             comp = CompressionConfig(**head["compression"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"The memory state header is malformed ({exc}).") from exc
+        try:
             conv = cls(engine, None, comp)
+        except ValueError as exc:  # e.g. made with a compressor this engine does not have
+            raise StateError(str(exc)) from exc
+        try:
             conv.messages = [ChatMessage(r, c) for r, c in head["messages"]]
             conv._rendered = base64.b64decode(head["rendered"])
             conv._kv_tokens = [int(t) for t in head["kv_tokens"]]
@@ -375,9 +384,15 @@ class Conversation:
         start = self._slots
         if self.held == start:
             return
-        over = self.held + n - (ctx.n_ctx - 1)
-        if over > 0:  # no room for the slots: the exchange's oldest text goes first
-            self.evict(start, start + min(over, self.held - start - 1))
+        capacity = ctx.n_ctx - 1
+        if self.held + n > capacity and not self.policy.make_room(self, n, capacity):
+            # no old group left to drop: the exchange's oldest text goes, keeping its last token
+            start = self._slots
+            cut = self.held + n - capacity
+            if cut > self.held - start - 1:
+                raise ContextFullError("This exchange is too long to compress in this context.")
+            self.evict(start, start + cut)
+        start = self._slots
         end = self.held
         ctx.set_adapter(ccm.adapter)
         try:
@@ -397,6 +412,7 @@ class Conversation:
         if start:
             ctx.merge_slots(n, 1.0 / self._groups)
             self._forget(n, 2 * n)
+            self._kv_ends[:n] = [len(self._rendered)] * n  # the mean stands for all of it
         self._slots = n
 
     def _compact(self, ctx) -> None:
@@ -413,7 +429,7 @@ class Conversation:
             # a <COMP> slot cannot be decoded again (its turn is gone): a throwaway token
             # applies the shift instead; the next decode is new text, so no logits are needed
             held = len(self._kv_tokens)
-            ctx.decode([self.engine.model.bos], held)
+            ctx.decode([max(self.engine.model.bos, 0)], held)
             ctx.remove(held)
             ctx.set_state(ctx.get_state())
         elif self._kv_tokens:
@@ -519,6 +535,7 @@ class Conversation:
         shown: list[str] = []
         n_generated = 0
         finish = "cancelled"
+        failed = False
         started = time.perf_counter()
         try:
             while True:
@@ -528,8 +545,10 @@ class Conversation:
                 if n_generated >= params.max_tokens:
                     finish = "length"
                     break
-                if self.held + 1 > ctx.n_ctx - 1 and not self.policy.make_room(
-                    self, min(GENERATION_HEADROOM, ctx.n_ctx // 4), ctx.n_ctx - 1
+                if self.held + 1 > ctx.n_ctx - 1 and not (
+                    self.policy.make_room(
+                        self, min(GENERATION_HEADROOM, ctx.n_ctx // 4), ctx.n_ctx - 1)
+                    or self.policy.make_room(self, 1, ctx.n_ctx - 1)
                 ):
                     finish = "context_full"
                     break
@@ -549,7 +568,11 @@ class Conversation:
                 if stops.stopped:
                     finish = "stop"
                     break
+        except Exception:
+            failed = True
+            raise
         finally:
+            decode_seconds = time.perf_counter() - started  # not the policy's work below
             sampler.close()
             tail = ""
             if not stops.stopped:
@@ -558,16 +581,20 @@ class Conversation:
             reply = "".join(shown)
             self.messages.append(ChatMessage("assistant", reply))
             if self.policy.reads_finished_exchange:
-                # the reply's end-of-turn marker, which generation stops before, goes in too:
-                # a compressor was trained on exchanges as the template renders them
-                self._sync(model.render_chat(self.messages, add_assistant=False))
-            self._end_turn()
+                if not failed:  # after a failed decode the cache is left for a rebuild
+                    # the reply's end-of-turn marker, which generation stops before, goes in
+                    # too: a compressor was trained on exchanges as the template renders them
+                    with suppress(ContextFullError):
+                        self._sync(model.render_chat(self.messages, add_assistant=False))
+                    self._end_turn()
+            else:
+                self._end_turn()
             self.last_reply = ReplyStats(
                 text=reply,
                 tokens=n_generated,
                 prompt_tokens=prompt_tokens,
                 prefill_seconds=prefill_s,
-                decode_seconds=time.perf_counter() - started,
+                decode_seconds=decode_seconds,
                 finish_reason=finish,
             )
         if tail:

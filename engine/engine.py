@@ -90,8 +90,12 @@ class Engine:
         if backend == "hf":
             engine = cls._load_hf(path, compression, device, n_ctx, cache_dir, default)
             if files is not None:
-                engine.ccm = LoadedCompressor(files, engine.model.install_compressor(files),
-                                              files.vectors())
+                try:
+                    engine.ccm = LoadedCompressor(files, engine.model.install_compressor(files),
+                                                  files.vectors())
+                except Exception:
+                    engine.close()
+                    raise
             return engine
         has_gpu = gpu_available()
         if device == "gpu" and not has_gpu:

@@ -126,17 +126,14 @@ class HFModel:
     def install_compressor(self, files) -> object:
         """Put a trained compressor's LoRA and <COMP> table on this model (it wraps q/k/v/o;
         the LoRA acts only where a <COMP> decode switches it on)."""
-        from safetensors.torch import load_file
-
         from engine.ccm.compressor import Compressor
 
         card = files.card
-        comp = Compressor(self.torch_model, card["n_comp"], card["rank"], card["alpha"],
-                          card["method"])
         try:
-            comp.load_state_dict(load_file(files.folder / "compressor.safetensors"),
-                                 strict=False)
-        except (RuntimeError, OSError) as exc:
+            comp = Compressor(self.torch_model, card["n_comp"], card["rank"], card["alpha"],
+                              card["method"])
+            comp.load_trainable(files.folder / "compressor.safetensors")
+        except (RuntimeError, OSError, ValueError, AttributeError) as exc:
             raise ModelError(f"The compressor in {files.folder} does not fit this model "
                              f"({exc}).") from exc
         self.compressor = comp.to(self.device, next(self.torch_model.parameters()).dtype)

@@ -51,7 +51,7 @@ def scores(conv) -> list[float]:
 
 def test_the_shipped_compressor_serves_the_levels_of_the_default_model(ccm_llama) -> None:
     files = find_compressor(ccm_llama.fingerprint)
-    assert files is not None and files.folder.parent == compressor_dirs()[0]
+    assert files is not None and files.folder.parent == compressor_dirs()[-1]  # shipped
     assert files.card["steps"] > 0 and "held_apart_reply_nll_after" in files.card
     for level, cap in (("light", 2048), ("balanced", 512), ("aggressive", 128)):
         config = ccm_llama.compression_for(level)
@@ -156,3 +156,16 @@ def test_ccm_merge_runs_on_transformers_and_is_refused_on_llama_cpp(tmp_path, hf
     merge = CompressionConfig("balanced", "ccm-merge", ccm_llama.compression.params, "f16")
     with pytest.raises(ValueError, match="not available on the llama.cpp back end"):
         ccm_llama.new_conversation(compression=merge)
+
+
+def test_a_reply_that_fills_the_context_is_kept_and_compressed() -> None:
+    """No old group to drop, no room for the end-of-turn marker: the reply is still kept,
+    the exchange still compressed (its oldest text goes first), and the chat goes on."""
+    with Engine.load(n_ctx=128, device="cpu", compression="balanced") as eng:
+        conv = eng.new_conversation()
+        reply = "".join(conv.send("Write a very long story about a dragon.", max_tokens=400,
+                                  temperature=0))
+        assert reply and conv.last_reply.finish_reason == "context_full"
+        assert conv.messages[-1].content == reply and conv.stats().memory_tokens == 1
+        assert "".join(conv.send("Thanks!", max_tokens=5, temperature=0))
+        assert conv.stats().memory_tokens <= 2

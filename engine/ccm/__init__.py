@@ -2,12 +2,21 @@
 
 The pieces (a <COMP> table, a conditional LoRA, the episode layouts of CCM-concat and
 CCM-merge), the parallel masked forward used in training and the recursive loop it must
-match, training, and export to llama.cpp.
+match, training, and export to llama.cpp. Loaded on first use: the engine imports
+`engine.ccm.files` (torch-free) at every start, and torch only when a compressor runs.
 """
 
-from engine.ccm.compressor import Compressor
-from engine.ccm.layout import METHODS, Layout, episode_layout
-from engine.ccm.lora import CompGate, ConditionalLoRALinear
+from importlib import import_module
 
-__all__ = ["METHODS", "CompGate", "Compressor", "ConditionalLoRALinear", "Layout",
-           "episode_layout"]
+_EXPORTS = {
+    "Compressor": "engine.ccm.compressor", "METHODS": "engine.ccm.layout",
+    "Layout": "engine.ccm.layout", "episode_layout": "engine.ccm.layout",
+    "CompGate": "engine.ccm.lora", "ConditionalLoRALinear": "engine.ccm.lora",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine.ccm' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -45,6 +45,18 @@ class Compressor(nn.Module):
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
+    def load_trainable(self, path) -> None:
+        """Load trained tensors (a compressor.safetensors); every one must fit, or nothing
+        would say that the LoRA stayed at zero."""
+        from safetensors.torch import load_file
+
+        result = self.load_state_dict(load_file(path), strict=False)
+        wanted = {n for n, p in self.named_parameters() if any(p is t for t in self.trainable())}
+        missing = wanted & set(result.missing_keys)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{path} does not fit this model: missing "
+                             f"{sorted(missing)[:3]}, unexpected {result.unexpected_keys[:3]}")
+
     def trainable(self) -> list[nn.Parameter]:
         lora = [p for m in self.model.modules() if isinstance(m, ConditionalLoRALinear)
                 for p in (m.lora_a, m.lora_b)]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -47,10 +48,13 @@ class CompressorFiles:
     def n_comp(self) -> int:
         return int(self.card["n_comp"])
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Identifies these weights: a memory made with other weights is not reused."""
-        digest = hashlib.sha256((self.folder / "compressor.safetensors").read_bytes())
+        """Identifies these weights (every file a back end reads): a memory made with other
+        weights is not reused."""
+        digest = hashlib.sha256()
+        for name in FILES[1:]:
+            digest.update((self.folder / name).read_bytes())
         return digest.hexdigest()[:16]
 
     def vectors(self) -> np.ndarray:
@@ -81,17 +85,19 @@ def user_compressor_dir() -> Path:
 
 
 def compressor_dirs() -> list[Path]:
-    """Shipped compressors first, then the user's own."""
-    return [Path(str(resources.files("assets"))) / "compressors", user_compressor_dir()]
+    """The user's own compressors first (a newer one for a model wins), then shipped ones."""
+    return [user_compressor_dir(), Path(str(resources.files("assets"))) / "compressors"]
 
 
 def find_compressor(model_fingerprint: str, method: str = "concat",
                     dirs: list[Path] | None = None) -> CompressorFiles | None:
-    """The first complete compressor trained for this exact model file, if any."""
+    """The newest complete compressor trained for this exact model file, if any (user's
+    folder first)."""
     for root in dirs if dirs is not None else compressor_dirs():
         if not root.is_dir():
             continue
-        for card in sorted(root.glob(f"*/{CARD}")):
+        for card in sorted(root.glob(f"*/{CARD}"), key=lambda p: p.stat().st_mtime,
+                           reverse=True):
             try:
                 files = CompressorFiles.open(card.parent)
             except ModelError:
