@@ -17,7 +17,7 @@ from contextlib import suppress  # isort: skip
 with suppress(ImportError):  # without it, the llama.cpp back end says what to install
     import llama_cpp  # noqa: F401  isort: skip
 
-from importlib import import_module
+from engine.lazy import lazy_attributes
 
 _EXPORTS = {
     "LEVELS": "engine.config", "CompressionConfig": "engine.config",
@@ -32,9 +32,5 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes("engine", _EXPORTS)
 

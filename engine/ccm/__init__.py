@@ -6,7 +6,7 @@ match, training, and export to llama.cpp. Loaded on first use: the engine import
 `engine.ccm.files` (torch-free) at every start, and torch only when a compressor runs.
 """
 
-from importlib import import_module
+from engine.lazy import lazy_attributes
 
 _EXPORTS = {
     "Compressor": "engine.ccm.compressor", "METHODS": "engine.ccm.layout",
@@ -15,8 +15,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'engine.ccm' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes("engine.ccm", _EXPORTS)
