@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from plots import line_chart  # noqa: E402  (a sibling script module)
 CHECKPOINTS = (1, 10, 50, 100, 200)
 QUESTION = "Can you remind me what we talked about at the start?"
 REPLY_TOKENS = 32
+REPEATS = 3
 
 
 def exchanges(n: int) -> list[tuple[str, str]]:
@@ -53,7 +55,13 @@ def configs() -> list[tuple[str, str, bool]]:
 
 
 def probe(engine: Engine, conv) -> dict:
-    """Time to first token and decode speed of a reply from a copy of `conv`."""
+    """Time to first token and decode speed of a reply from a copy of `conv` (medians of
+    REPEATS, so one hiccup of a shared machine does not make the row)."""
+    runs = [probe_once(engine, conv) for _ in range(REPEATS)]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def probe_once(engine: Engine, conv) -> dict:
     copy = engine.restore_conversation(conv.save_state())
     start = time.perf_counter()
     pieces = copy.send(QUESTION, SamplingParams(temperature=0.0, max_tokens=REPLY_TOKENS))
@@ -67,6 +75,10 @@ def probe(engine: Engine, conv) -> dict:
 
 
 def reference(llm: Llama, tokens: list[int]) -> float:
+    return statistics.median(reference_once(llm, tokens) for _ in range(REPEATS))
+
+
+def reference_once(llm: Llama, tokens: list[int]) -> float:
     llm.reset()
     llm.eval(tokens)
     start = time.perf_counter()
@@ -76,12 +88,12 @@ def reference(llm: Llama, tokens: list[int]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    pairs = exchanges(max(CHECKPOINTS))
+    pairs = exchanges(args.exchanges)
     threads = os.cpu_count() or 1
-    curves, probes = {}, []
+    curves, probes, engine_info = {}, [], ""
     for label, level, ccm in configs():
         engine = Engine.load(n_ctx=args.n_ctx, compression=level, device=args.device,
-                             compressor=ccm, n_threads=threads)
+                             backend=args.backend, compressor=ccm, n_threads=threads)
         if ccm and engine.compression.method == "window":
             engine.close()
             continue
@@ -100,7 +112,8 @@ def run(args: argparse.Namespace) -> dict:
             if t in CHECKPOINTS and (label == "off" or level == "balanced"):
                 row = {"config": label, "turn": t, "held": stats.memory_tokens,
                        "full_tokens": stats.full_context_tokens, **probe(engine, conv)}
-                if label == "off":  # llama-cpp-python's loop, flash attention as the engine's
+                if label == "off" and args.backend == "llamacpp":
+                    # llama-cpp-python's loop, flash attention as the engine's
                     # context has it (on: it keeps every token) and as Llama's default (off)
                     for fa in (True, False):
                         row[f"reference_fa_{'on' if fa else 'off'}_tok_s"] = reference(
@@ -113,12 +126,14 @@ def run(args: argparse.Namespace) -> dict:
                          f"on, {row['reference_fa_off_tok_s']:.1f} off)"
                          if "reference_tok_s" in row else ""), flush=True)
         curves[label] = curve
+        engine_info = f"{engine.info.backend} on {engine.info.device}"
         print(f"{label:>20}: {len(curve)} exchanges in {time.perf_counter() - started:.0f} s, "
               f"{curve[-1]['bytes'] / 1e6:.1f} MB held at the end", flush=True)
         engine.close()
     return {"command": " ".join(sys.argv), "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpus": threads,
-            "device": args.device, "n_ctx": args.n_ctx, "curves": curves, "probes": probes}
+            "device": args.device, "backend": args.backend, "engine": engine_info,
+            "n_ctx": args.n_ctx, "curves": curves, "probes": probes}
 
 
 _REF: dict[bool, Llama] = {}
@@ -144,7 +159,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     for fa, style in (("on", "k:"), ("off", "k-.")):
         speed[f"llama-cpp-python loop, uncompressed, flash attn {fa}"] = (
             [p["turn"] for p in refs], [p.get(f"reference_fa_{fa}_tok_s") for p in refs], style)
-    device = result["device"]
+    device = result.get("engine", result["device"])
     return [
         line_chart(out.with_name(out.stem + "_memory.png"), memory, "exchanges",
                    "KV memory held (MB, log)", f"Memory vs conversation length ({device})",
@@ -157,7 +172,9 @@ def plot(result: dict, out: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--backend", choices=("llamacpp", "hf"), default="llamacpp")
     parser.add_argument("--n-ctx", type=int, default=8192)
+    parser.add_argument("--exchanges", type=int, default=max(CHECKPOINTS))
     parser.add_argument("--out", type=Path, default=Path("bench/results/length_cpu.json"))
     parser.add_argument("--replot", action="store_true", help="only redraw from --out's JSON")
     args = parser.parse_args()

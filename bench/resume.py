@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +24,15 @@ from app.settings import Settings
 from engine import Engine, SamplingParams
 from storage import Store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plots import line_chart  # noqa: E402  (a sibling script module)
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
 QUESTION = "What did we talk about first?"
 
 
-def exchanges() -> list[tuple[str, str]]:
-    bank = json.loads((DATA / "memory_bank_en.json").read_text())
+def exchanges(data: Path = DATA) -> list[tuple[str, str]]:
+    bank = json.loads((data / "memory_bank_en.json").read_text())
     pairs = []
     for user in bank.values():
         for day in user["history"].values():
@@ -36,10 +40,10 @@ def exchanges() -> list[tuple[str, str]]:
     return pairs
 
 
-def fill(store: Store, engine: Engine, tokens: int) -> int:
+def fill(store: Store, engine: Engine, tokens: int, pairs: list[tuple[str, str]]) -> int:
     """A conversation whose transcript is about `tokens` tokens long."""
     conv = store.create_conversation("bench")
-    count, pairs = 0, exchanges()
+    count = 0
     i = 0
     while count < tokens:
         user, reply = pairs[i % len(pairs)]
@@ -77,8 +81,14 @@ def main() -> None:
                              "exchange: minutes past this on a small CPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/resume.json"))
+    parser.add_argument("--data", type=Path, default=DATA, help="the MemoryBank folder")
+    parser.add_argument("--replot", action="store_true", help="only redraw from --out's JSON")
     args = parser.parse_args()
+    if args.replot:
+        print("plot:", plot(json.loads(args.out.read_text()), args.out))
+        return
     lengths = [int(x) for x in args.lengths.split(",")]
+    pairs = exchanges(args.data)
 
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="ccm-resume-"))
@@ -91,7 +101,7 @@ def main() -> None:
             if ccm and length > args.ccm_max_length:
                 continue
             store = Store(tmp / f"{level}-{ccm}-{length}.db")
-            conv_id = fill(store, engine, length)
+            conv_id = fill(store, engine, length, pairs)
             row = {"level": name, "transcript_tokens": length, "method":
                    engine.compression.method}
             if level == "off" and length > engine.n_ctx - 64:
@@ -136,10 +146,26 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "device": args.device,
         "command": "python bench/resume.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("data", "replot")),
         "rows": rows,
     }, indent=2))
     print(f"wrote {args.out}")
+    print("plot:", plot(json.loads(args.out.read_text()), args.out))
+
+
+def plot(result: dict, out: Path) -> Path:
+    """First-token time against transcript length: restored (solid) vs rebuilt (dashed)."""
+    series = {}
+    for level in dict.fromkeys(r["level"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["level"] == level and "note" not in r]
+        x = [r["transcript_tokens"] for r in rows]
+        series[f"{level}: restored"] = (x, [r["restore_first_token_s"] for r in rows], "o-")
+        series[f"{level}: rebuilt"] = (x, [r["rebuild_first_token_s"] for r in rows], "x--")
+    return line_chart(out.with_suffix(".png"), series, "transcript tokens (log)",
+                      "open -> first token, s (log)",
+                      f"Resume: restored state vs re-reading the transcript "
+                      f"({result['device']})", logx=True, logy=True)
 
 
 if __name__ == "__main__":

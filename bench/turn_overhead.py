@@ -17,11 +17,16 @@ import time
 from pathlib import Path
 
 from engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy)
-from resume import exchanges  # isort: skip
+from length import configs  # isort: skip
+from resume import DATA, exchanges  # isort: skip
 
 
-def run(level: str, turns: int, device: str, max_tokens: int) -> dict:
-    engine = Engine.load(compression=level, device=device, n_ctx=4096)
+def run(label: str, level: str, ccm: bool, users: list[str], device: str,
+        max_tokens: int) -> dict:
+    engine = Engine.load(compression=level, device=device, n_ctx=4096, compressor=ccm)
+    if ccm and engine.compression.method == "window":
+        engine.close()
+        raise SystemExit("no compressor for the default model: train or reinstall one")
     conv = engine.new_conversation()
     policy_s: list[float] = []
     original = conv.policy.after_turn
@@ -33,7 +38,7 @@ def run(level: str, turns: int, device: str, max_tokens: int) -> dict:
 
     conv.policy.after_turn = timed  # type: ignore[method-assign]
     turn_s, speeds = [], []
-    for user, _ in exchanges()[:turns]:
+    for user in users:
         start = time.perf_counter()
         for _ in conv.send(user, SamplingParams(temperature=0.0, max_tokens=max_tokens)):
             pass
@@ -41,7 +46,7 @@ def run(level: str, turns: int, device: str, max_tokens: int) -> dict:
         speeds.append(conv.last_reply.tokens_per_second)
     stats = conv.stats()
     engine.close()
-    return {"level": level, "turns": turns, "method": engine.compression.method,
+    return {"level": label, "turns": len(users), "method": engine.compression.method,
             "turn_s_median": statistics.median(turn_s),
             "policy_ms_median": 1000 * statistics.median(policy_s),
             "policy_ms_max": 1000 * max(policy_s),
@@ -55,13 +60,15 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=30)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path("bench/results/turn_overhead.json"))
+    parser.add_argument("--data", type=Path, default=DATA, help="the MemoryBank folder")
     args = parser.parse_args()
-    rows = [run(level, args.turns, args.device, args.max_tokens)
-            for level in ("off", "light", "balanced", "aggressive")]
-    print(f"{'level':11} {'turn s':>7} {'policy ms (median / max)':>25} {'tok/s':>7} "
+    users = [user for user, _ in exchanges(args.data)[:args.turns]]
+    rows = [run(label, level, ccm, users, args.device, args.max_tokens)
+            for label, level, ccm in configs()]
+    print(f"{'level':18} {'turn s':>7} {'policy ms (median / max)':>25} {'tok/s':>7} "
           f"{'held':>6} {'seen':>6}")
     for r in rows:
-        print(f"{r['level']:11} {r['turn_s_median']:>7.2f} {r['policy_ms_median']:>12.1f} / "
+        print(f"{r['level']:18} {r['turn_s_median']:>7.2f} {r['policy_ms_median']:>12.1f} / "
               f"{r['policy_ms_max']:<10.1f} {r['decode_tok_s_last5']:>7.1f} "
               f"{r['tokens_held']:>6} {r['tokens_seen']:>6}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -184,7 +184,7 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
 
 def recall_episodes(seed: int):
     """A fact (token) planted in the first turn, asked for at the end; filler in between."""
-    from engine.ccm.train import Episode
+    from engine.ccm.data import Episode
 
     g = torch.Generator().manual_seed(seed)
     while True:

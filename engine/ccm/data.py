@@ -16,11 +16,19 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from engine.ccm.train import Episode
 from engine.errors import ModelError
 
 Render = Callable[[list[dict[str, str]], bool], str]  # (messages, add_assistant) -> text
 Tokenize = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Context turns to compress, then the final prompt and the reply the loss is taken on."""
+
+    context: list[list[int]]
+    prompt: list[int]
+    reply: list[int]
 
 
 def load_chitchat() -> dict[str, list[str]]:

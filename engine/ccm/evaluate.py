@@ -20,8 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from engine.ccm.compressor import Compressor
-from engine.ccm.data import RecallCase, Tokens
-from engine.ccm.train import Episode
+from engine.ccm.data import Episode, RecallCase, Tokens
 
 SINK = 4
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,18 +18,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from engine.ccm.compressor import Compressor
+from engine.ccm.data import Episode
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
-
-
-@dataclass(frozen=True)
-class Episode:
-    """Context turns to compress, then the final prompt and the reply the loss is taken on."""
-
-    context: list[list[int]]
-    prompt: list[int]
-    reply: list[int]
 
 
 def episode_loss(compressor: Compressor, episode: Episode) -> torch.Tensor:
