@@ -184,9 +184,10 @@ def cmd_paths(args: argparse.Namespace) -> int:
     print("settings:  stored in the database (settings table)")
     print(f"data dir:  {paths.data_dir()}   (${paths.DATA_DIR_ENV})")
     print(f"cache dir: {paths.cache_dir()}   (${paths.CACHE_DIR_ENV})")
-    from engine.ccm.files import user_compressor_dir
+    from engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
 
-    print(f"compressors: {user_compressor_dir()}   (trained ones the app picks up)")
+    print(f"compressors: {user_compressor_dir()}   (trained ones the app picks up; also "
+          f"${EXTRA_DIRS_ENV})")
     model = getattr(args, "model", None) or os.environ.get(MODEL_ENV_VAR)
     if model:
         print(f"model:     {model}")
@@ -201,7 +202,7 @@ def cmd_paths(args: argparse.Namespace) -> int:
 
 
 def cmd_train_compressor(args: argparse.Namespace) -> int:
-    from engine.ccm.files import user_compressor_dir
+    from engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
     from engine.ccm.recipe import train_compressor  # torch: only when training
     from engine.models import resolve_model_path
 
@@ -215,6 +216,10 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
     )
     print(f"held-apart reply NLL: {card['held_apart_reply_nll_before']:.3f} -> "
           f"{card['held_apart_reply_nll_after']:.3f}; written to {out}")
+    if out.resolve().parent != user_compressor_dir().resolve():
+        print(f"The app looks for compressors in {user_compressor_dir()} and in the folders "
+              f"listed in ${EXTRA_DIRS_ENV}: move it there, or run "
+              f"`{EXTRA_DIRS_ENV}={out} ccm-chat ...`.")
     return 0
 
 

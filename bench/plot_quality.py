@@ -1,6 +1,8 @@
-"""Quality against compression ratio, one line per method, from bench/quality.py's rows.
+"""Quality against compression ratio, one line per method, from bench/quality.py's rows
+(and bench/quality_kv.py's: KV cache quantization on llama.cpp), drawn next to the first
+file's.
 
-    python bench/plot_quality.py bench/results/quality_gpu.json
+    python bench/plot_quality.py bench/results/quality_gpu.json bench/results/quality_kv_cpu.json
 """
 
 from __future__ import annotations
@@ -11,29 +13,38 @@ from pathlib import Path
 
 from plots import line_chart
 
-METHODS = {"sink+window": "s--", "ccm-concat": "o-", "ccm-merge": "^-"}
+# line label -> (the rows' method labels, matplotlib style)
+METHODS = {
+    "sink+window": (("sink+window",), "s--"),
+    "ccm-concat": (("ccm-concat",), "o-"),
+    "ccm-merge": (("ccm-merge",), "^-"),
+    "KV quantization, K f16/q8_0/q4_0 (llama.cpp)": (
+        ("full, K f16", "full, K q8_0", "full, K q4_0"), "d-."),
+    "sink+window, K q8_0 (llama.cpp)": (("sink+window, K q8_0",), "v:"),
+}
 
 
 def chart(rows: list[dict], name: str, ylabel: str, out: Path) -> Path:
     picked = [r for r in rows if r["set"] == name]
     series = {}
-    for method, style in METHODS.items():
+    for label, (methods, style) in METHODS.items():
         points = sorted((r["ratio"], r["value"]) for r in picked
-                        if r["method"] == method and r["ratio"])
+                        if r["method"] in methods and r["ratio"])
         if points:
-            series[method] = ([x for x, _ in points], [y for _, y in points], style)
+            series[label] = ([x for x, _ in points], [y for _, y in points], style)
     xs = [x for x, _, _ in series.values() for x in x]
     for method, label, style in (("full", "full context", "k:"), ("none", "no context", "r:")):
         ref = [r["value"] for r in picked if r["method"] == method]
         if ref and xs:
             series[label] = ([min(xs), max(xs)], [ref[0], ref[0]], style)
-    return line_chart(out, series, "compression ratio (full-context tokens / cells held, log)",
-                      ylabel, f"{ylabel} vs compression ({name})", logx=True)
+    return line_chart(out, series, "compression ratio (full-context f16 KV bytes / bytes held, "
+                      "log)", ylabel, f"{ylabel} vs compression ({name})", logx=True)
 
 
 def main() -> None:
-    source = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/quality_gpu.json")
-    rows = json.loads(source.read_text())["rows"]
+    sources = [Path(a) for a in sys.argv[1:]] or [Path("bench/results/quality_gpu.json")]
+    source = sources[0]
+    rows = [row for path in sources for row in json.loads(path.read_text())["rows"]]
     for name, ylabel in (("ppl@16", "next-turn perplexity"), ("ppl@32", "next-turn perplexity"),
                          ("recall", "recall accuracy"), ("longchat", "first-topic accuracy")):
         png = source.with_name(f"{source.stem}_{name.replace('@', '')}.png")

@@ -116,7 +116,7 @@ def main() -> None:
     started = time.perf_counter()
     if args.baselines or args.window:
         comp = load_compressor(None, args.device, args.model)
-        sets = datasets(model_tokens_of(comp, args.model), args.limit, args.longchat,
+        sets = datasets(model_tokens_of(args.model), args.limit, args.longchat,
                         [x for x in args.sets.split(",") if x])
         if args.baselines:
             rows += evaluate(comp, Memory("none"), sets, "none", 0)
@@ -125,7 +125,7 @@ def main() -> None:
             rows += evaluate(comp, Memory("window", n), sets, "sink+window", n)
     for folder in args.compressor:
         comp = load_compressor(folder, args.device, args.model)
-        sets = datasets(model_tokens_of(comp, args.model), args.limit, args.longchat,
+        sets = datasets(model_tokens_of(args.model), args.limit, args.longchat,
                         [x for x in args.sets.split(",") if x])
         rows += evaluate(comp, Memory("ccm"), sets, f"ccm-{comp.method}", comp.n_comp)
     result = {
@@ -138,15 +138,19 @@ def main() -> None:
     print(table(rows))
 
 
-def model_tokens_of(comp: Compressor, model: str | None):
+def model_tokens_of(model: str | None):
     from transformers import AutoTokenizer
 
     from engine.hf_backend import converted_dir
     from engine.models import model_cache_dir, resolve_model_path
 
     path = resolve_model_path(model, allow_dir=True)
-    source = path if path.is_dir() else converted_dir(path, model_cache_dir())
-    return model_tokens(AutoTokenizer.from_pretrained(source))
+    if path.is_dir():
+        return model_tokens(AutoTokenizer.from_pretrained(path))
+    converted = converted_dir(path, model_cache_dir())
+    if (converted / "tokenizer_config.json").exists():
+        return model_tokens(AutoTokenizer.from_pretrained(converted))
+    return model_tokens(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
 
 
 if __name__ == "__main__":

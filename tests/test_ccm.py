@@ -266,24 +266,34 @@ def tok_text(engine, ids: list[int]) -> str:
     return engine.model.tokenizer.decode(ids)
 
 
-def test_train_compressor_command_writes_what_llama_cpp_loads(tmp_path, monkeypatch,
-                                                              hf_engine) -> None:
+def test_train_compressor_command_writes_what_the_app_picks_up(tmp_path, monkeypatch,
+                                                               hf_engine, capsys) -> None:
     import json
 
     from app.cli import main
-    from engine import Engine
+    from app.service import load_engine
+    from app.settings import Settings
+    from engine.ccm.files import EXTRA_DIRS_ENV, find_compressor, user_compressor_dir
 
     monkeypatch.setenv("CCM_CHAT_CACHE_DIR", str(hf_engine.model.cache_dir))  # converted
-    out = tmp_path / "comp"
-    assert main(["train-compressor", "--out", str(out), "--steps", "3", "--n-comp", "2",
+    assert main(["train-compressor", "--steps", "3", "--n-comp", "2",
                  "--eval-episodes", "2", "--device", "cpu"]) == 0
+    (out,) = user_compressor_dir().iterdir()  # the default --out: the user's compressors
     card = json.loads((out / "compressor.json").read_text())
     assert card["steps"] == 3 and card["n_comp"] == 2 and card["method"] == "concat"
     assert card["base_fingerprint"] == hf_engine.fingerprint
-    # the engine runs it: a level now means CCM with this compressor's 2 slots per exchange
-    with Engine.load(n_ctx=256, device="cpu", compression="balanced", compressor=out) as eng:
+    # the app's engine (llama.cpp) runs it ahead of the shipped n = 1 compressor: a level now
+    # means CCM with this compressor's 2 slots per exchange
+    with load_engine(Settings(compression="balanced", context_size=256), None) as eng:
         assert eng.compression.method == "ccm-concat"
+        assert eng.ccm is not None and eng.ccm.files.folder == out
         conv = eng.new_conversation()
         conv.add_turn("user", "Hello there.")
         conv.add_turn("assistant", "Hi!")
         assert conv.stats().memory_tokens == 2
+    # a compressor kept elsewhere is found through $CCM_CHAT_COMPRESSORS, which wins
+    elsewhere = tmp_path / "elsewhere"
+    out.rename(elsewhere)
+    assert find_compressor(hf_engine.fingerprint).card["n_comp"] == 1  # the shipped one
+    monkeypatch.setenv(EXTRA_DIRS_ENV, str(elsewhere))
+    assert find_compressor(hf_engine.fingerprint).folder == elsewhere

@@ -4,7 +4,8 @@ A compressor folder (what `ccm-chat train-compressor` writes) holds the card
 `compressor.json` (the base model's fingerprint, method, n, rank, alpha), the trained
 tensors `compressor.safetensors`, the LoRA as a llama.cpp adapter `lora.gguf` and the <COMP>
 vectors `comp_vectors.npy`. Shipped ones live in the `assets` package; a user's own go in the
-user data dir's `compressors/` folder. Only torch-free code here: the engine imports it.
+user data dir's `compressors/` folder, or anywhere $CCM_CHAT_COMPRESSORS names. Only
+torch-free code here: the engine imports it.
 """
 
 from __future__ import annotations
@@ -84,9 +85,15 @@ def user_compressor_dir() -> Path:
     return Path(data).expanduser() / "compressors"
 
 
+EXTRA_DIRS_ENV = "CCM_CHAT_COMPRESSORS"
+
+
 def compressor_dirs() -> list[Path]:
-    """The user's own compressors first (a newer one for a model wins), then shipped ones."""
-    return [user_compressor_dir(), Path(str(resources.files("assets"))) / "compressors"]
+    """Where compressors are looked for, first match wins: folders in $CCM_CHAT_COMPRESSORS
+    (a compressor, or a folder of them), the user's own, then the shipped ones."""
+    extra = [Path(p).expanduser() for p in os.environ.get(EXTRA_DIRS_ENV, "").split(os.pathsep)
+             if p]
+    return [*extra, user_compressor_dir(), Path(str(resources.files("assets"))) / "compressors"]
 
 
 def find_compressor(model_fingerprint: str, method: str = "concat",
@@ -96,8 +103,9 @@ def find_compressor(model_fingerprint: str, method: str = "concat",
     for root in dirs if dirs is not None else compressor_dirs():
         if not root.is_dir():
             continue
-        for card in sorted(root.glob(f"*/{CARD}"), key=lambda p: p.stat().st_mtime,
-                           reverse=True):
+        cards = [root / CARD] if (root / CARD).is_file() else sorted(
+            root.glob(f"*/{CARD}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for card in cards:
             try:
                 files = CompressorFiles.open(card.parent)
             except ModelError:
