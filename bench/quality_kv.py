@@ -7,7 +7,8 @@ and sink + window with a q8_0 K cache (what a training-free level runs) at the b
 bench/quality.py's window rows. The V cache stays f16, as in the app. Rows have quality.py's
 shape, so bench/plot_quality.py draws them beside the rest.
 
-    python bench/quality_kv.py --limit 50 --out bench/results/quality_kv_cpu.json
+    python bench/quality_kv.py --limit 20 --sets ppl@16,recall \
+        --out bench/results/quality_kv_cpu.json
 """
 
 from __future__ import annotations
