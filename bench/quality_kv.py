@@ -34,21 +34,11 @@ from engine.llama_backend import LlamaContext  # noqa: E402
 BITS = {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5}
 
 
-def held_tokens(episode: Episode, memory: Memory) -> list[int]:
-    """What the context leaves in the cache, as bench/quality.py's reply_nll keeps it."""
-    held = [t for c in episode.context for t in c]
-    budget = memory.budget(episode)
-    if memory.method == "window" and len(held) > budget:
-        sink = 4
-        held = held[:sink] + held[len(held) - (budget - sink):]
-    return held
-
-
 def reply_nlls(ctx: LlamaContext, episode: Episode, answers: list[list[int]],
                memory: Memory) -> list[float]:
     """Mean NLL of each answer after the prompt, the context decoded once."""
     ctx.clear()
-    held = held_tokens(episode, memory)
+    held = memory.held(episode)
     if held:
         ctx.decode(held, 0)
     out = []
@@ -77,7 +67,7 @@ def evaluate(ctx: LlamaContext, memory: Memory, sets: dict, label: str, n: int,
             value = statistics.mean(
                 float(int(np.argmin(reply_nlls(ctx, c.episode, c.answers, memory)) == 0))
                 for c in cases)
-        cells = statistics.mean(len(held_tokens(e, memory)) for e in episodes)
+        cells = statistics.mean(len(memory.held(e)) for e in episodes)
         full = statistics.mean(sum(len(c) for c in e.context) for e in episodes)
         rows.append({"method": label, "n": n, "set": name, "value": value, "slots": cells,
                      "full_tokens": full, "bytes": cells * bytes_per_cell,

@@ -36,6 +36,13 @@ class Memory:
     def budget(self, episode: Episode) -> int:
         return max(SINK + 1, self.per_turn * len(episode.context))
 
+    def held(self, episode: Episode) -> list[int]:
+        """The context tokens kept in the cache (none, all, or the sink and the window)."""
+        held = [t for c in episode.context for t in c] if self.method != "none" else []
+        if self.method == "window" and len(held) > self.budget(episode):
+            held = held[:SINK] + held[len(held) - (self.budget(episode) - SINK):]
+        return held
+
     def slots(self, episode: Episode, n_comp: int = 0, merge: bool = False) -> int:
         held = sum(len(c) for c in episode.context)
         if self.method == "window":
@@ -60,9 +67,7 @@ def reply_nll(compressor: Compressor, episode: Episode, memory: Memory) -> tuple
     if memory.method == "ccm":
         logits, layout = compressor.parallel_logits([*episode.context, final])
         return _reply_nll(logits, layout.text_index[-1], len(episode.prompt), episode.reply)
-    held = [t for c in episode.context for t in c] if memory.method != "none" else []
-    if memory.method == "window" and len(held) > memory.budget(episode):
-        held = held[:SINK] + held[len(held) - (memory.budget(episode) - SINK):]
+    held = memory.held(episode)
     ids = torch.tensor([held + final], device=compressor.comp.device)
     logits = compressor.model(input_ids=ids).logits[0]
     rows = list(range(len(held), len(held) + len(final)))
