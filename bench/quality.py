@@ -58,14 +58,24 @@ def evaluate(compressor: Compressor, memory: Memory, sets, label: str, n: int) -
         else:
             value = recall_accuracy(compressor, cases, memory)
         merge = compressor.method == "merge"
-        slots = statistics.mean(memory.slots(e, n, merge) for e in episodes)
-        full = statistics.mean(sum(len(c) for c in e.context) for e in episodes)
-        rows.append({"method": label, "n": n, "set": name, "value": value,
-                     "slots": slots, "full_tokens": full, "bytes": slots * bytes_per_slot,
-                     "ratio": full / slots if slots else None, "cases": len(cases)})
-        print(f"{label:>12} n={n} {name:>9}: {value:.3f}  slots {slots:.0f} "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        slots = [memory.slots(e, n, merge) for e in episodes]
+        rows.append(result_row(label, n, name, value, episodes, slots, bytes_per_slot,
+                               bytes_per_slot, start))
     return rows
+
+
+def result_row(label: str, n: int, name: str, value: float, episodes: list, slots: list[int],
+               bytes_per_slot: float, f16_bytes_per_token: float, start: float) -> dict:
+    """One table row (printed as it comes): the ratio is the full context's f16 KV bytes over
+    the bytes held, so a quantized cache and fewer cells compare on one axis."""
+    held = statistics.mean(slots)
+    full = statistics.mean(sum(len(c) for c in e.context) for e in episodes)
+    ratio = full * f16_bytes_per_token / (held * bytes_per_slot) if held else None
+    print(f"{label:>22} n={n} {name:>9}: {value:.3f}  slots {held:.0f} "
+          f"({time.perf_counter() - start:.1f} s)", flush=True)
+    return {"method": label, "n": n, "set": name, "value": value, "slots": held,
+            "full_tokens": full, "bytes": held * bytes_per_slot, "ratio": ratio,
+            "cases": len(episodes)}
 
 
 def kv_bytes_per_token(config) -> int:

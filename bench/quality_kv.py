@@ -24,7 +24,7 @@ from pathlib import Path
 
 from engine import Engine  # isort: skip  (llama_cpp before numpy and torch)
 import numpy as np  # isort: skip
-from quality import LONGCHAT, datasets, model_tokens_of, table  # isort: skip
+from quality import LONGCHAT, datasets, model_tokens_of, result_row, table  # isort: skip
 
 from engine.ccm.data import Episode  # noqa: E402
 from engine.ccm.evaluate import Memory  # noqa: E402
@@ -67,14 +67,9 @@ def evaluate(ctx: LlamaContext, memory: Memory, sets: dict, label: str, n: int,
             value = statistics.mean(
                 float(int(np.argmin(reply_nlls(ctx, c.episode, c.answers, memory)) == 0))
                 for c in cases)
-        cells = statistics.mean(len(memory.held(e)) for e in episodes)
-        full = statistics.mean(sum(len(c) for c in e.context) for e in episodes)
-        rows.append({"method": label, "n": n, "set": name, "value": value, "slots": cells,
-                     "full_tokens": full, "bytes": cells * bytes_per_cell,
-                     "ratio": full * f16_bytes / (cells * bytes_per_cell) if cells else None,
-                     "cases": len(cases)})
-        print(f"{label:>22} n={n} {name:>9}: {value:.3f}  cells {cells:.0f} "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        cells = [len(memory.held(e)) for e in episodes]
+        rows.append(result_row(label, n, name, value, episodes, cells, bytes_per_cell,
+                               f16_bytes, start))
     return rows
 
 
