@@ -292,6 +292,7 @@ class Conversation:
             "backend": self.engine.info.backend,
             "model": self.engine.fingerprint,
             "compression": {"level": self.compression.level, **self.compression.key()},
+            "flash_attn": self.engine.flash_attn,
             "messages": [[m.role, m.content] for m in self.messages],
             "rendered": base64.b64encode(self._rendered).decode(),
             "kv_tokens": self._kv_tokens,
@@ -314,6 +315,13 @@ class Conversation:
         if kv_type != engine.kv_type:
             raise StateError(
                 f"The memory state holds a {kv_type} KV cache; this engine's is {engine.kv_type}."
+            )
+        saved_flash = head.get("flash_attn")
+        if None not in (saved_flash, engine.flash_attn) and saved_flash != engine.flash_attn:
+            raise StateError(
+                "The memory state's V cache is laid out for flash attention "
+                f"{'on' if saved_flash else 'off'}, this engine's for "
+                f"{'on' if engine.flash_attn else 'off'} (it was saved on another device)."
             )
         try:
             comp = CompressionConfig(**head["compression"])

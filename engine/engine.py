@@ -49,6 +49,7 @@ class Engine:
         self.n_ctx = ctx.n_ctx
         self.kv_type = ctx.kv_type
         self.evicts = ctx.evicts  # whether its conversations may run evicting policies
+        self.flash_attn: bool | None = getattr(ctx, "flash_attn", None)  # llama.cpp only
         self.ccm: LoadedCompressor | None = None
         self._fingerprint: str | None = None
         self._active: Conversation | None = None
@@ -66,6 +67,7 @@ class Engine:
         n_threads: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         compressor: str | os.PathLike[str] | bool = True,
+        flash_attn: bool | None = None,
     ) -> Engine:
         """Load a model (None: the embedded default) and make one context for it.
 
@@ -75,6 +77,8 @@ class Engine:
         whether cells may be evicted, are fixed here for every conversation of this engine.
         `compressor`: a trained CCM compressor folder, True to use the one shipped or trained
         for this model file if there is one (levels then run CCM), False for none.
+        `flash_attn` (llama.cpp): None lets the engine choose (on, except for an evicting
+        context on the CPU; see LlamaContext).
         """
         if backend not in BACKENDS:
             raise EngineError(f"Unknown back end {backend!r}; pick one of {BACKENDS}.")
@@ -110,7 +114,8 @@ class Engine:
         try:
             ctx = LlamaContext(llama_model, n_ctx=n_ctx, n_threads=n_threads,
                                kv_type=compression.kv_type,
-                               evicts=compression.policy().budget is not None)
+                               evicts=compression.policy().budget is not None,
+                               flash_attn=flash_attn)
         except Exception:
             llama_model.close()
             raise

@@ -59,6 +59,7 @@ class LlamaModel:
         params.n_gpu_layers = n_gpu_layers
         self.path = path
         self.n_gpu_layers = n_gpu_layers
+        self.offloaded = n_gpu_layers != 0 and gpu_available()
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
             raise ModelError(
@@ -164,6 +165,7 @@ class LlamaContext:
         n_threads: int | None = None,
         kv_type: str = "f16",
         evicts: bool = False,
+        flash_attn: bool | None = None,
     ) -> None:
         self.model = model
         params = llama_cpp.llama_context_default_params()
@@ -174,18 +176,24 @@ class LlamaContext:
         threads = n_threads or max(1, os.cpu_count() or 1)
         params.n_threads = threads
         params.n_threads_batch = threads
-        # Only K is quantized: a quantized V cache needs flash attention, and llama.cpp's flash
-        # attention gave logits off by up to 1.2 (vs. the same cache without it) once cells
-        # had been evicted from the middle of a sequence (CPU, 0.3.36). So a context that
-        # will have cells evicted runs without flash attention. (On the 2-core dev CPU decode
-        # at 1,560 tokens of context ran 64.8 tok/s without it against 47.7 with it, but
-        # without it a batched prefill and token-by-token decoding of the same tokens gave
-        # logits up to 0.18 apart, so a context that keeps every token leaves it on.)
+        # Only K is quantized: a quantized V cache needs flash attention, which an evicting
+        # context on the CPU runs without. There, with it, logits were off by up to 1.2 once
+        # cells had been evicted from the middle of a sequence, a reply generated while a small
+        # window slid under it turned to gibberish (0.3.36), and decode at 1,560 tokens ran
+        # 47.7 tok/s against 64.8 without it (2-core dev CPU). A context that keeps every token
+        # leaves it on: without it, batched prefill and token-by-token decode gave logits up to
+        # 0.18 apart. On a GPU it stays on: without it the V cache is stored transposed, and a
+        # state save or load copies it one row at a time, a device copy each, so the after-turn
+        # work (whose state round trip compacts the cache after an eviction) took 147-167 ms a
+        # turn on an H200 against 8-24 ms with it (bench/turn_overhead.py --flash-attn both),
+        # at the same perplexity (bench/eviction_flash.py).
+        if flash_attn is None:
+            flash_attn = not evicts or model.offloaded
         params.type_k = KV_TYPES[kv_type]
         params.type_v = llama_cpp.GGML_TYPE_F16
         params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if evicts
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -196,6 +204,7 @@ class LlamaContext:
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.kv_type = kv_type
         self.evicts = evicts
+        self.flash_attn = flash_attn  # it decides the V cache's layout, so a saved state's too
         self.defers_shift = True  # llama.cpp applies a shift at the next decode
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(self.ptr)

@@ -12,6 +12,7 @@ from app.service import ChatService
 from app.settings import Settings
 from engine import Engine
 from storage import Store
+from tests.device import TEST_DEVICE
 from tests.scripted_engine import ScriptedEngine
 
 
@@ -64,7 +65,7 @@ def service(store: Store, scripted: ScriptedEngine) -> ChatService:
 @pytest.fixture(scope="session")
 def real_engine() -> Iterator[Engine]:
     """The embedded default model on the CPU, loaded once for the whole run."""
-    eng = Engine.load(n_ctx=2048, device="cpu")
+    eng = Engine.load(n_ctx=2048, device=TEST_DEVICE)
     yield eng
     eng.close()
 

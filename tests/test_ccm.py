@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.ccm import Compressor, ConditionalLoRALinear, episode_layout
+from tests.device import TEST_DEVICE
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -155,7 +156,7 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
                         position_ids=torch.arange(start, start + len(reply))[None]).logits[0]
         return nll(logits[:-1].numpy())
 
-    eng = Engine.load(n_ctx=512, device="cpu", compression="balanced", compressor=False)
+    eng = Engine.load(n_ctx=512, device=TEST_DEVICE, compression="balanced", compressor=False)
     try:
         adapter = eng.model.load_adapter(export_lora_gguf(hf, tmp_path / "lora.gguf", 16.0))
         ctx = eng.ctx

@@ -15,6 +15,7 @@ import pytest
 
 from engine import CompressionConfig, Engine
 from engine.ccm.files import compressor_dirs, find_compressor
+from tests.device import TEST_DEVICE
 
 FACT = ("I have a dog called Pixel.", "Nice, thanks for telling me!")
 FILLER = ("What should I cook tonight?", "How about a simple pasta with tomatoes and basil?")
@@ -25,7 +26,7 @@ ANSWERS = ("Your dog is called Pixel.", "Your dog is called Biscuit.",
 
 @pytest.fixture(scope="module")
 def ccm_llama() -> Iterator[Engine]:
-    with Engine.load(n_ctx=1024, device="cpu", compression="balanced") as eng:
+    with Engine.load(n_ctx=1024, device=TEST_DEVICE, compression="balanced") as eng:
         yield eng
 
 
@@ -161,7 +162,7 @@ def test_ccm_merge_runs_on_transformers_and_is_refused_on_llama_cpp(tmp_path, hf
 def test_a_reply_that_fills_the_context_is_kept_and_compressed() -> None:
     """No old group to drop, no room for the end-of-turn marker: the reply is still kept,
     the exchange still compressed (its oldest text goes first), and the chat goes on."""
-    with Engine.load(n_ctx=128, device="cpu", compression="balanced") as eng:
+    with Engine.load(n_ctx=128, device=TEST_DEVICE, compression="balanced") as eng:
         conv = eng.new_conversation()
         reply = "".join(conv.send("Write a very long story about a dragon.", max_tokens=400,
                                   temperature=0))

@@ -10,6 +10,7 @@ import pytest
 from engine import CompressionConfig, ContextFullError, Engine, SamplingParams
 from engine.conversation import Conversation
 from engine.memory import WindowPolicy, make_policy
+from tests.device import TEST_DEVICE
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 FACTS = [
@@ -33,7 +34,7 @@ def engine_for() -> Iterator[EngineFor]:
         key = (kv_type, n_ctx)
         if key not in loaded:
             config = window(4, 60, kv_type)  # an engine that may evict
-            loaded[key] = Engine.load(n_ctx=n_ctx, device="cpu", compression=config)
+            loaded[key] = Engine.load(n_ctx=n_ctx, device=TEST_DEVICE, compression=config)
         return loaded[key]
 
     yield get
@@ -186,6 +187,34 @@ def test_state_from_another_kv_type_is_refused(engine_for: EngineFor) -> None:
         engine_for("f16").restore_conversation(conv.save_state())
 
 
+def test_flash_attention_is_off_only_where_the_cpu_evicts(engine_for: EngineFor) -> None:
+    evicting = engine_for()
+    assert evicting.flash_attn is (TEST_DEVICE == "gpu")  # see LlamaContext for why
+    with Engine.load(n_ctx=256, device=TEST_DEVICE) as keeps_all:
+        assert keeps_all.flash_attn is True
+
+
+def test_state_with_another_v_cache_layout_is_refused_then_rebuilt(
+    engine_for: EngineFor,
+) -> None:
+    """A state saved where flash attention was on (a GPU) lays out V differently: the other
+    side says why, and the conversation's memory is rebuilt from its transcript."""
+    from engine import StateError
+
+    eng = engine_for()
+    conv = eng.new_conversation(compression=window(4, 60))
+    chat(conv, 3)
+    with Engine.load(n_ctx=512, device=TEST_DEVICE, compression=window(4, 60),
+                     flash_attn=not eng.flash_attn) as other:
+        with pytest.raises(StateError, match="flash attention"):
+            other.restore_conversation(conv.save_state())
+        copy = other.new_conversation(compression=window(4, 60))
+        for m in conv.messages[1:]:
+            copy.add_turn(m.role, m.content, decode=False)
+        copy.rebuild()
+        assert copy._kv_tokens == conv._kv_tokens
+
+
 def test_regenerate_after_the_reply_was_evicted_rebuilds(engine_for: EngineFor) -> None:
     eng = engine_for()
     conv = eng.new_conversation(compression=window(4, 20))
@@ -213,7 +242,7 @@ def test_changing_the_policy_takes_effect_next_turn(engine_for: EngineFor) -> No
     assert conv.stats().memory_tokens == 44
     with pytest.raises(ValueError, match="KV cache"):
         conv.compression = window(4, 40, "q8_0")
-    off = Engine.load(n_ctx=256, device="cpu")
+    off = Engine.load(n_ctx=256, device=TEST_DEVICE)
     try:
         with pytest.raises(ValueError, match="keeps every token"):
             off.new_conversation(compression=window(4, 40))

@@ -19,6 +19,7 @@ from engine import Engine
 from engine.state_blob import StateBlob
 from storage import Store
 from tests.conftest import TickingClock
+from tests.device import TEST_DEVICE
 
 GREEDY = Settings(temperature=0.0, max_tokens=30, context_size=2048)
 
@@ -27,7 +28,7 @@ GREEDY = Settings(temperature=0.0, max_tokens=30, context_size=2048)
 def engines() -> Iterator[dict[str, Engine]]:
     """One engine per level used here, as the app loads them (by level name), without the
     shipped compressor: these tests are about the training-free window (see test_ccm_resume)."""
-    loaded = {level: Engine.load(n_ctx=2048, device="cpu", compression=level,
+    loaded = {level: Engine.load(n_ctx=2048, device=TEST_DEVICE, compression=level,
                                  compressor=False)
               for level in ("off", "balanced")}
     yield loaded
@@ -244,7 +245,7 @@ def test_ccm_memory_saves_restores_and_rebuilds_through_the_store(db_path: Path,
                                                                   tmp_path: Path) -> None:
     """The default model at balanced runs its shipped compressor: one slot per exchange is
     what is saved, restored, and rebuilt (replayed exchange by exchange) when unusable."""
-    with Engine.load(n_ctx=2048, device="cpu", compression="balanced") as eng:
+    with Engine.load(n_ctx=2048, device=TEST_DEVICE, compression="balanced") as eng:
         ccm = {"balanced": eng}
         store = Store(db_path, clock=TickingClock())
         conv_id = two_turns(service(store, ccm, compression="balanced"))
