@@ -22,14 +22,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-from llama_cpp import Llama
+from typing import TYPE_CHECKING
 
 from engine import ContextFullError, Engine, SamplingParams
 from engine.ccm.data import chitchat_pool, load_chitchat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 from plots import line_chart  # noqa: E402  (a sibling script module)
+
+if TYPE_CHECKING:  # the hf run on a CUDA host must not load llama_cpp next to torch
+    from llama_cpp import Llama
 
 CHECKPOINTS = (1, 10, 50, 100, 200)
 QUESTION = "Can you remind me what we talked about at the start?"
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{label:>20}: {len(curve)} exchanges in {time.perf_counter() - started:.0f} s, "
               f"{curve[-1]['bytes'] / 1e6:.1f} MB held at the end", flush=True)
         engine.close()
-    return {"command": " ".join(sys.argv), "machine": platform.platform(),
+    return {"command": " ".join(sys.argv), "machine": describe(args.device),
             "processor": platform.processor() or platform.machine(), "cpus": threads,
             "device": args.device, "backend": args.backend, "engine": engine_info,
             "n_ctx": args.n_ctx, "curves": curves, "probes": probes}
@@ -141,6 +144,8 @@ _REF: dict[bool, Llama] = {}
 
 def ref_llm(engine: Engine, args: argparse.Namespace, threads: int, flash: bool) -> Llama:
     if flash not in _REF:
+        from llama_cpp import Llama
+
         _REF[flash] = Llama(str(engine.info.model_path), n_ctx=args.n_ctx, n_threads=threads,
                             n_gpu_layers=-1 if args.device == "gpu" else 0, verbose=False,
                             flash_attn=flash)

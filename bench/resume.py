@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from engine import Engine, SamplingParams
 from storage import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 from plots import line_chart  # noqa: E402  (a sibling script module)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
@@ -143,7 +143,7 @@ def main() -> None:
               f"{r['state_bytes'] / 1e6:>9.1f} {r['full_f16_kv_bytes'] / 1e6:>11.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": describe(args.device),
         "device": args.device,
         "command": "python bench/resume.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()

@@ -2,7 +2,9 @@
 
 Each level chats the same MemoryBank user turns (greedy replies); the time spent in the
 policy's after-turn work (eviction, position shift, compaction) is measured against the
-turn's prefill + generation time. Prints a table and writes JSON.
+turn's prefill + generation time. Prints a table and writes JSON. `--flash-attn both` runs
+each level with llama.cpp's flash attention off and on, side by side (the engine's own
+choice is `auto`: off only for an evicting context on the CPU).
 
     python bench/turn_overhead.py --device cpu --out bench/results/turn_overhead_cpu.json
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -19,11 +20,18 @@ from pathlib import Path
 from engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy)
 from length import configs  # isort: skip
 from resume import DATA, exchanges  # isort: skip
+from machine import describe  # isort: skip
+
+
+FLASH = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
 
 
 def run(label: str, level: str, ccm: bool, users: list[str], device: str,
-        max_tokens: int) -> dict:
-    engine = Engine.load(compression=level, device=device, n_ctx=4096, compressor=ccm)
+        max_tokens: int, flash: bool | None) -> dict:
+    engine = Engine.load(compression=level, device=device, n_ctx=4096, compressor=ccm,
+                         flash_attn=flash)
+    if flash is not None:
+        label += f" (flash {'on' if flash else 'off'})"
     if ccm and engine.compression.method == "window":
         engine.close()
         raise SystemExit("no compressor for the default model: train or reinstall one")
@@ -47,6 +55,7 @@ def run(label: str, level: str, ccm: bool, users: list[str], device: str,
     stats = conv.stats()
     engine.close()
     return {"level": label, "turns": len(users), "method": engine.compression.method,
+            "flash_attn": engine.flash_attn,
             "turn_s_median": statistics.median(turn_s),
             "policy_ms_median": 1000 * statistics.median(policy_s),
             "policy_ms_max": 1000 * max(policy_s),
@@ -61,22 +70,23 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path("bench/results/turn_overhead.json"))
     parser.add_argument("--data", type=Path, default=DATA, help="the MemoryBank folder")
+    parser.add_argument("--flash-attn", choices=tuple(FLASH), default="auto")
     args = parser.parse_args()
     users = [user for user, _ in exchanges(args.data)[:args.turns]]
-    rows = [run(label, level, ccm, users, args.device, args.max_tokens)
-            for label, level, ccm in configs()]
-    print(f"{'level':18} {'turn s':>7} {'policy ms (median / max)':>25} {'tok/s':>7} "
+    rows = [run(label, level, ccm, users, args.device, args.max_tokens, flash)
+            for label, level, ccm in configs() for flash in FLASH[args.flash_attn]]
+    print(f"{'level':30} {'turn s':>7} {'policy ms (median / max)':>25} {'tok/s':>7} "
           f"{'held':>6} {'seen':>6}")
     for r in rows:
-        print(f"{r['level']:18} {r['turn_s_median']:>7.2f} {r['policy_ms_median']:>12.1f} / "
+        print(f"{r['level']:30} {r['turn_s_median']:>7.2f} {r['policy_ms_median']:>12.1f} / "
               f"{r['policy_ms_max']:<10.1f} {r['decode_tok_s_last5']:>7.1f} "
               f"{r['tokens_held']:>6} {r['tokens_seen']:>6}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": describe(args.device),
         "device": args.device,
         "command": f"python bench/turn_overhead.py --device {args.device} --turns "
-                   f"{args.turns} --max-tokens {args.max_tokens}",
+                   f"{args.turns} --max-tokens {args.max_tokens} --flash-attn {args.flash_attn}",
         "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
