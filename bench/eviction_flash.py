@@ -7,7 +7,8 @@ tokens (teacher-forced next-token NLL): the memory the app would answer from, no
 The engine keeps flash attention off for evicting contexts on the CPU and on for them on a GPU
 (see engine.llama_backend.LlamaContext); this is the quality side of that choice.
 
-    python bench/eviction_flash.py --device cpu --out bench/results/eviction_flash_cpu.json
+    python bench/eviction_flash.py --device cpu --level balanced \
+        --out bench/results/eviction_flash_cpu_balanced.json
 """
 
 from __future__ import annotations

@@ -321,7 +321,7 @@ class Conversation:
             raise StateError(
                 "The memory state's V cache is laid out for flash attention "
                 f"{'on' if saved_flash else 'off'}, this engine's for "
-                f"{'on' if engine.flash_attn else 'off'} (it was saved on another device)."
+                f"{'on' if engine.flash_attn else 'off'} (saved on another device or setting)."
             )
         try:
             comp = CompressionConfig(**head["compression"])

@@ -186,7 +186,7 @@ class LlamaContext:
         # state save or load copies it one row at a time, a device copy each, so the after-turn
         # work (whose state round trip compacts the cache after an eviction) took 147-167 ms a
         # turn on an H200 against 8-24 ms with it (bench/turn_overhead.py --flash-attn both),
-        # at the same perplexity (bench/eviction_flash.py).
+        # for 0.5-0.7 % higher perplexity from the evicted memory (bench/eviction_flash.py).
         if flash_attn is None:
             flash_attn = not evicts or model.offloaded
         params.type_k = KV_TYPES[kv_type]
