@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from engine import Engine  # isort: skip  (llama_cpp before numpy and torch)
 import numpy as np  # isort: skip
 from quality import LONGCHAT, datasets, model_tokens_of, result_row, table  # isort: skip
+from machine import describe  # isort: skip
 
 from engine.ccm.data import Episode  # noqa: E402
 from engine.ccm.evaluate import Memory  # noqa: E402
@@ -101,8 +101,7 @@ def main() -> None:
         rows += evaluate(ctx, memory, sets, label, n, per_cell, f16_bytes)
         ctx.close()
     engine.close()
-    result = {"command": " ".join(sys.argv), "machine": platform.platform(),
-              "processor": platform.processor() or platform.machine(), "device": "cpu",
+    result = {"command": " ".join(sys.argv), "machine": describe("cpu"), "device": "cpu",
               "seconds": time.perf_counter() - started, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -49,7 +49,7 @@ class Engine:
         self.n_ctx = ctx.n_ctx
         self.kv_type = ctx.kv_type
         self.evicts = ctx.evicts  # whether its conversations may run evicting policies
-        self.flash_attn: bool | None = getattr(ctx, "flash_attn", None)  # llama.cpp only
+        self.flash_attn: bool | None = ctx.flash_attn  # None on the hf back end
         self.ccm: LoadedCompressor | None = None
         self._fingerprint: str | None = None
         self._active: Conversation | None = None

@@ -186,6 +186,7 @@ class HFContext:
         self.n_batch = n_batch
         self.kv_type = "f16"  # unquantized (float32 on the CPU, bfloat16 on CUDA)
         self.evicts = True
+        self.flash_attn = None  # llama.cpp's V cache layout; a torch cache has none to record
         self.defers_shift = False  # shift() re-rotates keys at once; no holes are left
         self._adapter_on = False
         self._rotary = getattr(model.torch_model.model, "rotary_emb", None)
