@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 from engine import Engine  # isort: skip  (llama_cpp before numpy)
-import numpy as np  # isort: skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from length import exchanges  # noqa: E402  (a sibling script module)
 from machine import describe  # noqa: E402
+from scoring import mean_nll  # noqa: E402
 
 
 def exchange_nll(engine: Engine, conv, user: str, assistant: str) -> float:
@@ -41,10 +41,7 @@ def exchange_nll(engine: Engine, conv, user: str, assistant: str) -> float:
     held = len(reader._kv_tokens)
     rows = engine.activate(reader).decode(tokens, held, want=range(len(tokens) - 1))
     engine.release(reader)
-    logits = np.stack([rows[i] for i in range(len(tokens) - 1)]).astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-    return float(np.mean(logz - logits[np.arange(len(tokens) - 1), tokens[1:]]))
+    return mean_nll([rows[i] for i in range(len(tokens) - 1)], tokens[1:])
 
 
 def run(device: str, flash: bool, warmup: int, scored: int, level: str) -> dict:

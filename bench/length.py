@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
               f"{curve[-1]['bytes'] / 1e6:.1f} MB held at the end", flush=True)
         engine.close()
     return {"command": " ".join(sys.argv), "machine": describe(args.device),
-            "processor": platform.processor() or platform.machine(), "cpus": threads,
+            "cpus": threads,
             "device": args.device, "backend": args.backend, "engine": engine_info,
             "n_ctx": args.n_ctx, "curves": curves, "probes": probes}
 

@@ -25,6 +25,7 @@ from engine import Engine  # isort: skip  (llama_cpp before numpy and torch)
 import numpy as np  # isort: skip
 from quality import LONGCHAT, datasets, model_tokens_of, result_row, table  # isort: skip
 from machine import describe  # isort: skip
+from scoring import mean_nll  # isort: skip
 
 from engine.ccm.data import Episode  # noqa: E402
 from engine.ccm.evaluate import Memory  # noqa: E402
@@ -46,10 +47,7 @@ def reply_nlls(ctx: LlamaContext, episode: Episode, answers: list[list[int]],
         final = episode.prompt + reply
         first = len(episode.prompt) - 1
         rows = ctx.decode(final, len(held), want=range(first, len(final) - 1))
-        logits = np.stack([rows[i] for i in range(first, len(final) - 1)]).astype(np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-        out.append(float(np.mean(logz - logits[np.arange(len(reply)), reply])))
+        out.append(mean_nll([rows[i] for i in range(first, len(final) - 1)], reply))
         ctx.remove(len(held), -1)
     return out
 
