@@ -13,15 +13,17 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from app import paths
+from app.errors import ChatError
 from app.export import FORMATS
-from app.service import ChatService
+from app.service import ChatService, load_engine, sampling_params
 from app.settings import Settings
-from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, Engine, EngineError, SamplingParams
+from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, EngineError
 from engine.models import MODEL_ENV_VAR
-from storage import StorageError, Store
+from storage import StorageError, Store, database_size
 
 
 def _common_flags() -> argparse.ArgumentParser:
@@ -43,6 +45,13 @@ def _common_flags() -> argparse.ArgumentParser:
     return common
 
 
+def _threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, metavar="N", default=argparse.SUPPRESS,
+        help="CPU threads for the model (default: the threads setting; 0 or unset: "
+        "automatic, the physical cores less room for the UI)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_flags()
     parser = argparse.ArgumentParser(
@@ -55,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resume the most recent conversation")
     group.add_argument("--conversation", type=int, metavar="ID",
                        help="open the conversation with this id")
+    _threads_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ask = sub.add_parser("ask", parents=[common], help="answer one prompt on stdout",
@@ -65,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=None,
                      help="0 for greedy (reproducible) output")
     ask.add_argument("--seed", type=int, default=None)
+    _threads_flag(ask)
 
     lst = sub.add_parser("list", parents=[common], help="list conversations, newest first",
                          description="List conversations, newest first.")
@@ -107,45 +118,56 @@ def _open_store(args: argparse.Namespace) -> Store:
     return Store(paths.db_path(getattr(args, "db", None)))
 
 
+def session_settings(settings: Settings, args: argparse.Namespace) -> Settings:
+    """The saved settings with this command line's --backend and --threads on top (for this
+    session only: the saved settings keep their own)."""
+    changes = {k: getattr(args, k) for k in ("backend", "threads") if hasattr(args, k)}
+    if changes:
+        settings = replace(settings, **changes)
+        problems = settings.problems()
+        if problems:
+            raise ValueError(" ".join(problems))
+    return settings
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from ui.app import ChatApp
 
     store = _open_store(args)
     service = ChatService(store, model_override=getattr(args, "model", None))
-    if hasattr(args, "backend"):  # for this session only; settings keep their own
-        service.settings = service.with_settings(backend=args.backend)
+    service.settings = session_settings(service.settings, args)
     if args.conversation is not None:
         store.get_conversation(args.conversation)
     app = ChatApp(service, conversation_id=args.conversation, resume_last=args.resume)
     try:
         app.run()
     finally:
-        service.close_engine()
+        service.close()
         store.close()
     return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    """One answer from the engine the app would load (model, level, GPU layers, back end,
+    threads), with nothing saved."""
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("The prompt is empty.")
     store = _open_store(args)
-    settings = Settings.load(store)
+    settings = session_settings(Settings.load(store), args)
     store.close()
-    params = SamplingParams(
-        max_tokens=args.max_tokens or settings.max_tokens,
-        temperature=settings.temperature if args.temperature is None else args.temperature,
-        top_p=settings.top_p,
-        seed=args.seed,
-    )
-    model = getattr(args, "model", None) or settings.model_path or None
-    backend = getattr(args, "backend", settings.backend)
-    with Engine.load(model=model, backend=backend, n_ctx=settings.context_size) as engine:
+    params = sampling_params(settings, max_tokens=args.max_tokens,
+                             temperature=args.temperature, seed=args.seed)
+    engine = load_engine(settings, getattr(args, "model", None))
+    try:
         system = args.system if args.system is not None else settings.system_prompt
-        conv = engine.new_conversation(system=system or DEFAULT_SYSTEM_PROMPT)
+        conv = engine.new_conversation(system=system or DEFAULT_SYSTEM_PROMPT,
+                                       compression=engine.compression_for(settings.compression))
         for piece in conv.send(prompt, params):
             sys.stdout.write(piece)
             sys.stdout.flush()
+    finally:
+        engine.close()
     sys.stdout.write("\n")
     return 0
 
@@ -153,8 +175,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     store = _open_store(args)
     records = store.list_conversations(limit=args.limit)
+    counts = store.message_counts()
     for rec in records:
-        count = len(store.messages(rec.id))
+        count = counts.get(rec.id, 0)
         print(f"{rec.id}\t{rec.updated[:16].replace('T', ' ')}\t{count} messages\t{rec.title}")
     if not records:
         print("No conversations yet. Start one with `ccm-chat`.", file=sys.stderr)
@@ -173,14 +196,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    """Hits, one a line; none is an answer too (exit 0), said on stderr."""
     hits = _open_store(args).search(args.query)
     for hit in hits:
         print(f"{hit.conversation_id}\t{hit.conversation_title}\t{hit.role}: {hit.snippet}")
-    return 0 if hits else 1
+    if not hits:
+        print(f"No messages match {args.query!r}.", file=sys.stderr)
+    return 0
+
+
+def human_size(n: int) -> str:
+    if n < 1000:
+        return f"{n} bytes"
+    size = n / 1000
+    for unit in ("kB", "MB"):
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
 
 
 def cmd_paths(args: argparse.Namespace) -> int:
-    print(f"database:  {paths.db_path(getattr(args, 'db', None))}")
+    db = paths.db_path(getattr(args, "db", None))
+    size = f"{human_size(database_size(db))}" if db.exists() else "not created yet"
+    print(f"database:  {db}   ({size})")
     print("settings:  stored in the database (settings table)")
     print(f"data dir:  {paths.data_dir()}   (${paths.DATA_DIR_ENV})")
     print(f"cache dir: {paths.cache_dir()}   (${paths.CACHE_DIR_ENV})")
@@ -237,8 +276,16 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except (EngineError, StorageError, ValueError, OSError) as exc:
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`ccm-chat list | head -3`): stop quietly, as Unix tools do;
+        # stdout goes to /dev/null so that the interpreter's last flush fails no more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+    except (ChatError, EngineError, StorageError, ValueError, OSError) as exc:
         print(f"ccm-chat: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

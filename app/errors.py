@@ -9,3 +9,7 @@ class ChatError(Exception):
 
 class RebuildCancelled(ChatError):
     """The user stopped a memory rebuild; the chat stays usable and rebuilds on next use."""
+
+
+class NotSavedError(ChatError):
+    """The user's message was not saved (nothing of it was written): keep it to send again."""

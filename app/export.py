@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
+
+import platformdirs
 
 from storage import ConversationRecord, MessageRecord
 
 FORMATS = ("md", "json")
+EXPORT_DIR_ENV = "CCM_CHAT_EXPORT_DIR"
 
 
-def to_markdown(conv: ConversationRecord, messages: Sequence[MessageRecord]) -> str:
-    lines = [f"# {conv.title}", "", f"_Created {conv.created}; model: {conv.model or 'default'}_"]
+def default_export_dir() -> Path:
+    """Where an export goes unless the user says otherwise: $CCM_CHAT_EXPORT_DIR, else the
+    user's documents folder, else downloads, else home (never the current directory, which
+    under `make chat` is the clone)."""
+    override = os.environ.get(EXPORT_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    for folder in (platformdirs.user_documents_dir(), platformdirs.user_downloads_dir()):
+        if folder and Path(folder).is_dir():
+            return Path(folder)
+    return Path.home()
+
+
+def default_export_path(conv: ConversationRecord, fmt: str = "md") -> Path:
+    """A file name for a conversation's export in default_export_dir()."""
+    stem = re.sub(r"[^\w-]+", "-", conv.title.lower()).strip("-")[:40] or "chat"
+    return default_export_dir() / f"ccm-chat-{conv.id}-{stem}.{fmt}"
+
+
+def to_markdown(conv: ConversationRecord, messages: Sequence[MessageRecord],
+                model_name: str | None = None) -> str:
+    model = model_name or conv.model or "unknown"
+    lines = [f"# {conv.title}", "", f"_Created {conv.created}; model: {model}_"]
     if conv.system_prompt:
         lines += ["", f"> System: {conv.system_prompt}"]
     for msg in messages:
@@ -22,13 +49,14 @@ def to_markdown(conv: ConversationRecord, messages: Sequence[MessageRecord]) -> 
     return "\n".join(lines) + "\n"
 
 
-def to_json(conv: ConversationRecord, messages: Sequence[MessageRecord]) -> str:
+def to_json(conv: ConversationRecord, messages: Sequence[MessageRecord],
+            model_name: str | None = None) -> str:
     doc = {
         "id": conv.id,
         "title": conv.title,
         "created": conv.created,
         "updated": conv.updated,
-        "model": conv.model,
+        "model": model_name or conv.model,
         "system_prompt": conv.system_prompt,
         "messages": [
             {
@@ -46,10 +74,12 @@ def to_json(conv: ConversationRecord, messages: Sequence[MessageRecord]) -> str:
 
 
 def export_conversation(
-    conv: ConversationRecord, messages: Sequence[MessageRecord], fmt: str
+    conv: ConversationRecord, messages: Sequence[MessageRecord], fmt: str,
+    model_name: str | None = None,
 ) -> str:
+    """`model_name`: the model's real name, when the stored one is a path or "default"."""
     if fmt == "md":
-        return to_markdown(conv, messages)
+        return to_markdown(conv, messages, model_name)
     if fmt == "json":
-        return to_json(conv, messages)
+        return to_json(conv, messages, model_name)
     raise ValueError(f"Unknown export format {fmt!r}; pick one of {FORMATS}.")

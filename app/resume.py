@@ -21,12 +21,17 @@ from storage import ConversationRecord, MemoryStateRecord, MessageRecord, Store
 class ResumeReport:
     """How a conversation's memory was made ready: new, restored, or rebuilt (and why)."""
 
-    kind: str
+    kind: str  # new, restored, rebuilt, or read_only (nothing loaded: see held_by)
     reason: str
     seconds: float
     tokens: int
+    read_only: bool = False  # another window writes this conversation
+    held_by: str | None = None  # that window, in a few words
 
     def message(self) -> str:
+        if self.read_only:
+            return (f"This chat is open in another window ({self.held_by}), so it is "
+                    "read-only here. Take it over to write in it here.")
         if self.kind == "restored":
             return f"Restored from saved memory ({self.tokens:,} tokens held)."
         if self.kind == "rebuilt":
@@ -36,7 +41,8 @@ class ResumeReport:
     @property
     def short(self) -> str | None:
         """For the status bar, which the full message would not fit."""
-        return {"restored": "memory restored", "rebuilt": "memory rebuilt"}.get(self.kind)
+        return {"restored": "memory restored", "rebuilt": "memory rebuilt",
+                "read_only": "read-only"}.get(self.kind)
 
 
 def policy_key(config: CompressionConfig) -> dict[str, Any]:

@@ -2,44 +2,80 @@
 
 The transcript in SQLite is the source of truth; an engine conversation is resumed from the
 saved memory (or rebuilt from the transcript) on first use and kept in step afterwards. A user
-message is committed before the model runs; the reply is committed when it ends, marked
-interrupted when it was stopped, and then the memory is saved. One lock serializes engine use:
-the engine has one context, shared by every conversation.
+message is taken into the model's memory first, then committed, then the reply runs: a message
+that cannot fit is refused before anything of it is saved, and one that is saved always has
+its memory. The reply is committed when it ends, marked interrupted when it was stopped, and
+then the memory is saved. One lock serializes engine use: the engine has one context, shared
+by every conversation.
+
+Every failure the UI can meet comes out as app.errors.ChatError, worded for the user.
+
+One window writes a conversation at a time: a lease in the store names the process that
+holds it (kept alive by a heartbeat thread); another window opens it read-only until it takes
+over. A transcript changed underneath (by another window) is re-read before the next reply,
+never interleaved with the memory this window had.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
 from app.engine_api import EngineConversation, EngineLike, Progress
+from app.errors import ChatError, NotSavedError, RebuildCancelled
 from app.export import export_conversation
 from app.resume import ResumeReport, resume, save_memory
 from app.settings import Settings
 from engine import (
+    ContextFullError,
     Engine,
     EngineError,
     MemoryStats,
     SamplingParams,
 )
-from storage import ConversationRecord, MessageRecord, SearchHit, StorageError, Store
+from engine.models import DEFAULT_MODEL_NAME
+from storage import (
+    ConversationRecord,
+    DatabaseLockedError,
+    MessageRecord,
+    SearchHit,
+    StorageError,
+    Store,
+)
 
 TITLE_LENGTH = 48
+HEARTBEAT_SECONDS = 15.0  # how often a window says its leases are still in use
+LEASE_STALE_SECONDS = 60.0  # a lease whose heartbeat is older is free to take
 
+PROCESS_OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 EngineFactory = Callable[[Settings, str | None], EngineLike]
 
 
 def load_engine(settings: Settings, model_override: str | None) -> EngineLike:
+    """The engine the settings describe; the app and `ccm-chat ask` both load it here."""
     return Engine.load(
         model=model_override or settings.model_path or None,
         backend=settings.backend,
         compression=settings.compression,
         n_ctx=settings.context_size,
         n_gpu_layers=settings.n_gpu_layers if settings.n_gpu_layers >= 0 else None,
+        n_threads=settings.threads or None,  # None: the engine's default, which leaves room
     )
+
+
+def sampling_params(settings: Settings, **overrides: Any) -> SamplingParams:
+    """How replies are sampled, from the settings (and a command line's overrides)."""
+    values = {"max_tokens": settings.max_tokens, "temperature": settings.temperature,
+              "top_p": settings.top_p}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(**values)
 
 
 @dataclass(frozen=True)
@@ -56,11 +92,28 @@ class Status:
     ratio: float
     tokens_per_second: float | None
     memory_note: str | None = None
+    verbatim_exchanges: int = 0  # exchanges the memory holds word for word
+    compressed_exchanges: int = 0  # exchanges it holds compressed (CCM slots) or summarized
+    threads: int | None = None  # CPU threads the engine decodes with, when it says
+    read_only: bool = False  # open in another window: this one only shows it
 
 
 def make_title(text: str) -> str:
     words = " ".join(text.split())
     return words if len(words) <= TITLE_LENGTH else words[: TITLE_LENGTH - 1].rstrip() + "…"
+
+
+@contextmanager
+def user_errors(doing: str, error: type[ChatError] = ChatError) -> Iterator[None]:
+    """Turn a storage or engine failure into a ChatError that starts with what failed."""
+    try:
+        yield
+    except ChatError:
+        raise
+    except (StorageError, EngineError, OSError) as exc:
+        raise error(f"{doing}: {exc}") from exc
+    except ValueError as exc:  # the engine and settings refuse bad input with ValueError
+        raise error(str(exc)) from exc
 
 
 class ChatService:
@@ -70,36 +123,66 @@ class ChatService:
         settings: Settings | None = None,
         engine_factory: EngineFactory = load_engine,
         model_override: str | None = None,
+        owner: str | None = None,
     ) -> None:
+        """`owner` names this window in the leases table: by default the process, since
+        one process is one window (tests pass two owners to play two windows)."""
         self.store = store
         self.settings = settings or Settings.load(store)
         self._engine_factory = engine_factory
         self._model_override = model_override
         self._engine: EngineLike | None = None
         self._engine_key: tuple[Any, ...] | None = None
+        self.load_error: str | None = None  # why the last model load failed, if it did
         self._live: dict[int, EngineConversation] = {}
         self._reports: dict[int, ResumeReport] = {}
         self._stats: dict[int, MemoryStats] = {}  # read by the UI thread, never the engine
+        # transcript signatures (Store.transcript_signature): as the UI last read it, and as
+        # the live memory holds it; another window's writes show as a difference
+        self._shown: dict[int, tuple[int, int, int]] = {}
+        self._synced: dict[int, tuple[int, int, int]] = {}
+        self._read_only: set[int] = set()
         self.memory_error: str | None = None  # why the last memory save failed, if it did
         self._lock = threading.RLock()
         self._use = threading.RLock()  # held while a conversation's memory is in the engine
+        self.owner = owner or PROCESS_OWNER
+        self._held: set[int] = set()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     # -- engine ---------------------------------------------------------------------------------
 
     @property
     def engine(self) -> EngineLike:
-        """The loaded engine; (re)loaded when the model settings changed."""
+        """The loaded engine; (re)loaded when the model settings changed.
+
+        Raises ChatError saying why no model could be loaded (also kept in load_error).
+        """
         with self._lock:
             key = (self._model_override, *self.settings.engine_key())
             if self._engine is None or key != self._engine_key:
                 self.close_engine()
-                self._engine = self._engine_factory(self.settings, self._model_override)
+                try:
+                    self._engine = self._engine_factory(self.settings, self._model_override)
+                except (EngineError, OSError, ValueError) as exc:
+                    self.load_error = str(exc)
+                    raise ChatError(str(exc)) from exc
+                self.load_error = None
                 self._engine_key = key
             return self._engine
 
     @property
     def engine_loaded(self) -> bool:
         return self._engine is not None
+
+    def _require_engine(self) -> EngineLike:
+        try:
+            return self.engine
+        except ChatError as exc:
+            raise NotSavedError(
+                f"No model is loaded, so nothing was sent: {exc} Pick a model file in "
+                "settings (Ctrl+S), or leave the model path empty for the embedded default."
+            ) from exc
 
     def close_engine(self) -> None:
         with self._lock:
@@ -110,63 +193,199 @@ class ChatService:
                 self._engine.close()
                 self._engine = None
 
+    def close(self) -> None:
+        """Release every conversation this window holds, stop the heartbeat, unload."""
+        self._stop.set()
+        with suppress(StorageError):
+            self.store.release_leases(self.owner)
+        self._held.clear()
+        self.close_engine()
+
     def update_settings(self, settings: Settings) -> None:
-        settings.save(self.store)
+        with user_errors("The settings were not saved"):
+            settings.save(self.store)
         self.settings = settings  # a new level reloads the engine: memories resume under it
 
     # -- conversations --------------------------------------------------------------------------
 
     def list_conversations(self) -> list[ConversationRecord]:
-        return self.store.list_conversations()
+        with user_errors("Could not list the conversations"):
+            return self.store.list_conversations()
 
     def search(self, query: str) -> list[SearchHit]:
-        return self.store.search(query)
+        with user_errors("Search failed"):
+            return self.store.search(query)
 
     def conversation(self, conversation_id: int) -> ConversationRecord:
-        return self.store.get_conversation(conversation_id)
+        with user_errors("Could not open the conversation"):
+            return self.store.get_conversation(conversation_id)
 
     def messages(self, conversation_id: int) -> list[MessageRecord]:
-        return self.store.messages(conversation_id)
+        """The transcript, as the UI shows it (what transcript_changed compares against)."""
+        with user_errors("Could not read the conversation"):
+            found = self.store.messages(conversation_id)
+            self._shown[conversation_id] = _signature(found)
+            return found
+
+    def transcript_changed(self, conversation_id: int) -> bool:
+        """Whether another window wrote to the conversation since this one last read it."""
+        shown = self._shown.get(conversation_id)
+        if shown is None:
+            return False
+        with user_errors("Could not read the conversation"):
+            return self.store.transcript_signature(conversation_id) != shown
 
     def new_conversation(self, title: str = "New chat") -> ConversationRecord:
-        model = self._model_override or self.settings.model_path or "default"
-        return self.store.create_conversation(
-            title=title, model=model, system_prompt=self.settings.system_prompt
-        )
+        with user_errors("Could not start a new chat"):
+            record = self.store.create_conversation(
+                title=title, model=self._model_name(), system_prompt=self.settings.system_prompt
+            )
+        self._shown[record.id] = self._synced[record.id] = _signature([])
+        return record
+
+    def _model_name(self) -> str:
+        if self._engine is not None:
+            return self._engine.info.model_name
+        return self._model_override or self.settings.model_path or DEFAULT_MODEL_NAME
 
     def rename(self, conversation_id: int, title: str) -> ConversationRecord:
-        return self.store.rename_conversation(conversation_id, title)
+        with user_errors("The chat was not renamed"):
+            return self.store.rename_conversation(conversation_id, title)
 
     def delete(self, conversation_id: int) -> None:
-        self.store.delete_conversation(conversation_id)
+        with user_errors("The chat was not deleted"):
+            self.store.delete_conversation(conversation_id)
         self._forget(conversation_id)
+        self._held.discard(conversation_id)
+        self._shown.pop(conversation_id, None)
 
     def set_system_prompt(self, conversation_id: int, prompt: str) -> ConversationRecord:
-        record = self.store.update_conversation(conversation_id, system_prompt=prompt or None)
+        with user_errors("The system prompt was not set"):
+            record = self.store.update_conversation(conversation_id, system_prompt=prompt or None)
         self._forget(conversation_id)
         return record
 
     def _forget(self, conversation_id: int) -> None:
-        self._live.pop(conversation_id, None)
+        """Drop the live memory: the next use resumes it from the saved state or the text."""
+        live = self._live.pop(conversation_id, None)
+        self._synced.pop(conversation_id, None)
         self._reports.pop(conversation_id, None)
         self._stats.pop(conversation_id, None)
+        release = getattr(self._engine, "release", None)
+        if live is not None and release is not None:
+            release(live)  # its KV cells are dead weight now
 
     def export(self, conversation_id: int, fmt: str) -> str:
-        record = self.store.get_conversation(conversation_id)
-        return export_conversation(record, self.store.messages(conversation_id), fmt)
+        with user_errors("The conversation was not exported"):
+            record = self.store.get_conversation(conversation_id)
+            return export_conversation(record, self.store.messages(conversation_id), fmt,
+                                       model_name=self._export_model_name(record))
+
+    def _export_model_name(self, record: ConversationRecord) -> str:
+        """The real name of the model the chat ran on (old chats stored "default" or a path)."""
+        if record.model and record.model != "default":
+            if self._engine is not None and record.model == str(self._engine.info.model_path):
+                return self._engine.info.model_name
+            return record.model
+        return self._engine.info.model_name if self._engine is not None else DEFAULT_MODEL_NAME
+
+    # -- one writer per conversation ------------------------------------------------------------
+
+    def _claim(self, conversation_id: int, force: bool = False) -> str | None:
+        """Take the conversation's lease; None when held, else who holds it."""
+        holder = self.store.acquire_lease(conversation_id, self.owner, LEASE_STALE_SECONDS,
+                                          force=force)
+        if holder is not None:
+            self._read_only.add(conversation_id)
+            self._held.discard(conversation_id)
+            return holder.describe()
+        self._read_only.discard(conversation_id)
+        self._held.add(conversation_id)
+        self._start_heartbeat()
+        return None
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.is_alive():
+            return
+        store, owner, stop = self.store, self.owner, self._stop
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                try:
+                    store.heartbeat(owner)
+                except StorageError:
+                    continue  # locked for now: the next beat tries again
+                except Exception:  # the store was closed under us: nothing left to keep
+                    return
+
+        self._heartbeat = threading.Thread(target=beat, name="ccm-chat-lease", daemon=True)
+        self._heartbeat.start()
+
+    def take_over(self, conversation_id: int) -> None:
+        """Make this window the conversation's writer, whoever held it; the memory is
+        re-read from the stored transcript at the next open or send."""
+        with self._use, user_errors("Could not take the conversation over"):
+            self._claim(conversation_id, force=True)
+            self._forget(conversation_id)
+
+    def release(self, conversation_id: int) -> None:
+        """Let another window write the conversation (on switching away, or quitting)."""
+        self._held.discard(conversation_id)
+        self._read_only.discard(conversation_id)
+        with user_errors("Could not release the conversation"):
+            self.store.release_lease(conversation_id, self.owner)
+
+    def read_only(self, conversation_id: int) -> bool:
+        return conversation_id in self._read_only
+
+    def _writable(self, conversation_id: int, doing: str) -> None:
+        with user_errors(doing, NotSavedError):
+            holder = self._claim(conversation_id)
+        if holder is not None:
+            raise NotSavedError(
+                f"{doing}: this chat is open in another window ({holder}). Close it there, "
+                "or take it over here."
+            )
+
+    def _follow(self, conversation_id: int, stored: list[MessageRecord]) -> None:
+        """When another window wrote since the live memory was made, drop it: it is re-read
+        from the transcript (its saved state, or a rebuild) instead of interleaving."""
+        if (conversation_id in self._live
+                and self._synced.get(conversation_id) != _signature(stored)):
+            self._forget(conversation_id)
+
+    def _wrote(self, conversation_id: int) -> None:
+        """This window wrote: the memory and the view are in step with the store again."""
+        self._shown[conversation_id] = self._synced[conversation_id] = (
+            self.store.transcript_signature(conversation_id))
 
     # -- chatting -------------------------------------------------------------------------------
 
-    def open(self, conversation_id: int, progress: Progress | None = None) -> ResumeReport:
-        """Make the conversation's memory ready: restored from its saved state, or rebuilt."""
-        with self._use:
+    def open(
+        self,
+        conversation_id: int,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ResumeReport:
+        """Make the conversation's memory ready: restored from its saved state, or rebuilt.
+
+        When another window holds the conversation, nothing is loaded and the report says
+        read_only and who holds it. `progress(done, total)` follows a rebuild; setting `cancel`
+        stops it with RebuildCancelled, and the next open or send rebuilds again.
+        """
+        with self._use, user_errors("Could not open the conversation"):
             record = self.store.get_conversation(conversation_id)
-            self._engine_conversation(record, self.store.messages(conversation_id), progress)
+            holder = self._claim(conversation_id)
+            if holder is not None:
+                return ResumeReport("read_only", "", 0.0, 0, read_only=True, held_by=holder)
+            stored = self.store.messages(conversation_id)
+            self._follow(conversation_id, stored)
+            self._engine_conversation(record, stored, progress, cancel)
             return self._reports[conversation_id]
 
     def _engine_conversation(
         self, record: ConversationRecord, messages: list[MessageRecord],
-        progress: Progress | None = None,
+        progress: Progress | None = None, cancel: threading.Event | None = None,
     ) -> EngineConversation:
         """The live engine conversation for a stored one, resumed if it is not live yet."""
         live = self._live.get(record.id)
@@ -174,9 +393,10 @@ class ChatService:
             engine = self.engine
             live, report = resume(
                 engine, self.store, record, messages,
-                engine.compression_for(self.settings.compression), progress,
+                engine.compression_for(self.settings.compression), _cancellable(progress, cancel),
             )
             self._live[record.id] = live
+            self._synced[record.id] = _signature(messages)
             self._reports[record.id] = report
             self._stats[record.id] = live.stats()
             if report.kind == "rebuilt":
@@ -192,38 +412,120 @@ class ChatService:
             self.memory_error = f"Could not save the conversation's memory: {exc}"
 
     def _params(self) -> SamplingParams:
-        s = self.settings
-        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p)
+        return sampling_params(self.settings)
 
     def send(
-        self, conversation_id: int, text: str, cancel: threading.Event | None = None
+        self,
+        conversation_id: int | None,
+        text: str,
+        cancel: threading.Event | None = None,
+        on_saved: Callable[[MessageRecord], None] | None = None,
     ) -> Iterator[str]:
-        """Commit the user's message, then stream and commit the reply."""
+        """Take the user's message in, commit it, then stream and commit the reply.
+
+        `conversation_id` None starts a new chat with this message (created in the same
+        transaction, so a refused message leaves no empty chat). Before anything is saved it
+        may raise NotSavedError (a ChatError): no model, the message does not fit, the
+        database is locked, or the chat is open in another window; the text is then the
+        caller's to keep. `on_saved(message)` is called once the message is committed.
+        """
         text = text.strip()
         if not text:
-            raise ValueError("Cannot send an empty message.")
+            raise NotSavedError("Cannot send an empty message.")
         with self._use:
-            record = self.store.get_conversation(conversation_id)
-            before = self.store.messages(conversation_id)
-            self.store.add_message(conversation_id, "user", text)  # kept whatever happens
-            if record.title == "New chat" and not any(m.role == "user" for m in before):
-                self.store.rename_conversation(conversation_id, make_title(text))
-            live = self._engine_conversation(record, before)
-            live.add_turn("user", text, decode=False)
+            engine = self._require_engine()
+            with user_errors("Your message was not sent", NotSavedError):
+                if conversation_id is None:
+                    record, before = None, []
+                    live = engine.new_conversation(
+                        system=self.settings.system_prompt or None,
+                        compression=engine.compression_for(self.settings.compression))
+                else:
+                    record = self.store.get_conversation(conversation_id)
+                    self._writable(conversation_id, "Your message was not sent")
+                    before = self.store.messages(conversation_id)
+                    self._follow(conversation_id, before)
+                    live = self._engine_conversation(record, before)
+            self._take_in(conversation_id, live, text)
+            saved = self._commit_user(record, before, live, text)
+            conversation_id = saved.conversation_id
+            if record is None:
+                self._live[conversation_id] = live
+                self._reports[conversation_id] = ResumeReport("new", "", 0.0, 0)
+                with suppress(StorageError):  # the lease is taken again on the next write
+                    self._claim(conversation_id)
+            self._wrote(conversation_id)
+            if on_saved is not None:
+                on_saved(saved)
             yield from self._stream(conversation_id, live, cancel)
+
+    def _take_in(self, conversation_id: int | None, live: EngineConversation, text: str) -> None:
+        """Decode the user's message into memory, or refuse it (nothing is saved yet)."""
+        n = len(live.messages)
+        try:
+            live.add_turn("user", text)
+        except ContextFullError as exc:
+            self._drop_after_failure(conversation_id, live, n)
+            raise NotSavedError(self._too_long(exc)) from exc
+        except (EngineError, ValueError) as exc:
+            self._drop_after_failure(conversation_id, live, n)
+            raise NotSavedError(f"Your message was not sent: the model failed on it ({exc}).") \
+                from exc
+
+    def _drop_after_failure(self, conversation_id: int | None, live: EngineConversation,
+                            n: int) -> None:
+        live.truncate(n)
+        if conversation_id is not None:  # its cache may be half-written: resume it afresh
+            self._forget(conversation_id)
+
+    def _too_long(self, exc: Exception) -> str:
+        level = self.settings.compression
+        if level == "off":
+            return ("This message is longer than the context window can hold with compression "
+                    "off, so it was not saved. Pick a compression level in settings (Ctrl+S) "
+                    "to take long messages in, start a new chat, or raise the context size.")
+        return (f"This message is longer than the {level} memory can take in ({exc}), so it "
+                "was not saved. Start a new chat, raise the context size, or send it in parts.")
+
+    def _commit_user(self, record: ConversationRecord | None, before: list[MessageRecord],
+                     live: EngineConversation, text: str) -> MessageRecord:
+        """Save the message (and title the chat by it) in one transaction, or nothing."""
+        try:
+            if record is None:
+                saved = self.store.start_conversation(
+                    make_title(text), self._model_name(), self.settings.system_prompt, text)
+            else:
+                title = None
+                if record.title == "New chat" and not any(m.role == "user" for m in before):
+                    title = make_title(text)
+                saved = self.store.add_message(record.id, "user", text, title=title)
+        except StorageError as exc:
+            live.truncate(len(live.messages) - 1)
+            if isinstance(exc, DatabaseLockedError):
+                raise NotSavedError(f"Your message was not saved, nothing of it was written: "
+                                    f"{exc}") from exc
+            raise NotSavedError(f"Your message was not saved: {exc}") from exc
+        return saved
 
     def regenerate(
         self, conversation_id: int, cancel: threading.Event | None = None
     ) -> Iterator[str]:
-        """Replace the last reply with a new one."""
+        """Replace the last reply with a new one, or reply to a last message that has none
+        (after an edit, or a reply that failed)."""
         with self._use:
-            record = self.store.get_conversation(conversation_id)
-            stored = self.store.messages(conversation_id)
-            if not stored or stored[-1].role != "assistant":
-                raise ValueError("There is no reply to regenerate yet.")
-            live = self._engine_conversation(record, stored)
-            self.store.delete_message(stored[-1].id)
-            live.truncate(len(live.messages) - 1)
+            self._require_engine()
+            with user_errors("No new reply"):
+                record = self.store.get_conversation(conversation_id)
+                self._writable(conversation_id, "No new reply")
+                stored = self.store.messages(conversation_id)
+                if not stored:
+                    raise ChatError("There is no message to reply to yet.")
+                self._follow(conversation_id, stored)
+                live = self._engine_conversation(record, stored)
+                if stored[-1].role == "assistant":
+                    self.store.delete_message(stored[-1].id)
+                    live.truncate(len(live.messages) - 1)
+                    self._wrote(conversation_id)
             yield from self._stream(conversation_id, live, cancel)
 
     def _stream(
@@ -232,18 +534,80 @@ class ChatService:
         before = live.last_reply
         pieces = live.generate(self._params(), cancel)
         try:
-            yield from pieces
+            with user_errors("The reply failed"):
+                yield from pieces
         finally:
             pieces.close()
             reply = live.last_reply
             if reply is not None and reply is not before:
-                status = "interrupted" if reply.interrupted else "complete"
-                saved = self.store.add_message(
-                    conversation_id, "assistant", reply.text, status=status,
-                    token_count=reply.tokens,
-                )
-                self._stats[conversation_id] = live.stats()
-                self._save(conversation_id, saved.id, live)
+                self._commit_reply(conversation_id, live, reply)
+
+    def _commit_reply(self, conversation_id: int, live: EngineConversation, reply: Any) -> None:
+        status = "interrupted" if reply.interrupted else "complete"
+        try:
+            saved = self.store.add_message(
+                conversation_id, "assistant", reply.text, status=status,
+                token_count=reply.tokens, model=self._engine.info.model_name
+                if self._engine is not None else None,
+            )
+        except StorageError as exc:
+            live.truncate(len(live.messages) - 1)  # the memory stays in step with the text
+            raise ChatError(f"The reply could not be saved: {exc} Regenerate it (Ctrl+R) "
+                            "once the database is free.") from exc
+        self._wrote(conversation_id)
+        self._stats[conversation_id] = live.stats()
+        self._save(conversation_id, saved.id, live)
+
+    # -- editing the transcript -----------------------------------------------------------------
+
+    def delete_message(self, conversation_id: int, message_id: int) -> None:
+        """Delete one message; the memory follows (cut back to it, re-read after it)."""
+        with self._use, user_errors("The message was not deleted"):
+            stored, index = self._locate(conversation_id, message_id, "The message was not deleted")
+            self.store.delete_message(message_id)
+            self._memory_follows(conversation_id, stored, index, stored[index + 1:])
+
+    def edit_message(self, conversation_id: int, message_id: int, text: str) -> MessageRecord:
+        """Replace a message's text. Editing a user message drops every message after it (as
+        in ChatGPT): regenerate() then answers the edited message. Editing a reply changes
+        only that reply. The memory follows."""
+        text = text.strip()
+        if not text:
+            raise ChatError("A message cannot be empty; delete it instead.")
+        with self._use, user_errors("The message was not changed"):
+            stored, index = self._locate(conversation_id, message_id, "The message was not changed")
+            is_user = stored[index].role == "user"
+            edited = self.store.edit_message(message_id, text, drop_later=is_user)
+            later = [] if is_user else stored[index + 1:]
+            self._memory_follows(conversation_id, stored, index, [edited, *later])
+            return edited
+
+    def _locate(self, conversation_id: int, message_id: int,
+                doing: str) -> tuple[list[MessageRecord], int]:
+        self._writable(conversation_id, doing)
+        stored = self.store.messages(conversation_id)
+        self._follow(conversation_id, stored)
+        for index, message in enumerate(stored):
+            if message.id == message_id:
+                return stored, index
+        raise ChatError(f"{doing}: there is no message {message_id} in this chat.")
+
+    def _memory_follows(self, conversation_id: int, stored: list[MessageRecord], index: int,
+                        tail: list[MessageRecord]) -> None:
+        """Cut the live memory back to message `index` and append `tail` after it: the
+        engine keeps the common prefix and re-reads the rest (or rebuilds) at the next reply."""
+        live = self._live.get(conversation_id)
+        self._wrote(conversation_id)
+        if live is None:
+            return
+        offset = len(live.messages) - len(stored)  # the system prompt, when there is one
+        if offset not in (0, 1) or [m.content for m in live.messages[offset:]] != [
+                m.content for m in stored]:
+            self._forget(conversation_id)  # not in step: re-read it all
+            return
+        live.truncate(offset + index)
+        for message in tail:
+            live.add_turn(message.role, message.content, decode=False)
 
     def reply_notice(self, conversation_id: int) -> str | None:
         """What the user should know about how the last reply ended, if anything."""
@@ -261,12 +625,14 @@ class ChatService:
         if self._engine is None:
             return None
         info = self._engine.info
+        threads = getattr(info, "n_threads", None)
+        read_only = conversation_id in self._read_only
         live = self._live.get(conversation_id) if conversation_id is not None else None
         stats = self._stats.get(conversation_id) if conversation_id is not None else None
         level = self._engine.compression_for(self.settings.compression)
         if live is None or stats is None:
             return Status(info.model_name, info.device, level.level, level.method, 0, info.n_ctx,
-                          0, 1.0, None)
+                          0, 1.0, None, threads=threads, read_only=read_only)
         speed = live.last_reply.tokens_per_second if live.last_reply else None
         report = self._reports.get(conversation_id)
         return Status(
@@ -280,7 +646,33 @@ class ChatService:
             ratio=stats.ratio,
             tokens_per_second=speed,
             memory_note=report.short if report else None,
+            verbatim_exchanges=getattr(stats, "verbatim_exchanges", 0),
+            compressed_exchanges=getattr(stats, "compressed_exchanges", 0),
+            threads=threads,
+            read_only=read_only,
         )
 
     def with_settings(self, **changes: Any) -> Settings:
         return replace(self.settings, **changes)
+
+
+def _signature(messages: list[MessageRecord]) -> tuple[int, int, int]:
+    """As Store.transcript_signature, from messages already read."""
+    return (len(messages), messages[-1].id if messages else 0,
+            sum(len(m.content) for m in messages))
+
+
+def _cancellable(progress: Progress | None, cancel: threading.Event | None) -> Progress | None:
+    """A progress callback that stops a rebuild (RebuildCancelled) once `cancel` is set."""
+    if cancel is None:
+        return progress
+
+    def report(done: int, total: int) -> None:
+        if cancel.is_set() and done < total:  # at the end the work is done: keep it
+            raise RebuildCancelled(
+                "Stopped rebuilding the memory. The chat is unchanged; its memory is rebuilt "
+                "when you open it or send a message.")
+        if progress is not None:
+            progress(done, total)
+
+    return report

@@ -8,6 +8,8 @@ from typing import Any
 from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, LEVELS
 from storage import Store
 
+MAX_THREADS = 512
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -20,10 +22,13 @@ class Settings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     compression: str = "off"
     backend: str = "auto"  # auto: llama.cpp for a .gguf file, transformers for a model folder
+    threads: int = 0  # CPU threads for the model; 0: the engine's default (leaves the UI room)
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> keys
 
     def problems(self) -> list[str]:
         found = []
+        if not 0 <= self.threads <= MAX_THREADS:
+            found.append(f"Threads must be 0 (automatic) or a count up to {MAX_THREADS}.")
         if self.n_gpu_layers < -1:
             found.append("GPU layers must be -1 (all), 0 (CPU only) or a positive count.")
         if not 256 <= self.context_size <= 1_048_576:
@@ -46,7 +51,7 @@ class Settings:
         The compression level is one: it fixes the engine's K cache type and attention kernel.
         """
         return (self.model_path, self.n_gpu_layers, self.context_size, self.compression,
-                self.backend)
+                self.backend, self.threads)
 
     @classmethod
     def load(cls, store: Store) -> Settings:

@@ -2,20 +2,26 @@
 
 from storage.store import (
     ConversationRecord,
+    DatabaseLockedError,
+    LeaseRecord,
     MemoryStateRecord,
     MessageRecord,
     NotFoundError,
     SearchHit,
     StorageError,
     Store,
+    database_size,
 )
 
 __all__ = [
     "ConversationRecord",
+    "DatabaseLockedError",
+    "LeaseRecord",
     "MemoryStateRecord",
     "MessageRecord",
     "NotFoundError",
     "SearchHit",
     "StorageError",
     "Store",
+    "database_size",
 ]

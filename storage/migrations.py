@@ -83,3 +83,41 @@ def m004_memory_states(db: sqlite_utils.Database) -> None:
         """
     )
     db.execute("CREATE INDEX memory_states_by_conversation ON memory_states(conversation_id, id)")
+
+
+@migration
+def m005_conversation_leases(db: sqlite_utils.Database) -> None:
+    """Which window writes a conversation: one owner at a time, stale when its process is gone
+    or its heartbeat is old (see Store.acquire_lease)."""
+    db.execute(
+        """
+        CREATE TABLE leases (
+            conversation_id INTEGER PRIMARY KEY
+                REFERENCES conversations(id) ON DELETE CASCADE,
+            owner TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            host TEXT NOT NULL,
+            acquired TEXT NOT NULL,
+            heartbeat TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX leases_by_owner ON leases(owner)")
+
+
+def outside_transaction(fn: Migration) -> Migration:
+    """Mark a migration that SQLite cannot run inside a transaction (VACUUM)."""
+    fn.outside_transaction = True  # type: ignore[attr-defined]
+    return fn
+
+
+@migration
+@outside_transaction
+def m006_incremental_vacuum(db: sqlite_utils.Database) -> None:
+    """Let pruned memory states give their pages back (Store.save_memory_state reclaims them).
+
+    auto_vacuum only takes effect on an existing database after one VACUUM, which rewrites
+    the file once; it is idempotent, so a crash before this migration is recorded is harmless.
+    """
+    db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    db.execute("VACUUM")

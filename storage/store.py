@@ -1,19 +1,24 @@
 """The SQLite store: conversations, messages and settings, through sqlite-utils.
 
 One connection guarded by a lock, because the UI writes from a worker thread while the main
-thread reads; WAL lets a second process (`ccm-chat list`) read while the app writes.
+thread reads; WAL lets a second process (`ccm-chat list`) read while the app writes. A write
+takes SQLite's write lock up front (BEGIN IMMEDIATE) and waits for it: first SQLite's busy
+timeout, then a bounded retry, then DatabaseLockedError, so nothing is ever half-written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ import sqlite_utils
 from storage.migrations import MIGRATIONS
 
 Clock = Callable[[], datetime]
+WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept after a checkpoint
 
 
 class StorageError(RuntimeError):
@@ -30,6 +36,10 @@ class StorageError(RuntimeError):
 
 class NotFoundError(StorageError):
     pass
+
+
+class DatabaseLockedError(StorageError):
+    """Another program held the write lock for longer than the store waits; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,36 @@ class MemoryStateRecord:
         return len(self.blob) == self.size and checksum(self.blob) == self.checksum
 
 
+@dataclass(frozen=True)
+class LeaseRecord:
+    """Who writes a conversation now: one process (a window) at a time."""
+
+    conversation_id: int
+    owner: str
+    pid: int
+    host: str
+    acquired: str
+    heartbeat: str
+
+    def describe(self) -> str:
+        """A short, readable name for the window that holds it."""
+        where = "" if self.host == socket.gethostname() else f" on {self.host}"
+        return f"ccm-chat process {self.pid}{where}, since {self.acquired[11:16]} UTC"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (unknown on Windows: assume so)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -110,23 +150,45 @@ def _conversation(row: dict[str, Any]) -> ConversationRecord:
     )
 
 
+def _snippet(text: str, found: str, width: int = 40) -> str:
+    """Around the first place `found` is in `text`, marked like FTS5's snippet()."""
+    at = text.lower().find(found.lower())
+    start, end = max(0, at - width), min(len(text), at + len(found) + width)
+    return ("…" if start else "") + text[start:at] + f"[{text[at:at + len(found)]}]" + (
+        text[at + len(found):end]) + ("…" if end < len(text) else "")
+
+
 def _message(row: dict[str, Any]) -> MessageRecord:
     return MessageRecord(**{k: row[k] for k in MessageRecord.__dataclass_fields__})
 
 
-class Store:
-    """All persistent state of the app. Every write is one transaction."""
+def _is_lock(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
-    def __init__(self, path: Path | str, clock: Clock = utc_now, timeout: float = 5.0) -> None:
+
+class Store:
+    """All persistent state of the app. Every write is one transaction.
+
+    `timeout`: seconds SQLite waits for another program's write lock; `retries`: how many more
+    times a write then tries (after a short pause) before it gives up with DatabaseLockedError.
+    """
+
+    def __init__(self, path: Path | str, clock: Clock = utc_now, timeout: float = 5.0,
+                 retries: int = 1) -> None:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
+        self._retries = retries
+        self._retry_pause = min(1.0, timeout / 4)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False)
             self.db = sqlite_utils.Database(conn)
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.enable_wal()
+            # the WAL file shrinks back after a checkpoint instead of staying at its peak
+            self.db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StorageError(self._explain(exc)) from exc
@@ -135,7 +197,7 @@ class Store:
 
     def _explain(self, exc: sqlite3.Error) -> str:
         text = str(exc)
-        if "locked" in text or "busy" in text:
+        if _is_lock(exc):
             return (
                 f"The database {self.path} is locked by another program (is ccm-chat already "
                 "running?). Close it and try again, or pass --db to use another file."
@@ -150,10 +212,31 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction, holding the write lock from its start."""
         with self._lock:
+            self._begin()
             try:
-                with self.db.atomic():
-                    yield self.db
+                yield self.db
+                self.db.conn.execute("COMMIT")
+            except BaseException as exc:
+                if self.db.conn.in_transaction:
+                    self.db.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(self._explain(exc)) from exc
+                raise
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE: wait out another writer (busy timeout), retry, then say so."""
+        for attempt in range(self._retries + 1):
+            try:
+                self.db.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_lock(exc):
+                    raise StorageError(self._explain(exc)) from exc
+                if attempt == self._retries:
+                    raise DatabaseLockedError(self._explain(exc)) from exc
+                time.sleep(self._retry_pause)
             except sqlite3.Error as exc:
                 raise StorageError(self._explain(exc)) from exc
 
@@ -174,6 +257,12 @@ class Store:
         done = {row["name"] for row in self._read("SELECT name FROM _migrations")}
         for fn in MIGRATIONS:
             if fn.__name__ in done:
+                continue
+            if getattr(fn, "outside_transaction", False):
+                with self._lock:
+                    fn(self.db)
+                with self._tx() as db:
+                    db["_migrations"].insert({"name": fn.__name__, "applied": self._now()})
                 continue
             with self._tx() as db:
                 fn(db)
@@ -247,6 +336,7 @@ class Store:
         self.get_conversation(conversation_id)
         with self._tx() as db:
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        self._reclaim()
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -257,25 +347,39 @@ class Store:
         content: str,
         status: str = "complete",
         token_count: int | None = None,
+        title: str | None = None,
+        model: str | None = None,
     ) -> MessageRecord:
+        """Append a message; `title` and `model`, when given, update the conversation in the
+        same transaction (a first message names its chat; a reply names its model)."""
+        with self._tx() as db:
+            msg_id = self._insert_message(db, conversation_id, role, content, status,
+                                          token_count, title=title, model=model)
+        return self.get_message(msg_id)
+
+    def start_conversation(self, title: str, model: str | None, system_prompt: str | None,
+                           first_message: str) -> MessageRecord:
+        """A new conversation and its first user message, in one transaction."""
         now = self._now()
         with self._tx() as db:
-            msg_id = (
-                db["messages"]
-                .insert(
-                    {
-                        "conversation_id": conversation_id,
-                        "role": role,
-                        "content": content,
-                        "created": now,
-                        "status": status,
-                        "token_count": token_count,
-                    }
-                )
-                .last_pk
-            )
-            db["conversations"].update(conversation_id, {"updated": now})
+            conv_id = db["conversations"].insert({
+                "title": title, "created": now, "updated": now, "model": model,
+                "system_prompt": system_prompt, "settings": "{}",
+            }).last_pk
+            msg_id = self._insert_message(db, conv_id, "user", first_message, "complete", None)
         return self.get_message(msg_id)
+
+    def _insert_message(self, db: sqlite_utils.Database, conversation_id: int, role: str,
+                        content: str, status: str, token_count: int | None,
+                        **conversation: str | None) -> int:
+        now = self._now()
+        msg_id = db["messages"].insert({
+            "conversation_id": conversation_id, "role": role, "content": content,
+            "created": now, "status": status, "token_count": token_count,
+        }).last_pk
+        changes = {k: v for k, v in conversation.items() if v is not None}
+        db["conversations"].update(conversation_id, {"updated": now, **changes})
+        return msg_id
 
     def get_message(self, message_id: int) -> MessageRecord:
         rows = self._read("SELECT * FROM messages WHERE id = ?", (message_id,))
@@ -293,26 +397,73 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
-    def search(self, query: str, limit: int = 50) -> list[SearchHit]:
-        """Full-text search over every message; the query is taken literally (no FTS syntax)."""
-        if not query.strip():
-            return []
-        fts_query = self.db.quote_fts(query)
+    def edit_message(self, message_id: int, content: str,
+                     drop_later: bool = False) -> MessageRecord:
+        """Replace a message's text, and with `drop_later` delete every message after it, in
+        one transaction."""
+        found = self.get_message(message_id)
+        with self._tx() as db:
+            db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
+            if drop_later:
+                db.execute("DELETE FROM messages WHERE conversation_id = ? AND id > ?",
+                           (found.conversation_id, message_id))
+            db["conversations"].update(found.conversation_id, {"updated": self._now()})
+        return self.get_message(message_id)
+
+    def message_counts(self) -> dict[int, int]:
+        """Messages per conversation, in one query (for listings)."""
         rows = self._read(
+            "SELECT conversation_id, count(*) AS n FROM messages GROUP BY conversation_id")
+        return {r["conversation_id"]: r["n"] for r in rows}
+
+    def transcript_signature(self, conversation_id: int) -> tuple[int, int, int]:
+        """(count, last id, total length) of a transcript: it changes with any added, deleted
+        or edited message, so a window can tell that another one wrote."""
+        row = self._read(
+            "SELECT count(*) AS n, coalesce(max(id), 0) AS last, "
+            "coalesce(sum(length(content)), 0) AS size FROM messages WHERE conversation_id = ?",
+            (conversation_id,),
+        )[0]
+        return row["n"], row["last"], row["size"]
+
+    def search(self, query: str, limit: int = 50) -> list[SearchHit]:
+        """Search every message; the query is taken literally, never as FTS syntax.
+
+        Each word must appear (full-text, so "eggs" finds "egg"); a word with punctuation in
+        it ("c++") must also appear as written, and punctuation alone ('"') is found as text.
+        """
+        words = query.split()
+        if not words:
+            return []
+        literal = [w for w in words if not w.isalnum()]
+        tokens = [w for w in words if any(ch.isalnum() for ch in w)]
+        exact = " AND ".join(["instr(lower(m.content), lower(?)) > 0"] * len(literal)) or "1"
+        if tokens:
+            fts_query = " ".join('"' + w.replace('"', '""') + '"' for w in tokens)
+            sql = f"""
+                SELECT m.id, m.conversation_id, m.role, c.title,
+                       snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet
+                FROM messages_fts
+                JOIN messages m ON m.rowid = messages_fts.rowid
+                JOIN conversations c ON c.id = m.conversation_id
+                WHERE messages_fts MATCH ? AND {exact}
+                ORDER BY c.updated DESC, m.id
+                LIMIT ?
             """
-            SELECT m.id, m.conversation_id, m.role, c.title,
-                   snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet
-            FROM messages_fts
-            JOIN messages m ON m.rowid = messages_fts.rowid
-            JOIN conversations c ON c.id = m.conversation_id
-            WHERE messages_fts MATCH ?
-            ORDER BY c.updated DESC, m.id
-            LIMIT ?
-            """,
-            (fts_query, limit),
-        )
+            params: tuple = (fts_query, *literal, limit)
+        else:  # nothing the index holds (punctuation only): scan for it as text
+            sql = f"""
+                SELECT m.id, m.conversation_id, m.role, c.title, m.content AS snippet
+                FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                WHERE {exact}
+                ORDER BY c.updated DESC, m.id
+                LIMIT ?
+            """
+            params = (*literal, limit)
+        rows = self._read(sql, params)
         return [
-            SearchHit(r["conversation_id"], r["title"], r["id"], r["role"], r["snippet"])
+            SearchHit(r["conversation_id"], r["title"], r["id"], r["role"],
+                      r["snippet"] if tokens else _snippet(r["snippet"], literal[0]))
             for r in rows
         ]
 
@@ -366,6 +517,7 @@ class Store:
                 "DELETE FROM memory_states WHERE conversation_id = ? AND id != ?",
                 (conversation_id, state_id),
             )
+        self._reclaim()
         return state_id
 
     def latest_memory_state(self, conversation_id: int) -> MemoryStateRecord | None:
@@ -383,6 +535,94 @@ class Store:
     def delete_memory_states(self, conversation_id: int) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM memory_states WHERE conversation_id = ?", (conversation_id,))
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Give the pages of deleted rows back to the file system (auto_vacuum=INCREMENTAL).
+
+        The memory states are the big rows, and each save prunes the one before: without
+        this the file keeps its largest size forever. Best effort: a busy database is left
+        for the next save.
+        """
+        with self._lock:
+            try:
+                # executescript steps it to the end (execute() frees one page a call)
+                self.db.conn.executescript("PRAGMA incremental_vacuum;")
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass
+
+    def size_on_disk(self) -> tuple[int, int]:
+        """(bytes the database files take, bytes of free pages in them)."""
+        with self._lock:
+            try:
+                page = self.db.execute("PRAGMA page_size").fetchone()[0]
+                free = self.db.execute("PRAGMA freelist_count").fetchone()[0] * page
+            except sqlite3.Error as exc:
+                raise StorageError(self._explain(exc)) from exc
+        return database_size(self.path), free
 
     def memory_state_count(self) -> int:
         return self._read("SELECT count(*) AS n FROM memory_states")[0]["n"]
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    def acquire_lease(self, conversation_id: int, owner: str, stale_after: float,
+                      force: bool = False) -> LeaseRecord | None:
+        """Make `owner` (this process's window) the writer of a conversation.
+
+        Returns None when it now holds the lease, or the live lease of another owner, left as
+        it is. A lease is stale, and taken over, when its process is gone (same host) or its
+        heartbeat is older than `stale_after` seconds. `force` takes it whatever it is.
+        """
+        now = self._clock()
+        with self._tx() as db:
+            rows = list(db.query("SELECT * FROM leases WHERE conversation_id = ?",
+                                 (conversation_id,)))
+            held = LeaseRecord(**rows[0]) if rows else None
+            if (held is not None and held.owner != owner and not force
+                    and _lease_live(held, now, stale_after)):
+                return held
+            stamp = now.isoformat(timespec="milliseconds")
+            db.execute(
+                """
+                INSERT INTO leases (conversation_id, owner, pid, host, acquired, heartbeat)
+                VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT(conversation_id) DO UPDATE SET
+                    acquired = CASE WHEN owner = excluded.owner THEN acquired
+                                    ELSE excluded.acquired END,
+                    owner = excluded.owner, pid = excluded.pid, host = excluded.host,
+                    heartbeat = excluded.heartbeat
+                """,
+                (conversation_id, owner, os.getpid(), socket.gethostname(), stamp, stamp),
+            )
+        return None
+
+    def lease(self, conversation_id: int) -> LeaseRecord | None:
+        rows = self._read("SELECT * FROM leases WHERE conversation_id = ?", (conversation_id,))
+        return LeaseRecord(**rows[0]) if rows else None
+
+    def heartbeat(self, owner: str) -> None:
+        """Say that `owner`'s leases are still in use."""
+        with self._tx() as db:
+            db.execute("UPDATE leases SET heartbeat = ? WHERE owner = ?", (self._now(), owner))
+
+    def release_lease(self, conversation_id: int, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?",
+                       (conversation_id, owner))
+
+    def release_leases(self, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM leases WHERE owner = ?", (owner,))
+
+
+def _lease_live(lease: LeaseRecord, now: datetime, stale_after: float) -> bool:
+    if now - datetime.fromisoformat(lease.heartbeat) > timedelta(seconds=stale_after):
+        return False
+    return lease.host != socket.gethostname() or pid_alive(lease.pid)
+
+
+def database_size(path: Path) -> int:
+    """Bytes a database takes on disk: the file and its write-ahead log."""
+    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())

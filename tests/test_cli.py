@@ -61,7 +61,9 @@ def test_export_unknown_id_is_a_clear_error(filled_db: Path, capsys) -> None:
 def test_search(filled_db: Path, capsys) -> None:
     assert main(["search", "porto", "--db", str(filled_db)]) == 0
     assert "Trip planning" in capsys.readouterr().out
-    assert main(["search", "zebra", "--db", str(filled_db)]) == 1
+    assert main(["search", "zebra", "--db", str(filled_db)]) == 0  # no hits is an answer
+    captured = capsys.readouterr()
+    assert captured.out == "" and "No messages match 'zebra'." in captured.err
 
 
 def test_paths_follow_flags_and_env(tmp_path: Path, capsys, monkeypatch) -> None:

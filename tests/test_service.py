@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from app.errors import ChatError
 from app.service import ChatService, make_title
 from app.settings import Settings
 from engine import Engine
@@ -31,7 +32,7 @@ def test_send_commits_both_messages_and_titles_the_chat(service: ChatService) ->
 
 def test_empty_message_is_refused(service: ChatService) -> None:
     conv = service.new_conversation()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ChatError, match="empty"):
         list(service.send(conv.id, "   "))
     assert service.messages(conv.id) == []
 
@@ -71,9 +72,9 @@ def test_regenerate_replaces_the_last_reply(service: ChatService, scripted) -> N
     assert [m.content for m in live.messages][-2:] == ["hello", "You said: hello (take 2)"]
 
 
-def test_regenerate_without_a_reply_is_refused(service: ChatService) -> None:
+def test_regenerate_without_a_message_is_refused(service: ChatService) -> None:
     conv = service.new_conversation()
-    with pytest.raises(ValueError, match="no reply"):
+    with pytest.raises(ChatError, match="no message to reply to"):
         list(service.regenerate(conv.id))
 
 
@@ -144,7 +145,7 @@ def test_export_formats(service: ChatService) -> None:
 
     doc = json.loads(service.export(conv.id, "json"))
     assert [m["role"] for m in doc["messages"]] == ["user", "assistant"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ChatError, match="Unknown export format"):
         service.export(conv.id, "pdf")
 
 
