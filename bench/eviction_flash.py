@@ -32,13 +32,13 @@ def exchange_nll(engine: Engine, conv, user: str, assistant: str) -> float:
     """Mean NLL of the exchange's tokens read from a copy of `conv`'s memory."""
     state = conv.save_state()
     probe = engine.restore_conversation(state)
-    before = len(probe._rendered)
+    before = len(probe.memory_view().rendered)
     probe.add_turn("user", user)
     probe.add_turn("assistant", assistant)
-    tokens = engine.model.tokenize(probe._rendered[before:], False, True)
+    tokens = engine.model.tokenize(probe.memory_view().rendered[before:], False, True)
     engine.release(probe)
     reader = engine.restore_conversation(state)
-    held = len(reader._kv_tokens)
+    held = reader.held
     rows = engine.activate(reader).decode(tokens, held, want=range(len(tokens) - 1))
     engine.release(reader)
     return mean_nll([rows[i] for i in range(len(tokens) - 1)], tokens[1:])
@@ -56,7 +56,7 @@ def run(device: str, flash: bool, warmup: int, scored: int, level: str) -> dict:
             conv.add_turn("user", user)
             conv.add_turn("assistant", assistant)
         return {"flash_attn": flash, "level": level, "device": engine.info.device,
-                "held": conv.stats().memory_tokens, "evicted": conv._evicted,
+                "held": conv.stats().memory_tokens, "evicted": conv.memory_view().evicted,
                 "mean_nll": statistics.fmean(nlls), "ppl": math.exp(statistics.fmean(nlls)),
                 "nlls": nlls}
 

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
                     # context has it (on: it keeps every token) and as Llama's default (off)
                     for fa in (True, False):
                         row[f"reference_fa_{'on' if fa else 'off'}_tok_s"] = reference(
-                            ref_llm(engine, args, threads, fa), conv._kv_tokens)
+                            ref_llm(engine, args, threads, fa), list(conv.memory_view().tokens))
                     row["reference_tok_s"] = row["reference_fa_on_tok_s"]
                 probes.append(row)
                 print(f"{label:>20} turn {t:>3}: held {stats.memory_tokens:>5} "

@@ -24,6 +24,11 @@ LEVEL_BUDGETS: dict[str, tuple[int | None, str]] = {
     "aggressive": (128, "q4_0"),
 }
 SINK_TOKENS = 4
+# With a trained compressor, the share of a level's budget held as recent text; the rest
+# holds older exchanges as <COMP> slots (engine.memory.hybrid). Chosen on the validation
+# split by bench/hybrid.py (see VERBATIM_SHARE_EVIDENCE).
+VERBATIM_SHARE: dict[str, float] = {"light": 0.75, "balanced": 0.75, "aggressive": 0.5}
+VERBATIM_SHARE_EVIDENCE = "bench/hybrid.py --split validation"
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,17 @@ class CompressionConfig:
             return cls(level, "full", {}, kv_type, "keeps every token")
         if compressor is not None:
             n = compressor.n_comp
+            reason = f"trained CCM compressor for this model ({compressor.folder.name})"
+            if compressor.method != "ccm-concat":
+                return cls(level, compressor.method,
+                           {"n_comp": n, "cap": max(1, budget // n),
+                            "compressor": compressor.fingerprint}, "f16", reason)
+            verbatim = int(budget * VERBATIM_SHARE[level])
             return cls(
-                level, compressor.method,
-                {"n_comp": n, "cap": max(1, budget // n), "compressor": compressor.fingerprint},
-                "f16", f"trained CCM compressor for this model ({compressor.folder.name})",
+                level, "ccm-hybrid",
+                {"n_comp": n, "cap": max(1, (budget - verbatim) // n), "verbatim": verbatim,
+                 "compressor": compressor.fingerprint},
+                "f16", reason,
             )
         return cls(
             level, "window", {"sink": SINK_TOKENS, "window": budget - SINK_TOKENS}, kv_type,

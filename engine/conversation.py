@@ -48,6 +48,8 @@ class MemoryStats:
     full_context_tokens: int
     full_context_bytes: int
     context_window: int
+    verbatim_exchanges: int = 0  # finished exchanges held as text
+    compressed_exchanges: int = 0  # exchanges held as <COMP> slots
 
     @property
     def ratio(self) -> float:
@@ -72,6 +74,23 @@ class ReplyStats:
     @property
     def interrupted(self) -> bool:
         return self.finish_reason == "cancelled"
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    """A read-only copy of what the memory holds, for tests, benchmarks and evaluations.
+
+    `tokens[i]` is the token in cell i (-1: a <COMP> slot), `ends[i]` where the text it
+    stands for ends in `rendered` (the chat-template text so far).
+    """
+
+    rendered: bytes
+    tokens: tuple[int, ...]
+    ends: tuple[int, ...]
+    slots: int
+    exchanges: tuple[int, ...]  # cells of each finished exchange held as text, oldest first
+    evicted: int  # tokens dropped from the memory so far
+    frozen: int  # bytes of `rendered` before this cannot be rolled back in place
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -108,6 +127,8 @@ class Conversation:
         self._evicted = 0  # tokens the policy has dropped from the memory so far
         self._slots = 0  # <COMP> cells at the front of the memory (CCM policies)
         self._groups = 0  # exchanges the <COMP> slots stand for (CCM-merge's mean weight)
+        self._bounds: list[int] = []  # cell index where each finished text exchange ends
+        self._text_saw_text = False  # text held was decoded after a finished exchange's text
         self._parked: bytes | None = b""
 
     @property
@@ -138,7 +159,7 @@ class Conversation:
         if ccm is None:
             raise ValueError(f"{config.method} needs a trained compressor for this model, and "
                              "none is loaded: train one with `ccm-chat train-compressor`.")
-        if config.method == "ccm-merge" and self.engine.info.backend != "hf":
+        if config.method == "ccm-merge" and not self.engine.ctx.merges:
             raise ValueError("CCM-merge is not available on the llama.cpp back end: it averages "
                              "cached keys and values, which llama.cpp's cache cannot do. Use "
                              "ccm-concat, or the hf back end (--backend hf).")
@@ -213,10 +234,24 @@ class Conversation:
             nll.append(top + np.log(np.exp(row - top).sum()) - row[tok])
         return float(np.mean(nll))
 
+    def memory_view(self) -> MemoryView:
+        return MemoryView(self._rendered, tuple(self._kv_tokens), tuple(self._kv_ends),
+                          self._slots, tuple(self.exchanges), self._evicted, self._frozen)
+
+    def next_token_logits(self) -> np.ndarray:
+        """The model's next-token logits for an assistant reply to the transcript as it is."""
+        decoded, _ = self._sync(self.engine.model.render_chat(self.messages, add_assistant=True))
+        ctx = self._ctx()
+        if decoded == 0:  # logits are only current after a decode
+            self._redecode_last(ctx)
+        return ctx.logits(-1)
+
     def stats(self) -> MemoryStats:
         held = len(self._kv_tokens)
         size = self._ctx().state_size() if held else 0
         full = held - self._slots + self._evicted
+        n_comp = len(self.engine.ccm.vectors) if self.engine.ccm is not None else 1
+        merged = self.compression.method == "ccm-merge"
         return MemoryStats(
             method=self.compression.method,
             memory_tokens=held,
@@ -224,6 +259,8 @@ class Conversation:
             full_context_tokens=full,
             full_context_bytes=full * self.engine.model.f16_bytes_per_token,
             context_window=self.engine.n_ctx,
+            verbatim_exchanges=len(self.exchanges),
+            compressed_exchanges=self._groups if merged else self._slots // n_comp,
         )
 
     def rebuild(self, progress: Progress | None = None) -> None:
@@ -238,6 +275,8 @@ class Conversation:
         self._rendered = b""
         self._kv_tokens, self._kv_ends = [], []
         self._frozen = self._evicted = self._slots = self._groups = 0
+        self._bounds = []
+        self._text_saw_text = False
         render = self.engine.model.render_chat
         total = len(self.messages)
         if self.policy.budget is None:  # nothing is evicted: one batched prefill is the same
@@ -248,7 +287,7 @@ class Conversation:
             for i in range(1, total + 1):
                 self._sync(render(self.messages[:i], add_assistant=False))
                 if self.messages[i - 1].role == "assistant":
-                    self.policy.after_turn(self)
+                    self._end_turn()
                 if progress is not None:
                     progress(i, total)
         if progress is not None:
@@ -300,6 +339,8 @@ class Conversation:
             "frozen": self._frozen,
             "evicted": self._evicted,
             "groups": self._groups,
+            "bounds": self._bounds,
+            "text_saw_text": self._text_saw_text,
         }
         return StateBlob(header, payload).to_bytes()
 
@@ -339,11 +380,16 @@ class Conversation:
             conv._frozen = int(head["frozen"])
             conv._evicted = int(head["evicted"])
             conv._groups = int(head.get("groups", 0))
+            conv._bounds = [int(b) for b in head.get("bounds", [])]
+            conv._text_saw_text = bool(head.get("text_saw_text", False))
             conv._slots = sum(1 for t in conv._kv_tokens if t < 0)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"The memory state header is malformed ({exc}).") from exc
         if len(conv._kv_tokens) != len(conv._kv_ends) or len(conv._kv_tokens) > engine.n_ctx:
             raise StateError("The memory state does not fit this engine's context.")
+        if conv._bounds != sorted(conv._bounds) or any(
+                not conv._slots < b <= len(conv._kv_tokens) for b in conv._bounds):
+            raise StateError("The memory state's exchange bounds do not fit its cells.")
         conv._parked = blob.payload
         conv._ctx()  # load it now, so a bad payload fails here and not mid-reply
         if conv._kv_tokens and conv.engine.ctx.pos_max() != len(conv._kv_tokens) - 1:
@@ -376,43 +422,67 @@ class Conversation:
         self._evicted += end - start - slots
         del self._kv_tokens[start:end]
         del self._kv_ends[start:end]
+        width = end - start
+        moved = [b if b <= start else max(start, b - width) for b in self._bounds]
+        self._bounds = self._valid_bounds(moved)
+
+    def _valid_bounds(self, bounds: list[int]) -> list[int]:
+        """Bounds of exchanges that still hold text: above the slots, distinct, in order."""
+        kept: list[int] = []
+        for b in bounds:
+            if b > self._slots and b <= len(self._kv_tokens) and (not kept or b > kept[-1]):
+                kept.append(b)
+        return kept
 
     @property
     def slots(self) -> int:
         return self._slots
 
-    def compress(self, merge: bool = False) -> None:
-        """Run the compressor's <COMP> slots after the text since the last compression, with
-        its adapter on, then keep only the slots (merge: their running mean)."""
+    @property
+    def exchanges(self) -> list[int]:
+        """Cells of each finished exchange held as text, oldest first."""
+        starts = [self._slots, *self._bounds][: len(self._bounds)]
+        return [end - start for start, end in zip(starts, self._bounds, strict=True)]
+
+    def compress(self, cells: int | None = None, merge: bool = False) -> None:
+        """Run the compressor's <COMP> slots over the first `cells` text cells after the slots
+        (None: all of them), with its adapter on, then keep only the slots in their place
+        (merge: their running mean). The slots see the slots before them and that text only,
+        never the text after it, as the compressor was trained."""
         ccm = self.engine.ccm
         if ccm is None:
             raise EngineError("No trained compressor is loaded for this model.")
         ctx = self._ctx()
         n = len(ccm.vectors)
-        start = self._slots
-        if self.held == start:
+        text = self.held - self._slots if cells is None else min(cells, self.held - self._slots)
+        if text <= 0:
             return
+        if merge and text != self.held - self._slots:
+            raise EngineError("CCM-merge compresses all the text after its slots at once.")
         capacity = ctx.n_ctx - 1
-        if self.held + n > capacity and not self.policy.make_room(self, n, capacity):
-            # no old group left to drop: the exchange's oldest text goes, keeping its last token
-            start = self._slots
+        while self.held + n > capacity and self._slots > n:  # the oldest groups go first
+            self.evict(0, n)
+        if self.held + n > capacity:  # then the span's oldest text, keeping its last token
             cut = self.held + n - capacity
-            if cut > self.held - start - 1:
+            if cut > text - 1:
                 raise ContextFullError("This exchange is too long to compress in this context.")
-            self.evict(start, start + cut)
+            self.evict(self._slots, self._slots + cut)
+            text -= cut
         start = self._slots
-        end = self.held
-        ctx.set_adapter(ccm.adapter)
-        try:
-            ctx.decode_embeddings(ccm.vectors, end)
-        finally:
-            ctx.set_adapter(None)
-        for _ in range(n):
-            self._record(-1, len(self._rendered))
+        end = start + text
+        # text decoded while older text was held must be read afresh, as it was trained
+        reread = self._kv_tokens[start:end] if self._text_saw_text else []
+        ctx.insert_slots(ccm.vectors, ccm.adapter, end, reread)
+        slot_end = self._kv_ends[end - 1]
+        self._kv_tokens[end:end] = [-1] * n
+        self._kv_ends[end:end] = [slot_end] * n
+        self._bounds = [b + n if b > end else b for b in self._bounds]
         self._groups += 1
         if not merge:
             self.evict(start, end)
             self._slots += n
+            self._bounds = self._valid_bounds(self._bounds)
+            self._text_saw_text = self._text_saw_text and self.held > self._slots
             return
         ctx.remove(start, end)  # the text goes; the new slots move onto the held ones' places
         ctx.shift(end, -1, -end)
@@ -479,6 +549,7 @@ class Conversation:
             ctx.remove(keep)
             del self._kv_tokens[keep:]
             del self._kv_ends[keep:]
+            self._bounds = [b for b in self._bounds if b <= keep]
             self._rendered = self._rendered[: self._kv_ends[-1] if keep else 0]
         delta = target[len(self._rendered) :]
         if not delta:
@@ -516,7 +587,12 @@ class Conversation:
         return len(tokens), time.perf_counter() - start
 
     def _end_turn(self) -> None:
+        """An exchange is finished: mark where its text ends, then let the policy work."""
+        if self.held > (self._bounds[-1] if self._bounds else self._slots):
+            self._bounds.append(self.held)
         self.policy.after_turn(self)
+        if self.held > self._slots:  # the next text is decoded after this exchange's text
+            self._text_saw_text = True
 
     def _redecode_last(self, ctx) -> None:
         """Logits are only current after a decode: recompute them for the last cell."""

@@ -3,6 +3,8 @@
 The high-level `Llama` class assumes contiguous positions and owns the KV cache; memory
 policies need to edit the cache between turns, so the decode loop is driven here directly.
 Everything works on sequence 0 of one context: the engine parks and restores conversations.
+Sequence 1 is scratch space, to move cells computed apart into sequence 0 (see
+`insert_slots`): the hybrid memory compresses an exchange that later text follows.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import numpy as np
 
 from engine.chat import ChatMessage
 from engine.errors import EngineError, ModelError
+from engine.threads import resolve_threads
 
 SEQ = 0
+SCRATCH = 1
 KV_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
@@ -172,10 +176,12 @@ class LlamaContext:
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = 1
-        threads = n_threads or max(1, os.cpu_count() or 1)
-        params.n_threads = threads
-        params.n_threads_batch = threads
+        params.n_seq_max = 2  # the conversation's sequence and a scratch one
+        params.kv_unified = True  # one buffer: a sequence copy shares cells, copies nothing
+        threads = resolve_threads(n_threads)
+        params.n_threads = threads.decode
+        params.n_threads_batch = threads.batch
+        self.threads = threads
         # Only K is quantized: a quantized V cache needs flash attention, which an evicting
         # context on the CPU runs without. There, with it, logits were off by up to 1.2 once
         # cells had been evicted from the middle of a sequence, a reply generated while a small
@@ -206,6 +212,7 @@ class LlamaContext:
         self.evicts = evicts
         self.flash_attn = flash_attn  # it decides the V cache's layout, so a saved state's too
         self.defers_shift = True  # llama.cpp applies a shift at the next decode
+        self.merges = False  # its cache cannot average cells (CCM-merge)
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -260,6 +267,50 @@ class LlamaContext:
         if rc != 0:
             raise EngineError(f"llama_decode of {n} embeddings failed (code {rc}).")
 
+    def insert_slots(self, vectors: np.ndarray, adapter: object, at: int,
+                     reread: Sequence[int] = ()) -> None:
+        """Decode embedding rows (the <COMP> vectors, with `adapter` on) as new cells at
+        positions at.., seeing only the cells before `at`; the cells from `at` on move up.
+
+        `reread`: tokens decoded afresh in place of the last len(reread) cells before `at`,
+        so the rows see that text as if only the cells before it had come first (the cells
+        held there may have been decoded after other text, since compressed).
+
+        llama.cpp gave wrong logits (off by up to 24) for tokens decoded where cells of higher
+        positions, or holes, sat before them in the buffer (0.3.36, CPU), whichever sequence
+        those were in; so the rows are never decoded beside the later text. The sequence is saved, cut
+        back to the cells the rows may see, the rows decoded at its end as on the plain path,
+        and the result saved; then the whole sequence is restored and the new cells are
+        loaded into the scratch sequence and tagged back into place.
+        """
+        n = len(vectors)
+        if not reread and at > self.pos_max():
+            self._decode_with_adapter(vectors, adapter, at)
+            return
+        prefix = at - len(reread)
+        whole = self.get_state()
+        self.remove(prefix)
+        self.set_state(self.get_state())  # no holes before the new cells (see above)
+        if reread:
+            self.decode(reread, prefix)
+        self._decode_with_adapter(vectors, adapter, at)
+        self.remove(0, at)  # keep only the new cells, at their own positions
+        piece = self.get_state()
+        self.set_state(whole)
+        self.shift(at, -1, n)
+        self.set_state(piece, seq=SCRATCH, clear=False)
+        try:
+            llama_cpp.llama_memory_seq_cp(self.memory, SCRATCH, SEQ, at, at + n)
+        finally:
+            llama_cpp.llama_memory_seq_rm(self.memory, SCRATCH, -1, -1)
+
+    def _decode_with_adapter(self, vectors: np.ndarray, adapter: object, at: int) -> None:
+        self.set_adapter(adapter)
+        try:
+            self.decode_embeddings(vectors, at)
+        finally:
+            self.set_adapter(None)
+
     def set_adapter(self, adapter: object | None, scale: float = 1.0) -> None:
         """Turn a LoRA adapter on for the next decodes (None: off)."""
         if adapter is None:
@@ -304,10 +355,11 @@ class LlamaContext:
         written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, SEQ)
         return ctypes.string_at(buf, written)  # not bytes(buf[:n]): that builds a list of ints
 
-    def set_state(self, data: bytes) -> None:
-        self.clear()
+    def set_state(self, data: bytes, seq: int = SEQ, clear: bool = True) -> None:
+        if clear:
+            self.clear()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), SEQ) == 0:
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == 0:
             self.clear()
             raise EngineError("llama.cpp rejected the saved memory state.")
 

@@ -37,8 +37,16 @@ def ccm_hf(hf_engine) -> Iterator[Engine]:
         yield eng
 
 
+def pure_ccm(engine: Engine, level: str = "balanced") -> CompressionConfig:
+    """Pure CCM-concat (every exchange compressed at once) with the level's slot budget."""
+    files = engine.ccm.files
+    return CompressionConfig(level, "ccm-concat",
+                             {"n_comp": files.n_comp, "cap": 512 // files.n_comp,
+                              "compressor": files.fingerprint}, "f16")
+
+
 def chat(engine: Engine, *exchanges: tuple[str, str], config=None):
-    conv = engine.new_conversation(compression=config)
+    conv = engine.new_conversation(compression=config or pure_ccm(engine))
     for user, assistant in exchanges:
         conv.add_turn("user", user)
         conv.add_turn("assistant", assistant)
@@ -54,11 +62,15 @@ def test_the_shipped_compressor_serves_the_levels_of_the_default_model(ccm_llama
     files = find_compressor(ccm_llama.fingerprint)
     assert files is not None and files.folder.parent == compressor_dirs()[-1]  # shipped
     assert files.card["steps"] > 0 and "held_apart_reply_nll_after" in files.card
-    for level, cap in (("light", 2048), ("balanced", 512), ("aggressive", 128)):
+    budgets = []
+    for level, cells in (("light", 2048), ("balanced", 512), ("aggressive", 128)):
         config = ccm_llama.compression_for(level)
-        assert config.method == "ccm-concat" and config.kv_type == "f16"
-        assert config.params["cap"] == cap // files.n_comp
+        assert config.method == "ccm-hybrid" and config.kv_type == "f16"
+        policy = config.policy()
+        assert policy.budget <= cells and policy.verbatim > 0 and policy.cap >= 1
         assert "trained CCM compressor" in config.describe()
+        budgets.append((policy.budget, policy.verbatim, policy.cap))
+    assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == 3
     # a model without one falls back to the training-free policy and says why
     fallback = CompressionConfig.for_level("balanced")
     assert fallback.method == "window" and "no trained CCM compressor" in fallback.reason
@@ -101,7 +113,7 @@ def test_ccm_state_restores_exactly(backend, ccm_llama, ccm_hf) -> None:
 
 
 def test_concat_cap_drops_the_oldest_exchange_first(ccm_llama) -> None:
-    capped = ccm_llama.compression_for("balanced")
+    capped = pure_ccm(ccm_llama)
     capped = CompressionConfig(capped.level, capped.method, {**capped.params, "cap": 2},
                                capped.kv_type)
     conv = chat(ccm_llama, FACT, FILLER, FILLER, config=capped)
@@ -117,10 +129,10 @@ def test_concat_cap_drops_the_oldest_exchange_first(ccm_llama) -> None:
 
 
 def test_a_generated_reply_is_compressed_with_its_end_of_turn(ccm_llama) -> None:
-    conv = ccm_llama.new_conversation()
+    conv = ccm_llama.new_conversation(compression=pure_ccm(ccm_llama))
     reply = "".join(conv.send("Say hello.", max_tokens=12, temperature=0))
     assert reply and conv.stats().memory_tokens == 1
-    assert conv._rendered.endswith(b"<|im_end|>\n")  # the marker went in before compressing
+    assert conv.memory_view().rendered.endswith(b"<|im_end|>\n")  # the marker went in first
     twin = chat(ccm_llama, ("Say hello.", reply))
     assert twin.stats() == conv.stats()
     # the same text, though sampled tokens may split it otherwise than the tokenizer does
@@ -163,7 +175,7 @@ def test_a_reply_that_fills_the_context_is_kept_and_compressed() -> None:
     """No old group to drop, no room for the end-of-turn marker: the reply is still kept,
     the exchange still compressed (its oldest text goes first), and the chat goes on."""
     with Engine.load(n_ctx=128, device=TEST_DEVICE, compression="balanced") as eng:
-        conv = eng.new_conversation()
+        conv = eng.new_conversation(compression=pure_ccm(eng))
         reply = "".join(conv.send("Write a very long story about a dragon.", max_tokens=400,
                                   temperature=0))
         assert reply and conv.last_reply.finish_reason == "context_full"

@@ -26,8 +26,7 @@ def reply(conv, text: str, params: SamplingParams = GREEDY) -> str:
 
 def next_logits(conv) -> np.ndarray:
     """The logits for the first token of the next reply (decodes the pending prompt)."""
-    conv._sync(conv.engine.model.render_chat(conv.messages, add_assistant=True))
-    return conv._ctx().logits(-1)
+    return conv.next_token_logits()
 
 
 def test_default_model_is_found_through_the_installed_wheel() -> None:

@@ -65,9 +65,9 @@ def test_window_keeps_sinks_and_recent_tokens(hf_engine: Engine) -> None:
     conv = hf_engine.new_conversation(compression=window(4, 60, "f16"))
     full = hf_engine.new_conversation(compression=CompressionConfig("off", "full", {}, "f16"))
     chat(full, 5)
-    every = list(full._kv_tokens)
+    every = list(full.memory_view().tokens)
     chat(conv, 5)
-    assert conv._kv_tokens == every[:4] + every[-60:]
+    assert list(conv.memory_view().tokens) == every[:4] + every[-60:]
     assert positions(hf_engine) == (0, 63)
     assert conv.stats().full_context_tokens == len(every)
 

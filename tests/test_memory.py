@@ -86,7 +86,7 @@ def test_window_keeps_sinks_and_recent_tokens_with_contiguous_positions(
     eng = engine_for()
     full = eng.new_conversation(compression=CompressionConfig("balanced", "full", {}, "f16"))
     chat(full, 6)
-    all_tokens = list(full._kv_tokens)
+    all_tokens = full.memory_view().tokens
     conv = eng.new_conversation(compression=window(4, 60))
     for i in range(6):
         conv.add_turn("user", FACTS[i][0])
@@ -96,8 +96,8 @@ def test_window_keeps_sinks_and_recent_tokens_with_contiguous_positions(
         assert positions(eng) == (0, stats.memory_tokens - 1)
     stats = conv.stats()
     assert stats.memory_tokens == 64
-    assert conv._kv_tokens[:4] == all_tokens[:4]  # the attention sinks
-    assert conv._kv_tokens[4:] == all_tokens[-60:]  # the most recent window
+    assert conv.memory_view().tokens[:4] == all_tokens[:4]  # the attention sinks
+    assert conv.memory_view().tokens[4:] == all_tokens[-60:]  # the most recent window
     assert stats.full_context_tokens == len(all_tokens)
     assert stats.ratio == pytest.approx(len(all_tokens) / 64)
     assert stats.full_context_bytes == len(all_tokens) * eng.model.f16_bytes_per_token
@@ -153,7 +153,7 @@ def test_save_restore_after_eviction_is_exact(engine_for: EngineFor, kv_type: st
     eng = engine_for(kv_type)
     conv = eng.new_conversation(compression=window(4, 60, kv_type))
     chat(conv, 6)
-    assert conv._evicted > 0
+    assert conv.memory_view().evicted > 0
     blob = conv.save_state()
     stats = conv.stats()
     expected = next_logits(conv)
@@ -212,7 +212,7 @@ def test_state_with_another_v_cache_layout_is_refused_then_rebuilt(
         for m in conv.messages[1:]:
             copy.add_turn(m.role, m.content, decode=False)
         copy.rebuild()
-        assert copy._kv_tokens == conv._kv_tokens
+        assert copy.memory_view().tokens == conv.memory_view().tokens
 
 
 def test_regenerate_after_the_reply_was_evicted_rebuilds(engine_for: EngineFor) -> None:
@@ -220,7 +220,7 @@ def test_regenerate_after_the_reply_was_evicted_rebuilds(engine_for: EngineFor) 
     conv = eng.new_conversation(compression=window(4, 20))
     chat(conv, 2)
     "".join(conv.send("Tell me about lighthouses.", GREEDY))
-    assert conv._frozen > 0  # the reply ran past the window: it cannot be rolled back in place
+    assert conv.memory_view().frozen > 0  # the reply ran past the window: it cannot be rolled back in place
     count = len(conv.messages)
     conv.truncate(count - 1)
     again = "".join(conv.generate(GREEDY))
@@ -260,7 +260,7 @@ def test_rebuild_holds_what_the_live_window_held(engine_for: EngineFor) -> None:
     seen: list[tuple[int, int]] = []
     copy.rebuild(lambda done, total: seen.append((done, total)))
     assert seen[-1] == (len(live.messages), len(live.messages))
-    assert copy._kv_tokens == live._kv_tokens  # the sinks and the recent window, decoded once
+    assert copy.memory_view().tokens == live.memory_view().tokens  # the sinks and the recent window, decoded once
     assert positions(eng) == (0, 63)
     assert copy.stats().full_context_tokens == live.stats().full_context_tokens
 

@@ -8,6 +8,7 @@ conversation gives it, so the same policy runs on any back end that offers those
 from engine.memory.base import KVMemory, MemoryPolicy
 from engine.memory.ccm import CCMMergePolicy, CCMPolicy
 from engine.memory.full import FullPolicy
+from engine.memory.hybrid import HybridPolicy
 from engine.memory.window import WindowPolicy
 
 POLICIES: dict[str, type[MemoryPolicy]] = {
@@ -15,6 +16,7 @@ POLICIES: dict[str, type[MemoryPolicy]] = {
     WindowPolicy.name: WindowPolicy,
     CCMPolicy.name: CCMPolicy,
     CCMMergePolicy.name: CCMMergePolicy,
+    HybridPolicy.name: HybridPolicy,
 }
 
 
@@ -28,5 +30,5 @@ def make_policy(method: str, **params: object) -> MemoryPolicy:
     return cls(**params)
 
 
-__all__ = ["POLICIES", "CCMMergePolicy", "CCMPolicy", "FullPolicy", "KVMemory", "MemoryPolicy",
-           "WindowPolicy", "make_policy"]
+__all__ = ["POLICIES", "CCMMergePolicy", "CCMPolicy", "FullPolicy", "HybridPolicy", "KVMemory",
+           "MemoryPolicy", "WindowPolicy", "make_policy"]

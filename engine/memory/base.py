@@ -12,7 +12,8 @@ class KVMemory(Protocol):
     Cells are indexed 0..held-1 and their positions stay contiguous: after `evict` the cells
     behind the gap move down so the next token goes at position `held`. A compressing policy
     (CCM) uses one more edit, `compress`: the memory then is `slots` <COMP> cells at the front,
-    followed by the text of the exchange in progress.
+    followed by text: the finished exchanges still held verbatim (`exchanges`), then the
+    exchange in progress.
     """
 
     @property
@@ -23,9 +24,14 @@ class KVMemory(Protocol):
         """<COMP> cells held (at the front)."""
         ...
 
-    def compress(self, merge: bool = False) -> None:
-        """Run the <COMP> slots over the text since the last compression and keep only them
-        (merge: fold them into the running mean of the slots already held)."""
+    @property
+    def exchanges(self) -> list[int]:
+        """Cells of each finished exchange held as text after the slots, oldest first."""
+        ...
+
+    def compress(self, cells: int | None = None, merge: bool = False) -> None:
+        """Run the <COMP> slots over the first `cells` text cells after the slots (None: all)
+        and keep only them in that text's place (merge: fold them into the running mean)."""
 
     def evict(self, start: int, end: int) -> None:
         """Drop cells [start, end) and close the gap."""

@@ -33,26 +33,37 @@ class CCMPolicy(MemoryPolicy):
 
     def after_turn(self, memory: KVMemory) -> None:
         memory.compress()
-        self._drop_oldest(memory, memory.slots - self.budget)
+        drop_oldest_groups(memory, self.n_comp, memory.slots - self.budget)
 
     def make_room(self, memory: KVMemory, needed: int, capacity: int) -> bool:
-        """Only whole old groups can go; the exchange in progress stays until compressed."""
+        """Whole old groups go first (one stays); then the exchange in progress slides, so a
+        paste longer than the window keeps its end."""
         excess = memory.held + needed - capacity
-        if excess <= 0:
-            return True
-        if excess > memory.slots - self.n_comp:
-            return False
-        self._drop_oldest(memory, excess)
-        return True
-
-    def _drop_oldest(self, memory: KVMemory, cells: int) -> None:
-        if cells > 0:
-            groups = -(-cells // self.n_comp)
-            memory.evict(0, groups * self.n_comp)
+        if excess > 0 and memory.slots > self.n_comp:
+            drop_oldest_groups(memory, self.n_comp, min(excess, memory.slots - self.n_comp))
+        return slide_current_text(memory, needed, capacity)
 
     def describe(self) -> str:
         return (f"trained compressor, {self.n_comp} <COMP> slot(s) per exchange, "
                 f"up to {self.cap} exchanges")
+
+
+def drop_oldest_groups(memory: KVMemory, n_comp: int, cells: int) -> None:
+    """Evict the oldest whole groups of slots that cover `cells`."""
+    if cells > 0:
+        groups = -(-cells // n_comp)
+        memory.evict(0, min(memory.slots, groups * n_comp))
+
+
+def slide_current_text(memory: KVMemory, needed: int, capacity: int) -> bool:
+    """Evict the oldest text after the slots so `needed` more cells fit; one cell stays."""
+    excess = memory.held + needed - capacity
+    if excess <= 0:
+        return True
+    if excess > memory.held - memory.slots - 1:
+        return False
+    memory.evict(memory.slots, memory.slots + excess)
+    return True
 
 
 class CCMMergePolicy(CCMPolicy):
@@ -65,7 +76,7 @@ class CCMMergePolicy(CCMPolicy):
         memory.compress(merge=True)
 
     def make_room(self, memory: KVMemory, needed: int, capacity: int) -> bool:
-        return memory.held + needed <= capacity
+        return slide_current_text(memory, needed, capacity)
 
     def describe(self) -> str:
         return f"trained compressor, a running mean of {self.n_comp} <COMP> slot(s)"

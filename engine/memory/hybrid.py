@@ -1,0 +1,58 @@
+"""`ccm-hybrid`: the most recent exchanges verbatim, the older ones as CCM slots.
+
+The next turn leans most on the last few exchanges, which a window keeps word for word;
+what a window forgets, CCM keeps as n <COMP> cells an exchange. So the memory is
+`[slots of old exchanges][recent exchanges as text]`, at most `verbatim` text cells plus
+`cap` groups of slots after a turn. When the text passes its share, its oldest whole
+exchange is compressed (its slots see the slots before it and its own text only, as the
+compressor was trained); when the slots pass theirs, the oldest groups go first. Pure CCM
+(`verbatim=0`) and a plain window (no slots) are the two ends of this design.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.memory.base import KVMemory, MemoryPolicy
+from engine.memory.ccm import drop_oldest_groups, slide_current_text
+
+
+class HybridPolicy(MemoryPolicy):
+    name = "ccm-hybrid"
+    reads_finished_exchange = True
+
+    def __init__(self, n_comp: int, cap: int, verbatim: int, compressor: str = "") -> None:
+        if n_comp < 1 or cap < 1 or verbatim < 0:
+            raise ValueError("ccm-hybrid needs n_comp >= 1, cap >= 1 and verbatim >= 0.")
+        self.n_comp = n_comp
+        self.cap = cap  # exchanges held as slots at most
+        self.verbatim = verbatim  # text cells held after a turn at most
+        self.compressor = compressor  # the weights' fingerprint: part of what a state matches
+
+    def params(self) -> dict[str, Any]:
+        return {"n_comp": self.n_comp, "cap": self.cap, "verbatim": self.verbatim,
+                "compressor": self.compressor}
+
+    @property
+    def budget(self) -> int:
+        return self.n_comp * self.cap + self.verbatim
+
+    def after_turn(self, memory: KVMemory) -> None:
+        while memory.held - memory.slots > self.verbatim and memory.exchanges:
+            memory.compress(memory.exchanges[0])
+        drop_oldest_groups(memory, self.n_comp, memory.slots - self.n_comp * self.cap)
+
+    def make_room(self, memory: KVMemory, needed: int, capacity: int) -> bool:
+        """Mid-exchange: compress finished text first, then drop old groups, then slide the
+        exchange in progress (a paste longer than the window keeps its end)."""
+        while memory.held + needed > capacity and memory.exchanges:
+            memory.compress(memory.exchanges[0])
+        excess = memory.held + needed - capacity
+        if excess > 0 and memory.slots > self.n_comp:
+            drop_oldest_groups(memory, self.n_comp, min(excess, memory.slots - self.n_comp))
+        return slide_current_text(memory, needed, capacity)
+
+    def describe(self) -> str:
+        return (f"trained compressor: the most recent exchanges verbatim (up to {self.verbatim} "
+                f"tokens), older ones as {self.n_comp} <COMP> slot(s) each, up to {self.cap} "
+                "exchanges")

@@ -1,0 +1,142 @@
+"""The hybrid memory on the real default model: recent exchanges verbatim, older ones as
+CCM slots, each exchange's slots computed exactly as pure CCM computes them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from engine import CompressionConfig, Engine
+from tests.device import TEST_DEVICE
+from tests.test_ccm_engine import ANSWERS, FACT, QUESTION, pure_ccm
+
+EXCHANGES = [
+    FACT,
+    ("What should I cook tonight?", "How about a simple pasta with tomatoes and basil?"),
+    ("I live in Lisbon, by the sea.", "Lisbon is lovely, especially the old town."),
+    ("My sister plays the cello.", "That is a beautiful instrument."),
+    ("Any tips for sleeping better?", "Keep a regular bedtime and avoid screens late."),
+]
+PROBE = b"<|im_start|>user\nWhat is my dog called?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    with Engine.load(n_ctx=2048, device=TEST_DEVICE, compression="balanced") as eng:
+        yield eng
+
+
+def hybrid(engine: Engine, verbatim: int, cap: int = 512) -> CompressionConfig:
+    files = engine.ccm.files
+    return CompressionConfig("balanced", "ccm-hybrid",
+                             {"n_comp": files.n_comp, "cap": cap, "verbatim": verbatim,
+                              "compressor": files.fingerprint}, "f16")
+
+
+def chat(engine: Engine, config: CompressionConfig, exchanges) -> object:
+    conv = engine.new_conversation(compression=config)
+    for user, assistant in exchanges:
+        conv.add_turn("user", user)
+        conv.add_turn("assistant", assistant)
+    return conv
+
+
+def probe_logits(engine: Engine, conv) -> np.ndarray:
+    """Logits over a fixed probe read from the memory's slots alone (text evicted)."""
+    copy = engine.restore_conversation(conv.save_state())
+    if copy.held > copy.slots:
+        copy.evict(copy.slots, copy.held)
+    copy.messages = copy.messages[:1]
+    copy.add_turn("user", QUESTION, decode=False)
+    return copy.next_token_logits()
+
+
+@pytest.mark.parametrize("verbatim", [60, 90])
+def test_slots_equal_pure_ccm_slots_for_the_same_history(engine, verbatim) -> None:
+    conv = chat(engine, hybrid(engine, verbatim), EXCHANGES)
+    view = conv.memory_view()
+    compressed = view.slots // engine.ccm.files.n_comp
+    assert 0 < compressed < len(EXCHANGES) and view.exchanges  # both parts are held
+    assert view.slots + sum(view.exchanges) == conv.held
+    pure = chat(engine, pure_ccm(engine), EXCHANGES[:compressed])
+    assert pure.held == view.slots
+    # positions stay contiguous after the edits
+    ctx = engine.activate(conv)
+    assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.held - 1)
+    got, want = probe_logits(engine, conv), probe_logits(engine, pure)
+    # bit-exact on the CPU; other kernels may batch differently
+    assert np.abs(got - want).max() < (1e-3 if TEST_DEVICE == "cpu" else 0.5)
+
+
+def test_save_restore_is_exact_after_compressing_beside_verbatim_text(engine) -> None:
+    conv = chat(engine, hybrid(engine, 60), EXCHANGES[:4])
+    assert conv.slots and conv.exchanges
+    restored = engine.restore_conversation(conv.save_state())
+    assert restored.memory_view() == conv.memory_view()
+    assert restored.stats() == conv.stats()
+    np.testing.assert_allclose(restored.next_token_logits(), conv.next_token_logits(),
+                               atol=1e-4)
+    # both go on the same way: one more exchange compresses one more
+    for c in (conv, restored):
+        c.messages.pop() if c.messages[-1].role == "user" else None
+        c.add_turn("user", EXCHANGES[4][0])
+        c.add_turn("assistant", EXCHANGES[4][1])
+    assert restored.memory_view() == conv.memory_view()
+
+
+def test_rebuild_from_the_transcript_gives_the_live_memory(engine) -> None:
+    live = chat(engine, hybrid(engine, 60), EXCHANGES)
+    rebuilt = engine.new_conversation(compression=hybrid(engine, 60))
+    rebuilt.messages = list(live.messages)
+    rebuilt.rebuild()
+    assert rebuilt.memory_view() == live.memory_view()
+    np.testing.assert_allclose(rebuilt.next_token_logits(), live.next_token_logits(),
+                               atol=1e-3)
+
+
+def test_the_hybrid_memory_still_recalls_the_fact_after_compressing_it(engine) -> None:
+    conv = chat(engine, hybrid(engine, 60), EXCHANGES)
+    assert conv.stats().compressed_exchanges >= 1  # the fact is in a slot now
+    conv.add_turn("user", QUESTION, decode=False)
+    right, *wrong = [conv.score(a) for a in ANSWERS]
+    assert right < min(wrong), (right, wrong)
+
+
+def test_levels_hold_different_memory_on_a_forty_exchange_chat(engine) -> None:
+    exchanges = [EXCHANGES[i % len(EXCHANGES)] for i in range(40)]
+    held = {}
+    for level in ("light", "balanced", "aggressive"):
+        conv = chat(engine, engine.compression_for(level), exchanges)
+        stats = conv.stats()
+        assert stats.method == "ccm-hybrid"
+        assert stats.memory_tokens <= conv.policy.budget
+        assert stats.verbatim_exchanges >= 1
+        held[level] = (stats.memory_tokens, stats.verbatim_exchanges,
+                       stats.compressed_exchanges)
+    assert held["light"][0] > held["balanced"][0] > held["aggressive"][0], held
+    assert held["light"][1] > held["balanced"][1] > held["aggressive"][1], held
+    assert held["light"][1] + held["light"][2] == 40  # nothing dropped yet at light
+
+
+def test_a_paste_longer_than_the_context_is_taken_in(engine) -> None:
+    """Under a level a huge message slides through the memory; it keeps its end."""
+    with Engine.load(n_ctx=256, device=TEST_DEVICE, compression="balanced") as small:
+        for config in (small.compression, pure_ccm(small)):
+            conv = small.new_conversation(compression=config)
+            conv.add_turn("user", FACT[0])
+            conv.add_turn("assistant", FACT[1])
+            paste = " ".join(f"word{i}" for i in range(800)) + " The last word is zebra."
+            reply = "".join(conv.send(paste, max_tokens=8, temperature=0))
+            assert conv.last_reply is not None and conv.messages[-1].content == reply
+            assert conv.held < small.n_ctx
+            assert b"zebra" in conv.memory_view().rendered
+
+
+def test_a_hybrid_state_is_refused_by_a_pure_ccm_conversation_key(engine) -> None:
+    """What a saved state must match names the policy: an old pure-CCM state is told
+    apart from a hybrid one (the app then rebuilds it and says why)."""
+    old = pure_ccm(engine).key()
+    new = engine.compression_for("balanced").key()
+    assert old != new and old["method"] == "ccm-concat" and new["method"] == "ccm-hybrid"
