@@ -548,7 +548,7 @@ class Store:
             try:
                 # executescript steps it to the end (execute() frees one page a call)
                 self.db.conn.executescript("PRAGMA incremental_vacuum;")
-                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass
 

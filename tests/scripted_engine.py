@@ -1,7 +1,9 @@
 """A scripted stand-in for the engine, for fast UI and service tests.
 
 It follows the same contract as engine.Engine (new_conversation, send/generate, add_turn,
-truncate, stats, last_reply) but its replies are fixed text, streamed word by word.
+truncate, stats, last_reply) but its replies are fixed text, streamed word by word. A token is
+a word (plus 4 a message), and with compression off a turn that does not fit the context
+window is refused as the real engine refuses it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine import (
     CompressionConfig,
+    ContextFullError,
     EngineInfo,
     MemoryStats,
     ReplyStats,
@@ -35,10 +38,19 @@ class ScriptedConversation:
     compression: CompressionConfig
     messages: list[ChatMessage] = field(default_factory=list)
     last_reply: ReplyStats | None = None
-    replies_started: int = 0
+    replies_started: dict[str, int] = field(default_factory=dict)  # by the message answered
 
     def add_turn(self, role: str, text: str, decode: bool = True) -> None:
-        self.messages.append(ChatMessage(role, text))
+        self.messages.append(ChatMessage(role, text))  # kept on failure, as the engine does
+        if decode:
+            self._check_fits()
+
+    def _check_fits(self) -> None:
+        needed = sum(len(m.content.split()) + 4 for m in self.messages)
+        if self.compression.level == "off" and needed > self.engine.info.n_ctx - 1:
+            raise ContextFullError(
+                f"This conversation needs {needed} tokens, more than the context window of "
+                f"{self.engine.info.n_ctx}.")
 
     def truncate(self, n_messages: int) -> None:
         del self.messages[n_messages:]
@@ -50,9 +62,9 @@ class ScriptedConversation:
 
     def generate(self, params: SamplingParams | None = None,
                  cancel: threading.Event | None = None) -> Iterator[str]:
-        self.replies_started += 1
         last_user = next(m.content for m in reversed(self.messages) if m.role == "user")
-        text = self.engine.reply_for(last_user, self.replies_started)
+        attempt = self.replies_started[last_user] = self.replies_started.get(last_user, 0) + 1
+        text = self.engine.reply_for(last_user, attempt)
         words = text.split(" ")
         shown: list[str] = []
         finish = "cancelled"
@@ -73,10 +85,12 @@ class ScriptedConversation:
             self.last_reply = ReplyStats(reply, len(shown), 10, 0.01, 0.5, finish)
 
     def rebuild(self, progress=None) -> None:
+        """Replays the messages one by one (as a CCM rebuild does), reporting each."""
         self.engine.rebuilds += 1
         for i in range(len(self.messages)):
             if progress is not None:
                 progress(i + 1, len(self.messages))
+        self.engine.rebuilds_done += 1
 
     def save_state(self) -> bytes:
         """The transcript as JSON: enough for the service's save/resume logic."""
@@ -85,20 +99,26 @@ class ScriptedConversation:
 
     def stats(self) -> MemoryStats:
         tokens = sum(len(m.content.split()) + 4 for m in self.messages)
-        return MemoryStats(self.compression.method, tokens, tokens * 1024, tokens,
-                           tokens * 1024, 4096)
+        exchanges = sum(m.role == "assistant" for m in self.messages)
+        stats = MemoryStats(self.compression.method, tokens, tokens * 1024, tokens,
+                            tokens * 1024, self.engine.info.n_ctx)
+        if "verbatim_exchanges" in MemoryStats.__dataclass_fields__:  # engines from issue 14 on
+            stats = replace(stats, verbatim_exchanges=exchanges)
+        return stats
 
 
 class ScriptedEngine:
-    def __init__(self, delay: float = 0.0, replies: dict[str, str] | None = None) -> None:
-        self.info = INFO
+    def __init__(self, delay: float = 0.0, replies: dict[str, str] | None = None,
+                 n_ctx: int = 4096, fingerprint: str = "scripted-model") -> None:
+        self.info = replace(INFO, n_ctx=n_ctx)
         self.delay = delay
         self.replies = replies or {}
         self.conversations: list[ScriptedConversation] = []
         self.closed = False
-        self.fingerprint = "scripted-model"
+        self.fingerprint = fingerprint  # another one makes saved memories unusable here
         self.finish_reason = "stop"  # how a reply that runs to its end finishes
-        self.rebuilds = 0
+        self.rebuilds = 0  # started
+        self.rebuilds_done = 0  # ran to the end
         self.restores = 0
 
     def reply_for(self, user_text: str, attempt: int) -> str:

@@ -66,6 +66,85 @@ def test_search(filled_db: Path, capsys) -> None:
     assert captured.out == "" and "No messages match 'zebra'." in captured.err
 
 
+def test_search_takes_fts_syntax_literally(db_path: Path, capsys) -> None:
+    store = Store(db_path)
+    conv = store.create_conversation("Languages")
+    store.add_message(conv.id, "user", "Is C++ harder than C?")
+    store.add_message(conv.id, "assistant", "Rust AND OR Go are fine too.")
+    store.close()
+    assert main(["search", "c++", "--db", str(db_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["1\tLanguages\tuser: Is [C]++ harder than [C]?"]  # c++ as written, only
+    for query in ('AND OR "', "NOT", '"', "(", "*"):
+        assert main(["search", query, "--db", str(db_path)]) == 0, query
+        captured = capsys.readouterr()
+        assert "error" not in captured.err, query
+        assert captured.out or f"No messages match {query!r}." in captured.err
+    assert main(["search", "AND OR", "--db", str(db_path)]) == 0
+    assert "Rust [AND] [OR] Go" in capsys.readouterr().out
+
+
+def test_list_into_a_closed_pipe_ends_quietly(db_path: Path) -> None:
+    store = Store(db_path)
+    store.db["conversations"].insert_all(  # more than a pipe buffer of output
+        {"title": f"Conversation number {i} with a longish title", "created": "t",
+         "updated": f"2026-01-01T{i:05d}"} for i in range(3000))
+    store.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "list", "--db", str(db_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does once it has its line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert b"Conversation number 2999" in first
+    assert err == ""  # no "Broken pipe", no traceback
+    assert proc.returncode in (0, 141)
+
+
+def test_paths_shows_the_database_size(db_path: Path, capsys) -> None:
+    assert main(["paths", "--db", str(db_path)]) == 0
+    assert f"database:  {db_path}   (not created yet)" in capsys.readouterr().out
+    Store(db_path).close()
+    assert main(["paths", "--db", str(db_path)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("database"))
+    assert line.endswith(" kB)") and float(line.rsplit("(", 1)[1].split()[0]) > 1
+
+
+def test_ask_loads_the_engine_the_app_loads(db_path: Path, capsys, monkeypatch) -> None:
+    """Level, GPU layers, back end and threads from the settings, with the flags on top."""
+    from app.settings import Settings
+    from tests.scripted_engine import ScriptedEngine
+
+    store = Store(db_path)
+    Settings(compression="balanced", n_gpu_layers=0, threads=2).save(store)
+    store.close()
+    loaded = []
+
+    def load(settings, model):
+        loaded.append((settings, model))
+        return ScriptedEngine()
+
+    monkeypatch.setattr("app.cli.load_engine", load)
+    assert main(["ask", "hello", "--db", str(db_path)]) == 0
+    assert capsys.readouterr().out == "You said: hello\n"
+    assert main(["ask", "hi", "--db", str(db_path), "--threads", "1", "--backend", "hf",
+                 "--model", "m.gguf"]) == 0
+    (first, none), (second, model) = loaded
+    assert (first.compression, first.n_gpu_layers, first.threads) == ("balanced", 0, 2)
+    assert none is None and model == "m.gguf"
+    assert (second.threads, second.backend, second.compression) == (1, "hf", "balanced")
+    assert main(["ask", "hi", "--db", str(db_path), "--threads", "-1"]) == 2
+    assert "Threads must be" in capsys.readouterr().err
+
+
+def test_chat_takes_a_threads_flag() -> None:
+    from app.cli import build_parser
+
+    args = build_parser().parse_args(["--threads", "3", "--continue"])
+    assert args.threads == 3 and args.resume
+
+
 def test_paths_follow_flags_and_env(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("CCM_CHAT_DATA_DIR", str(tmp_path / "d"))
     assert main(["paths"]) == 0

@@ -7,12 +7,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from app.errors import NotSavedError, RebuildCancelled
 from app.service import ChatService
 from app.settings import Settings
 from engine import Engine
@@ -274,3 +276,61 @@ def test_ccm_memory_saves_restores_and_rebuilds_through_the_store(db_path: Path,
         assert again.latest_memory_state(conv_id).policy == state.policy
         for s in (store, later, again):
             s.close()
+
+
+def test_a_paste_longer_than_the_window_under_off_is_refused_unsaved(store: Store,
+                                                                     engines) -> None:
+    svc = service(store, engines)
+    conv_id = two_turns(svc)
+    before = store.messages(conv_id)
+    paste = "The quick brown fox jumps over the lazy dog. " * 1200  # ~54,000 characters
+    with pytest.raises(NotSavedError) as caught:
+        list(svc.send(conv_id, paste))
+    assert "compression level" in str(caught.value) and "not saved" in str(caught.value)
+    assert store.messages(conv_id) == before
+    assert "Berlin" in "".join(svc.send(conv_id, "And what is the capital of Germany?"))
+    assert svc._reports[conv_id].kind == "restored"  # the saved memory was still good
+    assert all(m.content != paste for m in svc._live[conv_id].messages)
+
+
+def test_edit_and_delete_keep_the_real_memory_in_step(store: Store, engines) -> None:
+    svc = service(store, engines)
+    conv_id = two_turns(svc)
+    msgs = store.messages(conv_id)
+    svc.edit_message(conv_id, msgs[2].id, "What is the capital of Italy?")
+    assert [m.content for m in store.messages(conv_id)][2:] == ["What is the capital of Italy?"]
+    reply = "".join(svc.regenerate(conv_id))
+    assert "Rome" in reply
+    live = svc._live[conv_id]
+    assert live.last_reply.prompt_tokens < 30  # the first exchange stayed in memory
+    transcript = [(m.role, m.content) for m in store.messages(conv_id)]
+    assert [(m.role, m.content) for m in live.messages][1:] == transcript
+    svc.delete_message(conv_id, msgs[1].id)  # the first reply
+    "".join(svc.send(conv_id, "Thanks!"))
+    transcript = [(m.role, m.content) for m in store.messages(conv_id)]
+    assert [(m.role, m.content) for m in svc._live[conv_id].messages][1:] == transcript
+    assert service(store, engines).open(conv_id).kind == "restored"  # saved in step
+
+
+def test_a_cancelled_rebuild_of_the_real_model_rebuilds_on_next_use(store: Store,
+                                                                    engines) -> None:
+    svc = service(store, engines)
+    conv = svc.new_conversation()
+    fact = "Pixel the dog lives in Lisbon and likes long walks by the river. " * 12
+    for i in range(6):  # a transcript of three llama.cpp batches (512 tokens each)
+        store.add_message(conv.id, "user", f"Note {i}: {fact}")
+        store.add_message(conv.id, "assistant", f"Noted {i}.")
+    cancel = threading.Event()
+    calls = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        cancel.set()
+
+    with pytest.raises(RebuildCancelled):
+        svc.open(conv.id, progress, cancel)
+    assert len(calls) == 1 and calls[0] < 1200
+    assert store.latest_memory_state(conv.id) is None and conv.id not in svc._live
+    report = svc.open(conv.id)
+    assert report.kind == "rebuilt" and report.tokens > 1000
+    assert "Lisbon" in "".join(svc.send(conv.id, "In which city does Pixel live?"))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
+import threading
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlite_utils
 
-from storage import NotFoundError, StorageError, Store
+from storage import DatabaseLockedError, NotFoundError, StorageError, Store, database_size
 from storage.migrations import MIGRATIONS
 from tests.conftest import TickingClock
 
@@ -116,6 +121,8 @@ def test_old_schema_is_upgraded_in_place(db_path: Path) -> None:
     store = Store(db_path)
     assert store.schema_version == len(MIGRATIONS)
     assert [h.conversation_title for h in store.search("penguins")] == ["Old"]
+    # the file was rewritten once so that pruned pages can be given back from now on
+    assert store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
 
 
 def test_wal_and_foreign_keys_are_on(store: Store) -> None:
@@ -162,3 +169,139 @@ def test_clock_orders_timestamps(db_path: Path) -> None:
     b = store.add_message(conv.id, "assistant", "2")
     assert a.created < b.created
     assert store.get_conversation(conv.id).updated == b.created
+
+
+def test_a_write_waits_out_a_lock_then_retries_then_gives_up(db_path: Path) -> None:
+    store = Store(db_path, timeout=0.3, retries=1)
+    conv = store.create_conversation("C")
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    start = time.perf_counter()
+    with pytest.raises(DatabaseLockedError, match="locked by another program"):
+        store.add_message(conv.id, "user", "blocked")
+    waited = time.perf_counter() - start
+    assert 0.6 <= waited < 3.0  # two waits of the busy timeout, and a pause between
+    threading.Timer(0.4, lambda: other.execute("ROLLBACK")).start()
+    store.add_message(conv.id, "user", "waited for it")  # the lock ends within the wait
+    other.close()
+    assert [m.content for m in store.messages(conv.id)] == ["waited for it"]
+    store.close()
+
+
+def test_a_new_conversation_and_its_first_message_are_one_write(db_path: Path) -> None:
+    store = Store(db_path, timeout=0.1, retries=0)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(DatabaseLockedError):
+        store.start_conversation("T", "m", None, "first")
+    other.execute("ROLLBACK")
+    assert store.list_conversations() == []
+    first = store.start_conversation("T", "m", "Be brief.", "first")
+    conv = store.get_conversation(first.conversation_id)
+    assert (conv.title, conv.model, conv.system_prompt) == ("T", "m", "Be brief.")
+    assert [m.content for m in store.messages(conv.id)] == ["first"]
+    with pytest.raises(StorageError):  # a message that cannot be stored takes its chat along
+        store.start_conversation("T2", "m", None, None)  # type: ignore[arg-type]
+    assert [c.title for c in store.list_conversations()] == ["T"]
+    store.close()
+
+
+def test_edit_message_can_drop_what_follows(store: Store) -> None:
+    conv = store.create_conversation("C")
+    ids = [store.add_message(conv.id, r, t).id for r, t in
+           [("user", "one"), ("assistant", "uno"), ("user", "two"), ("assistant", "dos")]]
+    store.edit_message(ids[1], "UNO")
+    assert [m.content for m in store.messages(conv.id)] == ["one", "UNO", "two", "dos"]
+    store.edit_message(ids[0], "ONE", drop_later=True)
+    assert [m.content for m in store.messages(conv.id)] == ["ONE"]
+    assert store.search("dos") == [] and store.search("ONE")[0].message_id == ids[0]
+    assert store.message_counts() == {conv.id: 1}
+    before = store.transcript_signature(conv.id)
+    store.edit_message(ids[0], "ONE!")
+    assert store.transcript_signature(conv.id) != before
+
+
+def test_search_takes_any_text_literally(store: Store) -> None:
+    conv = store.create_conversation("Code")
+    store.add_message(conv.id, "user", "How do I learn C++ quickly?")
+    store.add_message(conv.id, "assistant", "Start with C, then classes.")
+    store.add_message(conv.id, "user", 'He said "AND OR" twice')
+    assert [h.snippet for h in store.search("c++")] == ["How do I learn [C]++ quickly?"]
+    hits = store.search('AND OR "')
+    assert [h.role for h in hits] == ["user"] and "[AND]" in hits[0].snippet
+    assert [h.snippet for h in store.search('"')] == ['He said ["]AND OR" twice']
+    for query in ("*", "NEAR(", "-", "a:b", "^", "()", "'", 'egg" OR ('):
+        assert store.search(query) == []
+
+
+def test_pruned_memory_states_give_their_space_back(db_path: Path) -> None:
+    """Saves of growing memories, then small ones: the file follows the live data down."""
+    store = Store(db_path)
+    convs = [store.create_conversation(f"C{i}") for i in range(3)]
+    for i in range(30):
+        conv = convs[i % 3]
+        msg = store.add_message(conv.id, "user", f"message {i}")
+        store.save_memory_state(conv.id, msg.id, os.urandom((100 + 60 * i) << 10),
+                                backend="llamacpp", model_fingerprint="x", policy={},
+                                position=i, tokens_held=i, tokens_seen=i)
+        held = sum(s.size for s in map(store.latest_memory_state, (c.id for c in convs)) if s)
+        assert database_size(db_path) < held * 1.05 + (256 << 10)  # the live states, no more
+    for conv in convs:
+        msg = store.add_message(conv.id, "user", "small")
+        store.save_memory_state(conv.id, msg.id, b"x" * 1000, backend="llamacpp",
+                                model_fingerprint="x", policy={}, position=1,
+                                tokens_held=1, tokens_seen=1)
+    on_disk, free = store.size_on_disk()
+    assert free == 0
+    assert db_path.stat().st_size < 1 << 20  # the main file holds only what is live
+    store.close()
+    assert database_size(db_path) < 1 << 20  # and the WAL is gone with the last connection
+    assert on_disk < held
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_leases_hold_until_released_stale_or_forced(db_path: Path) -> None:
+    clock = Clock()
+    store = Store(db_path, clock=clock)
+    conv = store.create_conversation("C")
+    assert store.acquire_lease(conv.id, "a", stale_after=60) is None
+    assert store.acquire_lease(conv.id, "a", stale_after=60) is None  # again: still ours
+    held = store.acquire_lease(conv.id, "b", stale_after=60)
+    assert held.owner == "a" and held.pid == os.getpid()
+    assert held.describe() == f"ccm-chat process {os.getpid()}, since 12:00 UTC"
+    clock.now += timedelta(seconds=50)
+    store.heartbeat("a")
+    clock.now += timedelta(seconds=50)
+    assert store.acquire_lease(conv.id, "b", stale_after=60).owner == "a"  # beat 50 s ago
+    clock.now += timedelta(seconds=20)
+    assert store.acquire_lease(conv.id, "b", stale_after=60) is None  # 70 s: stale
+    assert store.lease(conv.id).owner == "b"
+    assert store.acquire_lease(conv.id, "a", stale_after=60, force=True) is None
+    store.release_lease(conv.id, "b")  # not b's any more: nothing happens
+    assert store.lease(conv.id).owner == "a"
+    store.release_leases("a")
+    assert store.lease(conv.id) is None
+    store.acquire_lease(conv.id, "a", stale_after=60)
+    store.delete_conversation(conv.id)
+    assert store.db.execute("SELECT count(*) FROM leases").fetchone()[0] == 0
+
+
+def test_a_lease_on_another_host_lives_by_its_heartbeat(db_path: Path) -> None:
+    clock = Clock()
+    store = Store(db_path, clock=clock)
+    conv = store.create_conversation("C")
+    store.db.execute("INSERT INTO leases VALUES (?, 'far', 1, 'elsewhere', ?, ?)",
+                     (conv.id, clock.now.isoformat(), clock.now.isoformat()))
+    store.db.conn.commit()
+    held = store.acquire_lease(conv.id, "near", stale_after=60)
+    assert held.host == "elsewhere" != socket.gethostname()
+    assert "on elsewhere" in held.describe()
+    clock.now += timedelta(seconds=61)
+    assert store.acquire_lease(conv.id, "near", stale_after=60) is None
