@@ -278,9 +278,9 @@ class LlamaContext:
 
         llama.cpp gave wrong logits (off by up to 24) for tokens decoded where cells of higher
         positions, or holes, sat before them in the buffer (0.3.36, CPU), whichever sequence
-        those were in; so the rows are never decoded beside the later text. The sequence is saved, cut
-        back to the cells the rows may see, the rows decoded at its end as on the plain path,
-        and the result saved; then the whole sequence is restored and the new cells are
+        those were in; so the rows are never decoded beside the later text. The sequence is
+        saved, cut back to the cells the rows may see, the rows decoded at its end as on the
+        plain path, and the result saved; then the whole sequence is restored and the new cells are
         loaded into the scratch sequence and tagged back into place.
         """
         n = len(vectors)

@@ -220,7 +220,7 @@ def test_regenerate_after_the_reply_was_evicted_rebuilds(engine_for: EngineFor) 
     conv = eng.new_conversation(compression=window(4, 20))
     chat(conv, 2)
     "".join(conv.send("Tell me about lighthouses.", GREEDY))
-    assert conv.memory_view().frozen > 0  # the reply ran past the window: it cannot be rolled back in place
+    assert conv.memory_view().frozen > 0  # the reply ran past the window: no rollback in place
     count = len(conv.messages)
     conv.truncate(count - 1)
     again = "".join(conv.generate(GREEDY))
@@ -260,7 +260,8 @@ def test_rebuild_holds_what_the_live_window_held(engine_for: EngineFor) -> None:
     seen: list[tuple[int, int]] = []
     copy.rebuild(lambda done, total: seen.append((done, total)))
     assert seen[-1] == (len(live.messages), len(live.messages))
-    assert copy.memory_view().tokens == live.memory_view().tokens  # the sinks and the recent window, decoded once
+    # the sinks and the recent window, decoded once
+    assert copy.memory_view().tokens == live.memory_view().tokens
     assert positions(eng) == (0, 63)
     assert copy.stats().full_context_tokens == live.stats().full_context_tokens
 
