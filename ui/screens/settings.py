@@ -1,8 +1,12 @@
-"""Settings: model, GPU layers, context, sampling, system prompt, compression level, keys."""
+"""Settings: model, back end, the numbers (GPU layers, threads, context, sampling), system
+prompt, compression level (with what it means on this model) and keys.
+
+Every number field of Settings gets a row, so a new one shows up here without a change; the
+form scrolls inside the dialog and Save stays reachable on a 60x20 terminal."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from textual import on
 from textual.app import ComposeResult
@@ -13,15 +17,33 @@ from textual.widgets import Button, Input, Label, Select
 
 from app.levels import describe_level
 from app.settings import Settings
-from engine import BACKENDS, LEVELS
+from app.ui_support import BACKENDS, LEVELS
 
-NUMBER_FIELDS = {
-    "n_gpu_layers": ("GPU layers (-1 all, 0 CPU only)", int),
-    "context_size": ("Context size (tokens)", int),
-    "temperature": ("Temperature (0 = greedy)", float),
-    "top_p": ("Top-p", float),
-    "max_tokens": ("Max tokens per reply", int),
+LABELS = {  # the number fields' labels; one not listed is labelled from its name
+    "n_gpu_layers": "GPU layers (-1 all, 0 CPU only)",
+    "context_size": "Context size (tokens)",
+    "temperature": "Temperature (0 = greedy)",
+    "top_p": "Top-p",
+    "max_tokens": "Max tokens per reply",
+    "threads": "CPU threads (0 = automatic)",
 }
+KINDS = {"int": int, "float": float}
+
+
+def number_fields() -> dict[str, tuple[str, type, bool]]:
+    """name -> (label, int or float, whether empty means None) for each number of Settings."""
+    found = {}
+    for f in fields(Settings):
+        kind = str(f.type).replace(" ", "")
+        optional = kind.endswith("|None")
+        base = KINDS.get(kind.removesuffix("|None"))
+        if base is not None:
+            label = LABELS.get(f.name, f.name.replace("_", " ").capitalize())
+            found[f.name] = (label + (" (empty = automatic)" if optional else ""), base, optional)
+    return found
+
+
+NUMBER_FIELDS = number_fields()
 
 
 def parse_keymap(text: str) -> dict[str, str]:
@@ -58,18 +80,19 @@ class SettingsScreen(ModalScreen[Settings | None]):
 
     def compose(self) -> ComposeResult:
         s = self.settings
-        with Vertical(classes="dialog wide"):
+        with Vertical(classes="dialog wide tall"):
             yield Label("Settings", classes="question")
-            with VerticalScroll(classes="form"):
+            with VerticalScroll(classes="form", id="form"):
                 yield from _row("Model file (.gguf; empty = embedded default)",
                                 Input(value=s.model_path, id="model_path", compact=True,
                                       placeholder="(embedded SmolLM2-135M-Instruct)"))
                 yield from _row("Back end", Select(
                     [(b, b) for b in BACKENDS], value=s.backend, allow_blank=False,
                     id="backend", compact=True))
-                for name, (label, _) in NUMBER_FIELDS.items():
-                    yield from _row(label, Input(value=str(getattr(s, name)), id=name,
-                                                 compact=True))
+                for name, (label, _, _) in NUMBER_FIELDS.items():
+                    value = getattr(s, name)
+                    yield from _row(label, Input(value="" if value is None else str(value),
+                                                 id=name, compact=True))
                 yield from _row("System prompt for new chats",
                                 Input(value=s.system_prompt, id="system_prompt", compact=True))
                 yield from _row("Compression level", Select(
@@ -94,8 +117,11 @@ class SettingsScreen(ModalScreen[Settings | None]):
 
     def read_form(self) -> Settings:
         values: dict[str, object] = {}
-        for name, (label, kind) in NUMBER_FIELDS.items():
+        for name, (label, kind, optional) in NUMBER_FIELDS.items():
             raw = self.query_one(f"#{name}", Input).value.strip()
+            if optional and not raw:
+                values[name] = None
+                continue
             try:
                 values[name] = kind(raw)
             except ValueError as exc:

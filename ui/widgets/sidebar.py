@@ -1,14 +1,17 @@
-"""The conversation list, newest first, with full-text search across every chat."""
+"""The conversation list, newest first, with full-text search across every chat.
+
+Down (or Enter) in the search box moves to the results; picking one posts Selected."""
 
 from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, Label, ListItem, ListView
 
-from storage import ConversationRecord, SearchHit
+from app.records import ConversationRecord, SearchHit
 
 
 class ConversationItem(ListItem):
@@ -21,6 +24,9 @@ class ConversationItem(ListItem):
 
 
 class Sidebar(Vertical):
+    # the list has its own Down, so this one only acts from the search box
+    BINDINGS = [Binding("down", "focus_results", "Results", show=False)]
+
     class Selected(Message):
         def __init__(self, conversation_id: int) -> None:
             super().__init__()
@@ -67,6 +73,14 @@ class Sidebar(Vertical):
     def _search_changed(self, event: Input.Changed) -> None:
         event.stop()
         self.post_message(self.SearchChanged(event.value))
+
+    def action_focus_results(self) -> None:
+        self.list_view.focus()
+
+    @on(Input.Submitted, "#search")
+    def _search_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.list_view.focus()
 
     @on(ListView.Selected, "#conversations")
     def _selected(self, event: ListView.Selected) -> None:

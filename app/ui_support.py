@@ -1,0 +1,5 @@
+"""The engine's constants the UI shows, re-exported so that ui/ imports only from app/."""
+
+from engine import BACKENDS, LEVELS
+
+__all__ = ["BACKENDS", "LEVELS"]

@@ -1,0 +1,335 @@
+"""What a real trial of the UI broke (issue 14), driven through the pilot on the scripted engine
+and a real SQLite file: lost messages, a missing model, long chats, stale notices, focus and
+small screens, export, the action table, and a UI that imports only from app/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from textual.widgets import Button, Input, ListView
+
+from app.service import Status
+from storage import Store
+from tests.conftest import TickingClock
+from tests.scripted_engine import ScriptedEngine
+from tests.test_service_daily import locked
+from tests.test_ui import SIZE, boxes, make_app, notes, send, until_idle, wait_for
+from ui.app import ChatApp
+from ui.screens.export import ExportScreen
+from ui.screens.help import HelpScreen
+from ui.screens.settings import SettingsScreen
+from ui.widgets.chat_view import ChatView, MessageBox
+from ui.widgets.prompt_input import PromptInput
+from ui.widgets.status_bar import format_status
+
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+PAGE = 40  # ui.widgets.chat_view.PAGE: the messages a chat opens with
+
+
+def fill(store: Store, n: int, words: int = 3) -> int:
+    conv = store.create_conversation("Long chat")
+    for i in range(n):
+        role = "user" if i % 2 == 0 else "assistant"
+        store.add_message(conv.id, role, f"message {i} " + "word " * words)
+    return conv.id
+
+
+def titles_of(app: ChatApp) -> list[str]:
+    return [n.title for n in app._notifications]
+
+
+def visible_line(widget) -> str:
+    return "".join(seg.text for seg in widget.render_line(0))
+
+
+# -- issue 11 step 5: the UI talks only to app ---------------------------------------------------
+
+
+def test_ui_imports_nothing_from_engine_or_storage() -> None:
+    offenders = []
+    for path in UI_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.split(".")[0] in ("engine", "storage")
+                          or n.startswith("textual.widgets._")]
+    assert offenders == []
+
+
+async def test_one_action_table_drives_keys_palette_and_help(store: Store, scripted) -> None:
+    from ui.actions import ACTIONS
+
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        keyed = {a.id: a.key for a in ACTIONS if a.key}
+        bound = {b.id: b.key for b in app.BINDINGS}
+        assert bound == keyed
+        palette = {c.title for c in app.get_system_commands(app.screen)}
+        assert {a.title for a in ACTIONS if a.palette} <= palette
+        await pilot.press("f1")
+        rows = {title: key for key, title, _ in app.screen.rows}
+        assert {a.title: a.key or "palette" for a in ACTIONS} == {
+            t: rows[t] for t in (a.title for a in ACTIONS)}
+
+
+# -- 2: nothing typed is lost, no traceback -----------------------------------------------------
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["open-chat", "new-chat"])
+async def test_a_locked_database_keeps_the_message_in_the_box(db_path: Path,
+                                                              existing: bool) -> None:
+    store = Store(db_path, clock=TickingClock(), timeout=0.2)
+    before = []
+    if existing:
+        conv = store.create_conversation("Existing")
+        store.add_message(conv.id, "user", "first")
+        store.add_message(conv.id, "assistant", "You said: first")
+        before = [("user", "first"), ("assistant", "You said: first")]
+    app = make_app(store, ScriptedEngine(), resume_last=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "Scripted" in str(app.status_bar.render()))
+        await app.workers.wait_for_complete()
+        with locked(db_path):
+            app.query_one(PromptInput).focus()
+            await pilot.press(*"keep me", "enter")
+            await until_idle(pilot)
+            await wait_for(pilot, lambda: "Not saved" in titles_of(app), 30)
+        assert app.is_running
+        assert app.query_one(PromptInput).text == "keep me"
+        assert boxes(app) == before
+        assert [(m.role, m.content) for c in store.list_conversations()
+                for m in store.messages(c.id)] == before  # nothing half-written
+        await pilot.press("enter")  # the lock is gone: it goes through now
+        await until_idle(pilot)
+        assert boxes(app) == [*before, ("user", "keep me"), ("assistant", "You said: keep me")]
+        assert [m.content for m in store.messages(app.current_id)][-2:] == [
+            "keep me", "You said: keep me"]
+        assert app.query_one(PromptInput).text == ""
+    store.close()
+
+
+async def test_storage_errors_in_actions_are_notices(db_path: Path) -> None:
+    store = Store(db_path, clock=TickingClock(), timeout=0.2)
+    conv = store.create_conversation("Stays")
+    store.add_message(conv.id, "user", "hi")
+    app = make_app(store, ScriptedEngine(), conversation_id=conv.id)
+    async with app.run_test(size=SIZE) as pilot:
+        with locked(db_path):
+            await pilot.press("f2")
+            app.screen.query_one(Input).value = "New name"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: any(n.title == "Not renamed"
+                                              for n in app._notifications), 30)
+            await pilot.press("ctrl+d")
+            await pilot.click("#confirm")
+            await wait_for(pilot, lambda: any(n.title == "Not deleted"
+                                              for n in app._notifications), 30)
+        assert app.is_running
+        assert store.get_conversation(conv.id).title == "Stays"
+    store.close()
+
+
+# -- 6: a chat opens at its end, and fast -------------------------------------------------------
+
+
+async def test_a_long_chat_opens_at_its_end_with_a_page_mounted(store: Store, scripted) -> None:
+    cid = fill(store, 1000)
+    app = make_app(store, scripted, conversation_id=cid)
+    async with app.run_test(size=SIZE) as pilot:
+        view = app.query_one(ChatView)
+        await wait_for(pilot, lambda: view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y)
+        await pilot.pause(0.3)
+        assert len(app.query(MessageBox)) == PAGE
+        from ui.widgets.chat_view import PAGE as page
+        assert page == PAGE
+        assert list(app.query(MessageBox))[-1].content.startswith("message 999 ")
+        assert view.scroll_y == view.max_scroll_y
+        old_first = view.boxes[0]
+        view.scroll_home(animate=False)
+        await wait_for(pilot, lambda: len(app.query(MessageBox)) == 2 * PAGE)
+        assert view.boxes[0].content.startswith(f"message {1000 - 2 * PAGE} ")
+        # the view stays on what was read, not thrown to the new top
+        await wait_for(pilot, lambda: view.scroll_y > 0)
+        await pilot.pause(0.2)
+        assert old_first.region.overlaps(view.region)
+
+
+async def test_continue_opens_scrolled_to_the_end(store: Store, scripted) -> None:
+    fill(store, 30, words=40)  # all mounted, several screens tall
+    app = make_app(store, scripted, resume_last=True)
+    async with app.run_test(size=SIZE) as pilot:
+        view = app.query_one(ChatView)
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.3)
+        assert len(app.query(MessageBox)) == 30
+        assert view.max_scroll_y > 20 and view.scroll_y == view.max_scroll_y
+
+
+# -- 7: no stale notices ------------------------------------------------------------------------
+
+
+async def test_switching_back_does_not_reshow_the_memory_notice(db_path: Path) -> None:
+    store = Store(db_path, clock=TickingClock())
+    app = make_app(store, ScriptedEngine())
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "remember this")
+        await until_idle(pilot)
+    other = store.create_conversation("Other")
+    store.add_message(other.id, "user", "elsewhere")
+    first = store.list_conversations()[1].id
+
+    app = make_app(store, ScriptedEngine(), conversation_id=first)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: any("Restored" in n for n in notes(app)))
+        await app.open_conversation(other.id)
+        await app.workers.wait_for_complete()
+        await app.open_conversation(first)
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.2)
+        assert sum("Restored" in n for n in notes(app)) == 1
+        assert sum("Rebuilt" in n for n in notes(app)) == 1  # "other" had no saved memory
+        await pilot.press("ctrl+n")
+        await send(pilot, "a new one")
+        await until_idle(pilot)
+        new = app.current_id
+        await app.open_conversation(first)
+        await app.open_conversation(new)
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.2)
+        assert not any("New conversation" in n for n in notes(app))
+    store.close()
+
+
+# -- 8: focus and small screens -----------------------------------------------------------------
+
+
+async def test_picking_a_chat_moves_focus_to_the_message_box(store: Store, scripted) -> None:
+    a = store.create_conversation("Alpha")
+    store.add_message(a.id, "user", "about alpha")
+    b = store.create_conversation("Beta")
+    store.add_message(b.id, "user", "about beta")
+    app = make_app(store, scripted, conversation_id=b.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+f")
+        assert isinstance(app.focused, Input)
+        await pilot.press("down")
+        assert isinstance(app.focused, ListView)
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert app.current_id == a.id
+        assert isinstance(app.focused, PromptInput)
+        await pilot.press(*"typed", "enter")
+        await until_idle(pilot)
+        assert store.messages(a.id)[-1].content == "You said: typed"
+
+
+async def _close_is_reachable(pilot, app: ChatApp) -> None:
+    close = app.screen.query_one("#close", Button)
+    widget, _ = app.screen.get_widget_at(*close.region.center)
+    assert widget is close
+    await pilot.click("#close")
+    await pilot.pause()
+    assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_help_scrolls_and_close_is_reachable(store: Store, scripted) -> None:
+    for size in ((120, 36), (60, 20)):
+        app = make_app(store, scripted)
+        async with app.run_test(size=size) as pilot:
+            await pilot.press("f1")
+            await pilot.pause()
+            text = app.screen.query_one("#help-text")
+            assert text.max_scroll_y > 0  # the table is longer than the dialog
+            assert app.screen.query_one(".dialog").region.width <= size[0]
+            text.scroll_end(animate=False)
+            await pilot.pause()
+            await _close_is_reachable(pilot, app)
+
+
+async def test_settings_fit_a_60x20_terminal_and_save(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=(60, 20)) as pilot:
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, SettingsScreen)
+        dialog = screen.query_one(".dialog").region
+        assert dialog.width <= 60 and dialog.height <= 20
+        form = screen.query_one("#form")
+        assert form.max_scroll_y > 0
+        field = screen.query_one("#max_tokens", Input)
+        field.focus()  # focusing a field scrolls it into view
+        await pilot.pause()
+        assert field.region.width >= 8
+        field.value = "99"
+        save = screen.query_one("#save", Button)
+        widget, _ = screen.get_widget_at(*save.region.center)
+        assert widget is save
+        await pilot.click("#save")
+        await pilot.pause()
+        assert not isinstance(app.screen, SettingsScreen)
+        assert app.service.settings.max_tokens == 99
+
+
+async def test_a_narrow_status_bar_shows_what_matters_first(store: Store, scripted) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=(60, 20)) as pilot:
+        await send(pilot, "hello")
+        await until_idle(pilot)
+        line = visible_line(app.status_bar)
+        assert line.strip().startswith("off: full")
+        assert "tok/s" in line and line.rstrip().endswith("…")
+
+
+def test_status_puts_level_memory_and_speed_before_the_rest() -> None:
+    status = Status("SmolLM2", "CPU", "balanced", "ccm-concat", 1200, 4096, 2_400_000, 7.5,
+                    42.0, "memory restored")
+    text = format_status(status, "read-only")
+    order = ["read-only", "balanced: ccm-concat", "1,200/4,096 tok", "2.3 MB", "7.5x",
+             "42.0 tok/s", "memory restored", "SmolLM2", "CPU"]
+    assert [text.index(part) for part in order] == sorted(text.index(p) for p in order)
+
+
+# -- 9: export on Enter -------------------------------------------------------------------------
+
+
+async def test_enter_in_the_export_path_exports(store: Store, scripted, tmp_path: Path) -> None:
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "export me")
+        await until_idle(pilot)
+        for name in ("typed.md", "typed.json", "plain"):
+            await pilot.press("ctrl+e")
+            assert isinstance(app.screen, ExportScreen)
+            field = app.screen.query_one("#path", Input)
+            assert app.focused is field
+            field.value = str(tmp_path / name)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert not isinstance(app.screen, ExportScreen)
+    assert "export me" in (tmp_path / "typed.md").read_text()
+    assert '"content": "export me"' in (tmp_path / "typed.json").read_text()
+    assert (tmp_path / "plain.md").read_text().startswith("# export me")
+
+
+# -- 13: rebuild time left ----------------------------------------------------------------------
+
+
+def test_time_left_comes_from_the_rate_so_far() -> None:
+    from ui.widgets.chat_pane import Eta, format_left
+
+    now = [100.0]
+    eta = Eta(clock=lambda: now[0])
+    assert eta.left(0, 100) is None  # no rate yet
+    now[0] = 110.0
+    assert eta.left(10, 100) == 90.0  # 10 done in 10 s: 90 to go
+    now[0] = 120.0
+    assert eta.left(40, 100) == 30.0  # 40 in 20 s
+    assert format_left(30.0) == "about 30 s left" and format_left(600) == "about 10 min left"
+    assert format_left(None) == "estimating time left…"

@@ -1,0 +1,553 @@
+"""The chat pane: one open conversation's transcript, message box, reply worker and memory.
+
+The model runs in a thread worker that streams pieces back as messages, so the screen never
+waits on it; Esc sets a cancel event the engine checks between tokens (and stops a memory
+rebuild the same way). Every service call made for the pane is caught where it is made: a
+failure becomes a notice that says what happened, and a message that could not be saved goes
+back into the message box, so nothing typed is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Button, Label, ProgressBar
+
+from app.errors import ChatError, RebuildCancelled
+from app.records import MessageRecord
+from app.service import ChatService, Status
+from ui.screens.confirm import ConfirmScreen
+from ui.screens.edit_message import EditMessageScreen
+from ui.widgets.chat_view import ChatView, MessageBox
+from ui.widgets.prompt_input import PromptInput
+
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+CHECK_EVERY_S = 2.0  # how often an idle pane asks whether another window changed its chat
+TAKE_OVER_HINT = 'Ctrl+P, "Take over chat"'
+
+
+def fault(exc: BaseException) -> str:
+    """What to tell the user about a failure: a ChatError says it itself."""
+    if isinstance(exc, ChatError):
+        return str(exc)
+    return f"Unexpected error ({type(exc).__name__}): {exc}"
+
+
+def attempt(call: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(result, None), or (None, what went wrong): the boundary between the UI and the service."""
+    try:
+        return call(), None
+    except Exception as exc:  # noqa: BLE001 - no failure of a service call may end the app
+        return None, fault(exc)
+
+
+class Eta:
+    """Time left of a rebuild, from the rate of its progress(done, total) calls so far."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._start: tuple[float, int] | None = None
+
+    def left(self, done: int, total: int) -> float | None:
+        now = self._clock()
+        if self._start is None or done < self._start[1]:
+            self._start = (now, done)
+            return None
+        t0, d0 = self._start
+        if done <= d0 or now <= t0:
+            return None
+        return (total - done) * (now - t0) / (done - d0)
+
+
+def format_left(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating time left…"
+    if seconds < 60:
+        return f"about {max(1, round(seconds))} s left"
+    return f"about {seconds / 60:.0f} min left"
+
+
+class ChatPane(Vertical):
+    """The open conversation. It tells the app what to show in the status bar and sidebar."""
+
+    class StatusChanged(Message):
+        """Show this in the status bar: a Status, or a line of text; and a flag, or none."""
+
+        def __init__(self, status: Status | str | None, flag: str | None) -> None:
+            super().__init__()
+            self.status = status
+            self.flag = flag
+
+    class ListChanged(Message):
+        """The conversation list changed (a new chat, a title, an order): refresh it."""
+
+    # the pane's own messages, from its workers to itself: they do not bubble up
+
+    @dataclass
+    class ReplyPiece(Message, bubble=False):
+        text: str
+
+    @dataclass
+    class Saved(Message, bubble=False):
+        conversation_id: int
+        message_id: int
+
+    @dataclass
+    class ReplyDone(Message, bubble=False):
+        conversation_id: int | None
+        text: str | None  # the message sent; None for a regeneration
+        saved: bool  # whether that message is in the store
+        error: str | None
+        status: Status | None
+        notice: str | None
+
+    @dataclass
+    class MemoryProgress(Message, bubble=False):
+        conversation_id: int
+        done: int
+        total: int
+
+    @dataclass
+    class MemoryReady(Message, bubble=False):
+        conversation_id: int
+        report: Any  # app.resume.ResumeReport, or None when it failed
+        error: str | None
+        cancelled: bool
+        status: Status | None
+
+    def __init__(self, service: ChatService, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service
+        self.conversation_id: int | None = None
+        self.generating = False
+        self.no_model: str | None = None  # why the model could not be loaded, once known
+        self.held_by: str | None = None  # set while another window holds this chat
+        self._cancel: threading.Event | None = None
+        self._reply_done = threading.Event()
+        self._reply_done.set()
+        self._rebuild_cancel: threading.Event | None = None
+        self._eta = Eta()
+        self._noticed: dict[int, Any] = {}  # the memory report last shown for each chat
+
+    def compose(self) -> ComposeResult:
+        yield ChatView(id="transcript")
+        with Horizontal(id="rebuild"):
+            yield Label("Rebuilding memory", id="rebuild-label")
+            yield ProgressBar(id="memory-progress", show_eta=False)
+            yield Label("", id="rebuild-eta")
+            yield Button("Cancel (Esc)", id="cancel-rebuild", compact=True)
+        yield PromptInput(id="prompt")
+
+    def on_mount(self) -> None:
+        self.set_interval(CHECK_EVERY_S, self._check_transcript)
+
+    @property
+    def chat_view(self) -> ChatView:
+        return self.query_one(ChatView)
+
+    @property
+    def prompt(self) -> PromptInput:
+        return self.query_one(PromptInput)
+
+    @property
+    def rebuilding(self) -> bool:
+        return self._rebuild_cancel is not None
+
+    def focus_prompt(self) -> None:
+        self.prompt.focus()
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def _flag(self) -> str | None:
+        return "read-only (open in another window)" if self.held_by else None
+
+    def show_status(self, status: Status | str | None = None) -> None:
+        """Tell the app what the status bar shows; without a status, the service's current one."""
+        if status is None:
+            status, _ = attempt(lambda: self.service.status(self.conversation_id))
+        self.post_message(self.StatusChanged(status, self._flag()))
+
+    # -- opening a conversation ------------------------------------------------------------------
+
+    async def open(self, conversation_id: int | None) -> bool:
+        """Show a conversation from its end and make its memory ready; False if it failed."""
+        messages: list[MessageRecord] = []
+        if conversation_id is not None:
+            messages, error = attempt(lambda: self.service.messages(conversation_id))
+            if error:
+                self.notify(error, title="Could not open the chat", severity="error")
+                return False
+        self._leave()
+        self.conversation_id = conversation_id
+        self.held_by = None
+        await self.chat_view.show_messages(messages)
+        self.show_status()
+        if conversation_id is not None and messages:
+            self.prepare_memory(conversation_id)
+        return True
+
+    def _leave(self) -> None:
+        """Let go of the open chat: stop its rebuild and release it for other windows."""
+        if self._rebuild_cancel is not None:
+            self._rebuild_cancel.set()
+        previous = self.conversation_id
+        if previous is not None and not self.held_by:
+            _, error = attempt(lambda: self.service.release(previous))
+            if error:
+                self.notify(error, title="Could not release the chat", severity="warning")
+
+    async def reload(self) -> None:
+        """Show the stored transcript again (it changed: an edit, a delete, another window)."""
+        cid = self.conversation_id
+        if cid is None:
+            return
+        messages, error = attempt(lambda: self.service.messages(cid))
+        if error:
+            self.notify(error, title="Could not reload the chat", severity="error")
+            return
+        await self.chat_view.show_messages(messages)
+        self.show_status()
+
+    @work(thread=True, group="memory", exclusive=True)
+    def prepare_memory(self, conversation_id: int) -> None:
+        """Restore the conversation's saved memory, or rebuild it, before the next message."""
+        cancel = threading.Event()
+        self._rebuild_cancel = cancel
+        self._eta = Eta()
+
+        def progress(done: int, total: int) -> None:
+            self.post_message(self.MemoryProgress(conversation_id, done, total))
+
+        report, error, cancelled = None, None, False
+        try:
+            report = self.service.open(conversation_id, progress=progress, cancel=cancel)
+        except RebuildCancelled:
+            cancelled = True
+        except Exception as exc:  # noqa: BLE001 - said in a notice, the chat stays open
+            error = fault(exc)
+        status, _ = attempt(lambda: self.service.status(conversation_id))
+        self.post_message(self.MemoryReady(conversation_id, report, error, cancelled, status))
+
+    def on_chat_pane_memory_progress(self, event: ChatPane.MemoryProgress) -> None:
+        if event.conversation_id != self.conversation_id:
+            return
+        self.query_one("#rebuild").display = True
+        self.query_one("#memory-progress", ProgressBar).update(
+            total=event.total, progress=event.done)
+        left = self._eta.left(event.done, event.total)
+        self.query_one("#rebuild-eta", Label).update(format_left(left))
+
+    def on_chat_pane_memory_ready(self, event: ChatPane.MemoryReady) -> None:
+        if event.conversation_id != self.conversation_id:
+            return
+        self._rebuild_cancel = None
+        self.query_one("#rebuild").display = False
+        if event.cancelled:
+            self.notify("Memory rebuild cancelled. The chat is usable; its memory will be "
+                        "rebuilt when you next send a message.", title="Memory")
+        elif event.error:
+            self.notify(event.error, title="Memory", severity="error", timeout=10)
+        elif event.report is not None:
+            self._memory_notice(event.conversation_id, event.report)
+        if not self.generating:
+            self.show_status(event.status)
+
+    def _memory_notice(self, conversation_id: int, report: Any) -> None:
+        """Say how the memory was made ready, once per report: a chat switched back to that
+        was already live says nothing again."""
+        if report.read_only:
+            self.held_by = report.held_by or "another window"
+            self.notify(f"This chat is open in another window ({self.held_by}), so it is "
+                        f"read-only here. To write in it here, take it over ({TAKE_OVER_HINT}).",
+                        title="Read-only", severity="warning", timeout=15)
+            return
+        if self._noticed.get(conversation_id) is report:
+            return
+        self._noticed[conversation_id] = report
+        if report.kind in ("restored", "rebuilt"):
+            self.notify(report.message(), title="Memory",
+                        severity="warning" if report.kind == "rebuilt" else "information")
+
+    @on(Button.Pressed, "#cancel-rebuild")
+    def cancel_rebuild(self) -> None:
+        if self._rebuild_cancel is not None:
+            self._rebuild_cancel.set()
+            self.query_one("#rebuild-eta", Label).update("cancelling…")
+
+    # -- other windows ---------------------------------------------------------------------------
+
+    async def _check_transcript(self) -> None:
+        cid = self.conversation_id
+        if cid is None or self.generating or self.rebuilding:
+            return
+        changed, error = attempt(lambda: self.service.transcript_changed(cid))
+        if changed and not error:
+            await self.reload()
+            self.notify("This chat was changed in another window: showing it as it is now.",
+                        title="Reloaded")
+
+    def take_over(self) -> None:
+        cid = self.conversation_id
+        if cid is None or not self.held_by:
+            self.notify("This chat is not held by another window: there is nothing to take "
+                        "over.")
+            return
+        _, error = attempt(lambda: self.service.take_over(cid))
+        if error:
+            self.notify(error, title="Could not take over", severity="error")
+            return
+        self.held_by = None
+        self.notify("You took this chat over: you can write in it here; the other window is "
+                    "read-only now.", title="Taken over")
+        self.call_later(self._reopen_taken, cid)
+
+    async def _reopen_taken(self, cid: int) -> None:
+        await self.reload()
+        self.prepare_memory(cid)
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _refused(self) -> str | None:
+        """Why nothing may be written to this chat now, if something forbids it."""
+        if self.generating:
+            return "Wait for the reply to finish, or press Esc to stop it."
+        if self.held_by:
+            return (f"This chat is open in another window ({self.held_by}): it is read-only "
+                    f"here. Take it over ({TAKE_OVER_HINT}) to write in it here.")
+        return None
+
+    def busy(self) -> bool:
+        """Say why not, and True, if the chat cannot be changed now."""
+        reason = self._refused()
+        if reason:
+            self.notify(reason)
+        return reason is not None
+
+    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
+        event.stop()
+        if self.busy():
+            return
+        if self.no_model:
+            self.notify(f"No model is loaded, so nothing was sent ({self.no_model}). Pick a "
+                        "model file in settings (Ctrl+S); your message stays in the box.",
+                        title="No model", severity="error", timeout=15)
+            return
+        cid = self.conversation_id
+        if cid is not None:
+            changed, _ = attempt(lambda: self.service.transcript_changed(cid))
+            if changed:
+                await self.reload()
+                self.notify("This chat was changed in another window, so it was reloaded "
+                            "and your message was not sent: it is still in the box.",
+                            title="Not sent", severity="warning", timeout=10)
+                return
+        text = event.text.strip()
+        self.prompt.clear()
+        await self.chat_view.add_message("user", text)
+        await self._start_reply(cid, text)
+
+    def regenerate(self) -> None:
+        if self.busy() or not self._need_conversation():
+            return
+        if not self.chat_view.boxes:
+            self.notify("There is no reply to regenerate yet.")
+            return
+        self.call_later(self._regenerate)
+
+    async def _regenerate(self) -> None:
+        """Write the last reply again; a last message without a reply (after an edit, or a
+        reply that failed) gets one."""
+        await self.chat_view.drop_last("assistant")
+        await self._start_reply(self.conversation_id, None)
+
+    async def _start_reply(self, conversation_id: int | None, text: str | None) -> None:
+        self.generating = True
+        self._cancel = threading.Event()
+        self._reply_done.clear()
+        await self.chat_view.start_reply()
+        self.show_status("Thinking…")
+        self._reply_worker(conversation_id, text, self._cancel)
+
+    @work(thread=True, group="reply", exclusive=True)
+    def _reply_worker(
+        self, conversation_id: int | None, text: str | None, cancel: threading.Event
+    ) -> None:
+        cid, error, saved = conversation_id, None, text is None
+
+        def on_saved(message: MessageRecord) -> None:
+            nonlocal cid, saved
+            cid, saved = message.conversation_id, True
+            self.post_message(self.Saved(message.conversation_id, message.id))
+
+        try:
+            if text is None:
+                pieces = self.service.regenerate(conversation_id, cancel)
+            else:  # a new chat (None) is made by the service with its first message
+                pieces = self.service.send(conversation_id, text, cancel, on_saved=on_saved)
+            for piece in pieces:
+                self.post_message(self.ReplyPiece(piece))
+        except Exception as exc:  # noqa: BLE001 - said in a notice, the app goes on
+            error = fault(exc)
+        finally:
+            self._reply_done.set()
+        status, _ = attempt(lambda: self.service.status(cid))
+        notice, _ = attempt(lambda: self.service.reply_notice(cid)) if cid else (None, None)
+        self.post_message(self.ReplyDone(cid, text, saved, error, status, notice))
+
+    def on_chat_pane_saved(self, event: ChatPane.Saved) -> None:
+        """The message is in the store: this is its chat now (a new one, on a first message)."""
+        self.conversation_id = event.conversation_id
+        users = [b for b in self.chat_view.boxes if b.role == "user"]
+        if users and users[-1].message_id is None:
+            users[-1].message_id = event.message_id
+        self.post_message(self.ListChanged())
+
+    async def on_chat_pane_reply_piece(self, event: ChatPane.ReplyPiece) -> None:
+        await self.chat_view.write_reply(event.text)
+
+    async def on_chat_pane_reply_done(self, event: ChatPane.ReplyDone) -> None:
+        self.generating = False
+        self._cancel = None
+        if event.conversation_id != self.conversation_id or not self.is_attached:
+            return
+        cid = event.conversation_id
+        if not event.saved:
+            await self._give_back(event.text or "", event.error)
+        else:
+            messages, _ = attempt(lambda: self.service.messages(cid)) if cid else ([], None)
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant" and not event.error:
+                await self.chat_view.finish_reply(last.content, last.interrupted)
+                self.chat_view.set_ids(messages)
+            else:
+                await self.chat_view.finish_reply("", False)
+                await self.chat_view.show_messages(messages or [])
+            if event.error:
+                self.notify(event.error, title="Reply failed", severity="error", timeout=10)
+            elif event.notice:
+                self.notify(event.notice, severity="warning", timeout=10)
+        self.show_status(event.status)
+        self.post_message(self.ListChanged())
+
+    async def _give_back(self, text: str, error: str | None) -> None:
+        """The message was not saved: take it off the transcript and put it back in the box."""
+        await self.chat_view.finish_reply("", False)
+        await self.chat_view.drop_last("assistant")
+        await self.chat_view.drop_last("user")
+        if not self.chat_view.boxes:
+            await self.chat_view.show_messages([])
+        typed = self.prompt.text
+        self.prompt.text = text if not typed.strip() else f"{text}\n{typed}"
+        self.prompt.move_cursor(self.prompt.document.end)
+        self.notify(f"{error or 'Your message was not saved.'} It is back in the message box: "
+                    "press Enter to send it again.", title="Not saved", severity="error",
+                    timeout=15)
+
+    def stop(self) -> None:
+        if self._cancel is not None:
+            self._cancel.set()
+            self.notify("Stopped.")
+        elif self._rebuild_cancel is not None:
+            self.cancel_rebuild()
+
+    async def shutdown(self) -> None:
+        """Before quitting: stop a running reply and let it be saved, then release the chat."""
+        if self._cancel is not None:
+            self._cancel.set()
+        if self._rebuild_cancel is not None:
+            self._rebuild_cancel.set()
+        if not self._reply_done.is_set():
+            await asyncio.to_thread(self._reply_done.wait, 30)
+        self._leave()
+
+    # -- copying ---------------------------------------------------------------------------------
+
+    def copy_reply(self) -> None:
+        text = self.chat_view.last_reply_text()
+        if not text:
+            self.notify("There is no reply to copy yet.")
+            return
+        self.app.copy_to_clipboard(text)
+        self.notify("Reply copied to the clipboard.")
+
+    def copy_code(self) -> None:
+        for box_text in reversed(self.chat_view.reply_texts()):
+            blocks = CODE_BLOCK.findall(box_text)
+            if blocks:
+                self.app.copy_to_clipboard(blocks[-1])
+                self.notify("Code block copied to the clipboard.")
+                return
+        self.notify("No code block in the replies.")
+
+    # -- single messages -------------------------------------------------------------------------
+
+    def _need_conversation(self) -> bool:
+        if self.conversation_id is None:
+            self.notify("This chat is empty: send a message first.")
+            return False
+        return True
+
+    def _target(self, role: str | None) -> MessageBox | None:
+        """The selected message box, else the last one (of `role`, when given)."""
+        chosen = self.chat_view.selected()
+        if chosen is None:
+            boxes = [b for b in self.chat_view.boxes if role is None or b.role == role]
+            chosen = boxes[-1] if boxes else None
+        if chosen is not None and chosen.message_id is None:
+            messages, _ = attempt(lambda: self.service.messages(self.conversation_id))
+            self.chat_view.set_ids(messages or [])
+        return chosen if chosen is not None and chosen.message_id is not None else None
+
+    @work(group="edit")
+    async def delete_message(self) -> None:
+        if self.busy() or not self._need_conversation():
+            return
+        box, cid = self._target(None), self.conversation_id
+        if box is None:
+            self.notify("There is no message to delete.")
+            return
+        who = "your message" if box.role == "user" else "this reply"
+        preview = " ".join(box.content.split())[:60]
+        if not await self.app.push_screen_wait(
+                ConfirmScreen(f"Delete {who} “{preview}” from this chat?")):
+            return
+        _, error = await asyncio.to_thread(
+            attempt, lambda: self.service.delete_message(cid, box.message_id))
+        if error:
+            self.notify(error, title="Not deleted", severity="error")
+            return
+        await self.reload()
+        self.notify("Message deleted; the chat's memory follows.")
+
+    @work(group="edit")
+    async def edit_message(self) -> None:
+        if self.busy() or not self._need_conversation():
+            return
+        box, cid = self._target("user"), self.conversation_id
+        if box is None:
+            self.notify("There is no message of yours to edit.")
+            return
+        text = await self.app.push_screen_wait(EditMessageScreen(box.content))
+        if text is None or text == box.content:
+            return
+        _, error = await asyncio.to_thread(
+            attempt, lambda: self.service.edit_message(cid, box.message_id, text))
+        if error:
+            self.notify(error, title="Not edited", severity="error")
+            return
+        await self.reload()
+        if box.role == "user":  # the messages after it were dropped: answer the new text
+            self.notify("Message edited: writing a new reply to it.")
+            await self._regenerate()
+        else:
+            self.notify("Reply edited; the chat's memory follows.")
