@@ -6,7 +6,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from textual.widgets import Input, Label, Select
 
 from app.service import ChatService
