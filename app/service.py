@@ -625,7 +625,7 @@ class ChatService:
         if self._engine is None:
             return None
         info = self._engine.info
-        threads = getattr(info, "n_threads", None)
+        threads = _decode_threads(self._engine)
         read_only = conversation_id in self._read_only
         live = self._live.get(conversation_id) if conversation_id is not None else None
         stats = self._stats.get(conversation_id) if conversation_id is not None else None
@@ -654,6 +654,12 @@ class ChatService:
 
     def with_settings(self, **changes: Any) -> Settings:
         return replace(self.settings, **changes)
+
+
+def _decode_threads(engine: EngineLike) -> int | None:
+    """The CPU threads the engine decodes with, when its back end says (llama.cpp does)."""
+    picked = getattr(getattr(engine, "ctx", None), "threads", None)
+    return getattr(picked, "decode", None)
 
 
 def _signature(messages: list[MessageRecord]) -> tuple[int, int, int]:

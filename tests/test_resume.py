@@ -245,14 +245,16 @@ def test_hf_back_end_saves_and_restores_through_the_store(db_path: Path, tmp_pat
 
 def test_ccm_memory_saves_restores_and_rebuilds_through_the_store(db_path: Path,
                                                                   tmp_path: Path) -> None:
-    """The default model at balanced runs its shipped compressor: one slot per exchange is
-    what is saved, restored, and rebuilt (replayed exchange by exchange) when unusable."""
+    """The default model at balanced runs its shipped compressor (ccm-hybrid: recent exchanges
+    verbatim, older ones as slots): that memory is saved, restored, and rebuilt (replayed
+    exchange by exchange) when unusable."""
     with Engine.load(n_ctx=2048, device=TEST_DEVICE, compression="balanced") as eng:
         ccm = {"balanced": eng}
         store = Store(db_path, clock=TickingClock())
         conv_id = two_turns(service(store, ccm, compression="balanced"))
         state = store.latest_memory_state(conv_id)
-        assert state.policy["method"] == "ccm-concat" and state.tokens_held == 2
+        assert state.policy["method"] == "ccm-hybrid"
+        assert state.tokens_held == state.tokens_seen > 50  # two short exchanges: verbatim
         later = copy_db(db_path, tmp_path / "later.db")
         expected = "".join(service(store, ccm, compression="balanced").send(
             conv_id, "What is my dog called?"))
@@ -262,17 +264,18 @@ def test_ccm_memory_saves_restores_and_rebuilds_through_the_store(db_path: Path,
         assert "".join(resumed.send(conv_id, "What is my dog called?")) == expected
 
         # a state made with other compressor weights is not reused: rebuilt from the text
-        # (re-tokenized, so not bit-identical to the sampled tokens), it answers as the live
-        # memory did (the 135M model with one slot an exchange names the dog wrongly in both)
+        # (re-tokenized, so not bit-identical to the sampled tokens), it holds what the live
+        # memory held and answers as it did
         again = copy_db(db_path, tmp_path / "again.db")
         tamper(again, conv_id, "UPDATE memory_states SET policy = json_set(policy, "
                "'$.params.compressor', 'other') WHERE conversation_id = {id}")
         rebuilt = service(again, ccm, compression="balanced")
         report = rebuilt.open(conv_id)
         assert report.kind == "rebuilt" and "another compressor" in report.reason
-        assert report.tokens == 3  # one slot for each of the 3 replayed exchanges
+        live_held = store.latest_memory_state(conv_id).tokens_held  # after the 3rd exchange
+        assert abs(report.tokens - live_held) <= 3
         answer = "".join(rebuilt.send(conv_id, "What is my dog called?"))
-        assert answer.split()[:4] == expected.split()[:4] == ["Your", "dog", "is", "called"]
+        assert answer.split()[:4] == expected.split()[:4]
         assert again.latest_memory_state(conv_id).policy == state.policy
         for s in (store, later, again):
             s.close()

@@ -7,6 +7,8 @@ a real second connection holding BEGIN IMMEDIATE.
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -310,7 +312,7 @@ def test_a_lease_of_a_process_that_is_gone_is_taken(store: Store) -> None:
                           capture_output=True, text=True, check=True)
     store.db.execute(
         "INSERT INTO leases VALUES (?, 'crashed-window', ?, ?, '2026-01-01T12:00:00', ?)",
-        (conv.id, int(gone.stdout), __import__("socket").gethostname(),
+        (conv.id, int(gone.stdout), socket.gethostname(),
          "2099-01-01T00:00:00+00:00"))
     store.db.conn.commit()
     svc = scripted_service(store, ScriptedEngine(), owner="window-a")
@@ -391,3 +393,37 @@ def test_export_names_the_real_model_and_goes_to_the_documents_folder(
     assert path == docs / f"ccm-chat-{conv.id}-hello.md"
     monkeypatch.setenv("CCM_CHAT_EXPORT_DIR", str(tmp_path / "mine"))
     assert export.default_export_dir() == tmp_path / "mine"
+
+
+OTHER_WINDOW = """
+import sys
+from app.service import ChatService
+from storage import Store
+from tests.scripted_engine import ScriptedEngine
+store = Store(sys.argv[1])
+svc = ChatService(store, engine_factory=lambda s, m: ScriptedEngine())
+report = svc.open(int(sys.argv[2]))
+print(report.read_only, report.held_by)
+svc.close()
+"""
+
+
+def test_another_process_sees_the_chat_held_until_this_one_closes(db_path: Path) -> None:
+    """Two real processes: the lease is this process's while it lives and holds it."""
+    store = Store(db_path)
+    svc = scripted_service(store, ScriptedEngine())
+    conv = svc.new_conversation()
+    "".join(svc.send(conv.id, "mine"))
+
+    def other_window() -> str:
+        done = subprocess.run([sys.executable, "-c", OTHER_WINDOW, str(db_path), str(conv.id)],
+                              capture_output=True, text=True, timeout=60, check=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+        return done.stdout.strip()
+
+    seen = other_window()
+    assert seen.startswith("True ccm-chat process") and str(os.getpid()) in seen
+    svc.close()
+    assert other_window() == "False None"
+    assert store.lease(conv.id) is None  # the other window released it when it closed
+    store.close()
