@@ -4,8 +4,8 @@
 llama.cpp's threads meet after every layer, so a thread that a neighbour pushes off its core
 stalls them all: that is what made a reply crawl on a shared machine (issue 14). Both engines
 are loaded in one process and their runs interleaved, so the comparison holds on a noisy
-machine. A run is one 64-token reply (greedy) in a new conversation; tok/s is the engine's
-own decode rate for it. Prints a table and writes JSON.
+machine. A run is one 64-token reply (greedy) in a new conversation, as in decode_speed.py;
+tok/s is the engine's own decode rate for it. Prints a table and writes JSON.
 
     python bench/threads.py --repeats 3 --out bench/results/threads_cpu.json
 """
@@ -23,12 +23,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine import Engine, SamplingParams
+from engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402  (a sibling script module)
+from decode_speed import engine_run as reply_speed  # noqa: E402  (sibling script modules)
+from machine import describe  # noqa: E402
 
-PROMPT = "Write a very long story about a dragon who learns to cook, with many chapters."
 NEIGHBOUR = "while True: pass"
 
 
@@ -45,14 +45,6 @@ def neighbour(active: bool) -> Iterator[None]:
     finally:
         proc.kill()
         proc.wait()
-
-
-def reply_speed(engine: Engine, tokens: int) -> tuple[float, int]:
-    conv = engine.new_conversation()
-    for _ in conv.send(PROMPT, SamplingParams(temperature=0.0, max_tokens=tokens)):
-        pass
-    reply = conv.last_reply
-    return reply.tokens_per_second, reply.tokens
 
 
 def threads_of(engine: Engine) -> dict[str, int | None]:
