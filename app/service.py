@@ -375,7 +375,9 @@ class ChatService:
         """
         with self._use, user_errors("Could not open the conversation"):
             record = self.store.get_conversation(conversation_id)
-            holder = self._claim(conversation_id)
+            holder = None
+            with suppress(StorageError):  # locked: it opens anyway, the next write claims it
+                holder = self._claim(conversation_id)
             if holder is not None:
                 return ResumeReport("read_only", "", 0.0, 0, read_only=True, held_by=holder)
             stored = self.store.messages(conversation_id)

@@ -130,6 +130,22 @@ def test_the_message_write_meets_the_lock_after_the_model_took_it_in(
     assert contents(svc, conv.id)[-2:] == ["after", "You said: after"]
 
 
+def test_a_locked_database_still_opens_a_chat_to_read(quick_store: Store,
+                                                        db_path: Path) -> None:
+    first = scripted_service(quick_store, ScriptedEngine())
+    conv = first.new_conversation()
+    "".join(first.send(conv.id, "hello"))
+    first.close()
+    svc = scripted_service(quick_store, ScriptedEngine())
+    with locked(db_path):
+        report = svc.open(conv.id)  # the lease could not be written: it opens all the same
+        assert report.kind == "restored" and not report.read_only
+        assert contents(svc, conv.id) == ["hello", "You said: hello"]
+        with pytest.raises(NotSavedError, match="locked"):
+            list(svc.send(conv.id, "not now"))
+    assert "".join(svc.send(conv.id, "now")) == "You said: now"
+
+
 def test_a_write_waits_for_a_short_lock(db_path: Path) -> None:
     store = Store(db_path, timeout=5.0)
     svc = scripted_service(store, ScriptedEngine())
