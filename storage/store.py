@@ -2,8 +2,9 @@
 
 One connection guarded by a lock, because the UI writes from a worker thread while the main
 thread reads; WAL lets a second process (`ccm-chat list`) read while the app writes. A write
-takes SQLite's write lock up front (BEGIN IMMEDIATE) and waits for it: first SQLite's busy
-timeout, then a bounded retry, then DatabaseLockedError, so nothing is ever half-written.
+takes SQLite's write lock up front (BEGIN IMMEDIATE), so nothing is ever half-written, and
+waits for it: short busy timeouts retried for up to `timeout` seconds, with this store's own
+lock let go between tries so that the UI thread's reads go on, then DatabaseLockedError.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from storage.migrations import MIGRATIONS
 
 Clock = Callable[[], datetime]
 WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept after a checkpoint
+WRITE_WAIT_SECONDS = 8.0  # how long a write waits for another program's lock
+BUSY_TIMEOUT_SECONDS = 0.2  # SQLite's own wait, each try
+RETRY_PAUSE_SECONDS = 0.05
 
 
 class StorageError(RuntimeError):
@@ -170,20 +174,20 @@ def _is_lock(exc: sqlite3.Error) -> bool:
 class Store:
     """All persistent state of the app. Every write is one transaction.
 
-    `timeout`: seconds SQLite waits for another program's write lock; `retries`: how many more
-    times a write then tries (after a short pause) before it gives up with DatabaseLockedError.
+    `timeout`: seconds a write waits for another program's write lock before it gives up with
+    DatabaseLockedError.
     """
 
-    def __init__(self, path: Path | str, clock: Clock = utc_now, timeout: float = 5.0,
-                 retries: int = 1) -> None:
+    def __init__(self, path: Path | str, clock: Clock = utc_now,
+                 timeout: float = WRITE_WAIT_SECONDS) -> None:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
-        self._retries = retries
-        self._retry_pause = min(1.0, timeout / 4)
+        self._timeout = timeout
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS,
+                                   check_same_thread=False)
             self.db = sqlite_utils.Database(conn)
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.enable_wal()
@@ -199,8 +203,9 @@ class Store:
         text = str(exc)
         if _is_lock(exc):
             return (
-                f"The database {self.path} is locked by another program (is ccm-chat already "
-                "running?). Close it and try again, or pass --db to use another file."
+                f"The database {self.path} is locked by another program, which kept it for "
+                f"more than {self._timeout:g} s. Try again in a moment; if it stays locked, "
+                "close the program that holds it (or pass --db to use another file)."
             )
         if "not a database" in text or "malformed" in text or "corrupt" in text:
             return (
@@ -213,32 +218,34 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[sqlite_utils.Database]:
         """One write transaction, holding the write lock from its start."""
-        with self._lock:
-            self._begin()
-            try:
-                yield self.db
-                self.db.conn.execute("COMMIT")
-            except BaseException as exc:
-                if self.db.conn.in_transaction:
-                    self.db.conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise StorageError(self._explain(exc)) from exc
-                raise
+        self._begin()  # returns holding self._lock
+        try:
+            yield self.db
+            self.db.conn.execute("COMMIT")
+        except BaseException as exc:
+            if self.db.conn.in_transaction:
+                self.db.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(self._explain(exc)) from exc
+            raise
+        finally:
+            self._lock.release()
 
     def _begin(self) -> None:
-        """BEGIN IMMEDIATE: wait out another writer (busy timeout), retry, then say so."""
-        for attempt in range(self._retries + 1):
+        """BEGIN IMMEDIATE, retried while another program writes, for up to `timeout` s."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            self._lock.acquire()
             try:
                 self.db.conn.execute("BEGIN IMMEDIATE")
                 return
-            except sqlite3.OperationalError as exc:
-                if not _is_lock(exc):
-                    raise StorageError(self._explain(exc)) from exc
-                if attempt == self._retries:
-                    raise DatabaseLockedError(self._explain(exc)) from exc
-                time.sleep(self._retry_pause)
             except sqlite3.Error as exc:
-                raise StorageError(self._explain(exc)) from exc
+                self._lock.release()
+                if not (isinstance(exc, sqlite3.OperationalError) and _is_lock(exc)):
+                    raise StorageError(self._explain(exc)) from exc
+                if time.monotonic() >= deadline:
+                    raise DatabaseLockedError(self._explain(exc)) from exc
+            time.sleep(RETRY_PAUSE_SECONDS)  # without the lock: reads go on meanwhile
 
     def _read(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
         with self._lock:

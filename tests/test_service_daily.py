@@ -44,7 +44,7 @@ def locked(path: Path) -> Iterator[None]:
 @pytest.fixture
 def quick_store(db_path: Path) -> Iterator[Store]:
     """A store that gives up on a lock in a fraction of a second, so the tests stay fast."""
-    s = Store(db_path, clock=TickingClock(), timeout=0.1, retries=1)
+    s = Store(db_path, clock=TickingClock(), timeout=0.2)
     yield s
     s.close()
 
