@@ -324,7 +324,7 @@ class ChatService:
     def take_over(self, conversation_id: int) -> None:
         """Make this window the conversation's writer, whoever held it; the memory is
         re-read from the stored transcript at the next open or send."""
-        with self._use, user_errors("Could not take the conversation over"):
+        with user_errors("Could not take the conversation over"):  # no wait on the engine
             self._claim(conversation_id, force=True)
             self._forget(conversation_id)
 
@@ -479,6 +479,10 @@ class ChatService:
         live.truncate(n)
         if conversation_id is not None:  # its cache may be half-written: resume it afresh
             self._forget(conversation_id)
+        else:
+            release = getattr(self._engine, "release", None)
+            if release is not None:
+                release(live)  # a new chat that never was: its cells are dead weight
 
     def _too_long(self, exc: Exception) -> str:
         level = self.settings.compression
