@@ -162,23 +162,23 @@ def test_ccm_merge_runs_on_transformers_and_is_refused_on_llama_cpp(tmp_path, hf
     with Engine.load(backend="hf", n_ctx=1024, device="cpu", compression="balanced",
                      cache_dir=hf_engine.model.cache_dir, compressor=folder) as eng:
         assert eng.compression.method == "ccm-merge"
-        conv = chat(eng, FACT, FILLER, FILLER)
+        conv = chat(eng, FACT, FILLER, FILLER, config=eng.compression)
         assert conv.stats().memory_tokens == 1  # a running mean of n slots, however long
         restored = eng.restore_conversation(conv.save_state())
         assert scores(restored) == pytest.approx(scores(conv), abs=1e-5)
-    merge = CompressionConfig("balanced", "ccm-merge", ccm_llama.compression.params, "f16")
+    merge = CompressionConfig("balanced", "ccm-merge", pure_ccm(ccm_llama).params, "f16")
     with pytest.raises(ValueError, match="not available on the llama.cpp back end"):
         ccm_llama.new_conversation(compression=merge)
 
 
 def test_a_reply_that_fills_the_context_is_kept_and_compressed() -> None:
-    """No old group to drop, no room for the end-of-turn marker: the reply is still kept,
-    the exchange still compressed (its oldest text goes first), and the chat goes on."""
+    """No old group to drop: the reply slides through the context (its oldest text goes
+    first), is kept whole, the exchange is still compressed, and the chat goes on."""
     with Engine.load(n_ctx=128, device=TEST_DEVICE, compression="balanced") as eng:
         conv = eng.new_conversation(compression=pure_ccm(eng))
         reply = "".join(conv.send("Write a very long story about a dragon.", max_tokens=400,
                                   temperature=0))
-        assert reply and conv.last_reply.finish_reason == "context_full"
+        assert conv.last_reply.finish_reason == "length" and conv.last_reply.tokens == 400
         assert conv.messages[-1].content == reply and conv.stats().memory_tokens == 1
         assert "".join(conv.send("Thanks!", max_tokens=5, temperature=0))
         assert conv.stats().memory_tokens <= 2

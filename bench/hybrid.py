@@ -1,0 +1,203 @@
+"""Hybrid memory against pure CCM, sink+window and the full context, at each level's budget.
+
+Side by side in one process, on the llama.cpp engine and the default model:
+- next-turn perplexity (mean NLL of the real next reply) after k exchanges of a long chat made
+  of held-apart conversations joined end to end;
+- recall of a fact planted d exchanges before its question, held-apart chit-chat between,
+  scored by likelihood against 3 distractors (chance 0.25);
+- cells and bytes held, and the ratio to the full context.
+
+`--split validation` draws from Topical-Chat's valid split (never seen by the shipped
+compressor, which trained on chitchat) and is what the level's verbatim share is chosen on
+(`--shares`); `--split test` draws from chitchat's test split (one id in ten by hash, held
+apart from the shipped compressor's training) for the reported table.
+
+    python bench/hybrid.py --split validation --shares 0.25,0.5,0.75 --out bench/results/hybrid_val.json
+    python bench/hybrid.py --split test --out bench/results/hybrid_test.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import describe  # noqa: E402
+from engine import CompressionConfig, Engine  # noqa: E402
+from engine.config import LEVEL_BUDGETS, SINK_TOKENS  # noqa: E402
+
+PETS = ["Biscuit", "Pixel", "Rocket", "Mango", "Juniper", "Pepper", "Noodle", "Clover"]
+CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Tbilisi", "Perth", "Quebec"]
+FACTS = [
+    ("By the way, my cat is called {}.", "{} is a lovely name for a cat!",
+     "What is my cat called?", "Your cat is called {}.", PETS),
+    ("I grew up in {}, you know.", "{} must have been a great place to grow up.",
+     "Where did I grow up?", "You grew up in {}.", CITIES),
+]
+
+
+def exchanges_of(turns: list[str]) -> list[tuple[str, str]]:
+    return [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)
+            if turns[i].strip() and turns[i + 1].strip()]
+
+
+def dialogues(split: str) -> list[list[tuple[str, str]]]:
+    if split == "validation":
+        path = Path(__file__).resolve().parents[2] / "shared/data/topical_chat/conversations.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [exchanges_of([t["text"] for t in r["turns"]]) for r in rows
+                if r["split"].startswith("valid")]
+    from engine.ccm.data import load_chitchat, split_of
+
+    return [exchanges_of(turns) for cid, turns in sorted(load_chitchat().items())
+            if split_of(cid) == "test"]
+
+
+def long_chats(pool, count: int, length: int, seed: int) -> list[list[tuple[str, str]]]:
+    """`count` chats of `length` exchanges, each held-apart conversations joined."""
+    rng = random.Random(seed)
+    pool = [d for d in pool if len(d) >= 4]
+    chats = []
+    for _ in range(count):
+        chat: list[tuple[str, str]] = []
+        while len(chat) < length:
+            chat.extend(rng.choice(pool))
+        chats.append(chat[:length])
+    return chats
+
+
+def configs(engine: Engine, level: str, shares: list[float] | None) -> dict[str, CompressionConfig]:
+    budget = LEVEL_BUDGETS[level][0]
+    files = engine.ccm.files
+    n, fp = files.n_comp, files.fingerprint
+    out = {
+        "window": CompressionConfig(level, "window",
+                                    {"sink": SINK_TOKENS, "window": budget - SINK_TOKENS}, "f16"),
+        "ccm": CompressionConfig(level, "ccm-concat",
+                                 {"n_comp": n, "cap": budget // n, "compressor": fp}, "f16"),
+    }
+    if shares is None:
+        out["hybrid"] = engine.compression_for(level)
+    else:
+        for share in shares:
+            verbatim = int(budget * share)
+            out[f"hybrid@{share:g}"] = CompressionConfig(
+                level, "ccm-hybrid", {"n_comp": n, "cap": max(1, (budget - verbatim) // n),
+                                      "verbatim": verbatim, "compressor": fp}, "f16")
+    return out
+
+
+def next_turn(engine, config, chat, at: list[int]) -> dict[int, tuple[float, object]]:
+    conv = engine.new_conversation(compression=config)
+    out = {}
+    for i, (user, assistant) in enumerate(chat):
+        if i in at:
+            conv.add_turn("user", user, decode=False)
+            out[i] = (conv.score(assistant), conv.stats())
+            conv.truncate(len(conv.messages) - 1)
+        if i == max(at):
+            break
+        conv.add_turn("user", user)
+        conv.add_turn("assistant", assistant)
+    return out
+
+
+def recall(engine, config, filler, distance: int, rng: random.Random) -> tuple[bool, object]:
+    fact_user, fact_reply, question, answer, values = rng.choice(FACTS)
+    right, *wrong = rng.sample(values, 4)
+    conv = engine.new_conversation(compression=config)
+    conv.add_turn("user", fact_user.format(right))
+    conv.add_turn("assistant", fact_reply.format(right))
+    for user, assistant in filler[: distance - 1]:
+        conv.add_turn("user", user)
+        conv.add_turn("assistant", assistant)
+    conv.add_turn("user", question, decode=False)
+    scores = [conv.score(answer.format(v)) for v in (right, *wrong)]
+    return scores[0] < min(scores[1:]), conv.stats()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", choices=["validation", "test"], default="test")
+    ap.add_argument("--levels", default="light,balanced,aggressive")
+    ap.add_argument("--shares", default=None, help="verbatim shares to compare (validation)")
+    ap.add_argument("--at", default="4,8,16,32")
+    ap.add_argument("--distances", default="2,8,32")
+    ap.add_argument("--chats", type=int, default=8)
+    ap.add_argument("--recall-cases", type=int, default=8)
+    ap.add_argument("--n-ctx", type=int, default=4096)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/hybrid.json"))
+    args = ap.parse_args()
+    at = [int(x) for x in args.at.split(",")]
+    distances = [int(x) for x in args.distances.split(",")]
+    shares = [float(x) for x in args.shares.split(",")] if args.shares else None
+    pool = dialogues(args.split)
+    chats = long_chats(pool, args.chats, max(at) + 1, seed=1)
+    fillers = long_chats(pool, args.recall_cases, max(distances), seed=2)
+    started = time.time()
+    rows = []
+    with Engine.load(n_ctx=args.n_ctx, device=args.device, compression="balanced") as engine:
+        methods: dict[str, CompressionConfig] = {
+            "full": CompressionConfig("off", "full", {}, "f16")}
+        for level in args.levels.split(","):
+            for name, config in configs(engine, level, shares).items():
+                methods[f"{level}/{name}"] = config
+        for label, config in methods.items():
+            t0 = time.time()
+            per_at: dict[int, list] = {k: [] for k in at}
+            for chat in chats:
+                for k, (nll, stats) in next_turn(engine, config, chat, at).items():
+                    per_at[k].append((nll, stats))
+            for k, got in per_at.items():
+                nll = statistics.fmean(x for x, _ in got)
+                rows.append(_row(label, config, f"ppl@{k}", math.exp(nll), nll, got))
+            rng = random.Random(3)
+            for d in distances:
+                got = [recall(engine, config, filler, d, rng) for filler in fillers]
+                acc = statistics.fmean(float(ok) for ok, _ in got)
+                rows.append(_row(label, config, f"recall@{d}", acc, None, got))
+            print(f"{label}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": describe(args.device), "split": args.split, "chats": args.chats,
+        "recall_cases": args.recall_cases, "seconds": round(time.time() - started),
+        "command": " ".join(sys.argv), "rows": rows}, indent=1))
+
+
+def _row(label, config, metric, value, nll, got) -> dict:
+    cells = statistics.fmean(s.memory_tokens for _, s in got)
+    full = statistics.fmean(s.full_context_tokens for _, s in got)
+    return {"method": label, "policy": config.method, "params": config.params,
+            "metric": metric, "value": round(value, 4),
+            "mean_nll": None if nll is None else round(nll, 4),
+            "cells": round(cells, 1),
+            "mb": round(statistics.fmean(s.memory_bytes for _, s in got) / 1e6, 2),
+            "ratio": round(full / cells, 1) if cells else None, "n": len(got)}
+
+
+def table(rows: list[dict]) -> str:
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["metric"]): r for r in rows}
+    lines = ["| method | " + " | ".join(metrics) + " | cells / ratio at the last ppl |",
+             "|---" * (len(metrics) + 2) + "|"]
+    last = [m for m in metrics if m.startswith("ppl@")][-1]
+    for m in methods:
+        vals = [f"{cell[m, x]['value']:.3g}" if (m, x) in cell else "" for x in metrics]
+        r = cell.get((m, last))
+        tail = f"{r['cells']:.0f} / {r['ratio']}x" if r else ""
+        lines.append(f"| {m} | " + " | ".join(vals) + f" | {tail} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
