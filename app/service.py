@@ -253,6 +253,7 @@ class ChatService:
             return self.store.rename_conversation(conversation_id, title)
 
     def delete(self, conversation_id: int) -> None:
+        self._writable(conversation_id, "The chat was not deleted")
         with user_errors("The chat was not deleted"):
             self.store.delete_conversation(conversation_id)
         self._forget(conversation_id)
@@ -260,6 +261,7 @@ class ChatService:
         self._shown.pop(conversation_id, None)
 
     def set_system_prompt(self, conversation_id: int, prompt: str) -> ConversationRecord:
+        self._writable(conversation_id, "The system prompt was not set")
         with user_errors("The system prompt was not set"):
             record = self.store.update_conversation(conversation_id, system_prompt=prompt or None)
         self._forget(conversation_id)

@@ -293,6 +293,10 @@ def test_a_second_window_opens_a_held_chat_read_only(store: Store) -> None:
         list(b.send(conv.id, "from b"))
     with pytest.raises(NotSavedError, match="open in another window"):
         b.delete_message(conv.id, a.messages(conv.id)[0].id)
+    with pytest.raises(NotSavedError, match="not deleted: this chat is open in another"):
+        b.delete(conv.id)
+    with pytest.raises(NotSavedError, match="open in another window"):
+        b.set_system_prompt(conv.id, "Be terse.")
     assert contents(a, conv.id) == ["from a", "You said: from a"]
     b.take_over(conv.id)
     assert not b.open(conv.id).read_only
