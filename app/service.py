@@ -358,8 +358,11 @@ class ChatService:
 
     def _wrote(self, conversation_id: int) -> None:
         """This window wrote: the memory and the view are in step with the store again."""
-        self._shown[conversation_id] = self._synced[conversation_id] = (
-            self.store.transcript_signature(conversation_id))
+        try:
+            self._shown[conversation_id] = self._synced[conversation_id] = (
+                self.store.transcript_signature(conversation_id))
+        except StorageError:  # unknown: the memory is re-read before its next use
+            self._synced.pop(conversation_id, None)
 
     # -- chatting -------------------------------------------------------------------------------
 

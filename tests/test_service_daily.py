@@ -24,7 +24,7 @@ from app.errors import ChatError, NotSavedError, RebuildCancelled
 from app.service import ChatService, load_engine
 from app.settings import Settings
 from engine import EngineError
-from storage import ConversationRecord, MessageRecord, Store
+from storage import ConversationRecord, MessageRecord, StorageError, Store
 from tests.conftest import TickingClock, scripted_factory
 from tests.scripted_engine import ScriptedEngine
 
@@ -447,3 +447,20 @@ def test_another_process_sees_the_chat_held_until_this_one_closes(db_path: Path)
     assert other_window() == "False None"
     assert store.lease(conv.id) is None  # the other window released it when it closed
     store.close()
+
+
+def test_a_failed_read_after_a_write_makes_the_memory_re_read(service: ChatService, scripted,
+                                                              monkeypatch) -> None:
+    conv = service.new_conversation()
+    "".join(service.send(conv.id, "one"))
+
+    def unreadable(conversation_id: int) -> tuple[int, int, int]:
+        raise StorageError("disk I/O error")
+
+    monkeypatch.setattr(service.store, "transcript_signature", unreadable)
+    assert "".join(service.send(conv.id, "two")) == "You said: two"  # saved all the same
+    monkeypatch.undo()
+    restores = scripted.restores
+    "".join(service.send(conv.id, "three"))
+    assert scripted.restores == restores + 1  # not sure it was in step: resumed from the save
+    assert contents(service, conv.id)[-2:] == ["three", "You said: three"]
