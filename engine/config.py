@@ -99,16 +99,31 @@ class CompressionConfig:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one reply is generated. temperature <= 0 means greedy."""
+    """How one reply is generated. temperature <= 0 means greedy.
+
+    Small models fall into loops; the defaults hold them off (bench/loop_rate.py measured
+    the share of replies that ran to the cap): a repetition penalty on the last
+    `repeat_last_n` generated tokens (1.0: off), and on llama.cpp the DRY sampler, which
+    penalises a token that would extend a sequence already seen (`dry_multiplier` 0: off).
+    """
 
     max_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    dry_multiplier: float = 0.8
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1].")
+        if self.repeat_penalty <= 0 or self.repeat_last_n < 0:
+            raise ValueError("repeat_penalty must be > 0 and repeat_last_n >= 0.")
+        if self.dry_multiplier < 0 or self.dry_base < 1 or self.dry_allowed_length < 1:
+            raise ValueError("DRY needs multiplier >= 0, base >= 1 and allowed length >= 1.")

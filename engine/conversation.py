@@ -613,7 +613,7 @@ class Conversation:
         ctx = self._ctx()
         if prompt_tokens == 0:
             self._redecode_last(ctx)
-        sampler = ctx.sampler(params.temperature, params.top_p, params.seed)
+        sampler = ctx.sampler(params)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStringMatcher(params.stop)
         shown: list[str] = []

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
 from engine.chat import ChatMessage
+from engine.config import SamplingParams
 from engine.errors import EngineError, ModelError
 from engine.models import model_fingerprint
 from engine.rope import rotate_keys
@@ -374,27 +375,39 @@ class HFContext:
             raise EngineError(f"The saved memory state could not be read ({exc}).") from exc
         self.cache, self.positions = cache, positions
 
-    def sampler(self, temperature: float, top_p: float, seed: int | None) -> NumpySampler:
-        return NumpySampler(temperature, top_p, seed)
+    def sampler(self, params: SamplingParams) -> NumpySampler:
+        return NumpySampler(params)
 
 
 class NumpySampler:
-    """Greedy, or temperature then top-p then a seeded draw, over the last logits."""
+    """Greedy, or temperature then top-p then a seeded draw, over the last logits, after the
+    repetition penalty on the tokens it drew (llama.cpp's rule; DRY is llama.cpp's only)."""
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
-        self.temperature = temperature
-        self.top_p = top_p
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.drawn: list[int] = []
 
     def sample(self, ctx: HFContext) -> int:
+        p = self.params
         logits = ctx.logits(-1).astype(np.float64)
-        if self.temperature <= 0:
+        if p.repeat_penalty != 1.0 and p.repeat_last_n and self.drawn:
+            seen = np.unique(self.drawn[-p.repeat_last_n:])
+            logits[seen] = np.where(logits[seen] > 0, logits[seen] / p.repeat_penalty,
+                                    logits[seen] * p.repeat_penalty)
+        token = self._draw(logits)
+        self.drawn.append(token)
+        return token
+
+    def _draw(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.temperature <= 0:
             return int(np.argmax(logits))
-        probs = np.exp((logits - logits.max()) / self.temperature)
+        probs = np.exp((logits - logits.max()) / p.temperature)
         probs /= probs.sum()
         order = np.argsort(-probs)
-        if self.top_p < 1.0:
-            cut = int(np.searchsorted(np.cumsum(probs[order]), self.top_p)) + 1
+        if p.top_p < 1.0:
+            cut = int(np.searchsorted(np.cumsum(probs[order]), p.top_p)) + 1
             order = order[:cut]
         kept = probs[order] / probs[order].sum()
         return int(order[self.rng.choice(len(order), p=kept)])

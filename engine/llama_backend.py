@@ -19,6 +19,7 @@ import llama_cpp
 import numpy as np
 
 from engine.chat import ChatMessage
+from engine.config import SamplingParams
 from engine.errors import EngineError, ModelError
 from engine.threads import resolve_threads
 
@@ -334,8 +335,8 @@ class LlamaContext:
         """Move cells at positions [p0, p1) by delta (applied lazily, at the next decode)."""
         llama_cpp.llama_memory_seq_add(self.memory, SEQ, p0, p1, delta)
 
-    def sampler(self, temperature: float, top_p: float, seed: int | None) -> Sampler:
-        return Sampler(temperature, top_p, seed)
+    def sampler(self, params: SamplingParams) -> Sampler:
+        return Sampler(params, self.model.vocab, self.model.n_vocab)
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
@@ -365,26 +366,32 @@ class LlamaContext:
 
 
 class Sampler:
-    """llama.cpp's own sampler chain: top-p, temperature, then a seeded draw (or greedy)."""
+    """llama.cpp's own sampler chain: repetition penalties, DRY, then top-p, temperature and
+    a seeded draw (or greedy)."""
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
+    DRY_BREAKERS = (b"\n", b":", b'"', b"*")  # llama.cpp's defaults: a new line resets a run
+
+    def __init__(self, params: SamplingParams, vocab: object, n_vocab: int) -> None:
         self.ptr = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
         )
-        if temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(self.ptr, llama_cpp.llama_sampler_init_greedy())
+        add = lambda sampler: llama_cpp.llama_sampler_chain_add(self.ptr, sampler)  # noqa: E731
+        if params.repeat_penalty != 1.0 and params.repeat_last_n:
+            add(llama_cpp.llama_sampler_init_penalties(
+                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.dry_multiplier > 0:
+            breakers = (ctypes.c_char_p * len(self.DRY_BREAKERS))(*self.DRY_BREAKERS)
+            add(llama_cpp.llama_sampler_init_dry(
+                vocab, params.dry_multiplier, params.dry_base, params.dry_allowed_length, -1,
+                breakers, len(self.DRY_BREAKERS)))
+        if params.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
         else:
-            if top_p < 1.0:
-                llama_cpp.llama_sampler_chain_add(
-                    self.ptr, llama_cpp.llama_sampler_init_top_p(top_p, 1)
-                )
-            llama_cpp.llama_sampler_chain_add(
-                self.ptr, llama_cpp.llama_sampler_init_temp(temperature)
-            )
-            draw_seed = seed if seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-            llama_cpp.llama_sampler_chain_add(
-                self.ptr, llama_cpp.llama_sampler_init_dist(draw_seed)
-            )
+            if params.top_p < 1.0:
+                add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+            add(llama_cpp.llama_sampler_init_dist(seed))
 
     def sample(self, ctx: LlamaContext) -> int:
         return llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, -1)
