@@ -340,6 +340,17 @@ class ChatService:
     def read_only(self, conversation_id: int) -> bool:
         return conversation_id in self._read_only
 
+    def held_elsewhere(self, conversation_id: int) -> str | None:
+        """Who holds the conversation if another window does (it may have taken it over since
+        this one opened it), else None. Only reads; for the UI to poll."""
+        with user_errors("Could not read the conversation"):
+            held = self.store.live_lease(conversation_id, LEASE_STALE_SECONDS)
+        if held is None or held.owner == self.owner:
+            return None
+        self._read_only.add(conversation_id)
+        self._held.discard(conversation_id)
+        return held.describe()
+
     def _writable(self, conversation_id: int, doing: str) -> None:
         with user_errors(doing, NotSavedError):
             holder = self._claim(conversation_id)

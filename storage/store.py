@@ -609,6 +609,13 @@ class Store:
         rows = self._read("SELECT * FROM leases WHERE conversation_id = ?", (conversation_id,))
         return LeaseRecord(**rows[0]) if rows else None
 
+    def live_lease(self, conversation_id: int, stale_after: float) -> LeaseRecord | None:
+        """The conversation's lease if one is held and not stale (a read: nothing changes)."""
+        held = self.lease(conversation_id)
+        if held is None or not _lease_live(held, self._clock(), stale_after):
+            return None
+        return held
+
     def heartbeat(self, owner: str) -> None:
         """Say that `owner`'s leases are still in use."""
         with self._tx() as db:

@@ -301,6 +301,9 @@ def test_a_second_window_opens_a_held_chat_read_only(store: Store) -> None:
     b.take_over(conv.id)
     assert not b.open(conv.id).read_only
     "".join(b.send(conv.id, "from b"))
+    assert b.held_elsewhere(conv.id) is None and not a.read_only(conv.id)
+    assert "ccm-chat process" in a.held_elsewhere(conv.id)  # a learns it was taken over
+    assert a.read_only(conv.id) and a.status(conv.id).read_only
     with pytest.raises(NotSavedError, match="open in another window"):
         list(a.send(conv.id, "a again"))
     b.release(conv.id)
