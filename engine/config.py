@@ -90,8 +90,16 @@ class CompressionConfig:
         """What a saved memory state must match to be reused."""
         return {"method": self.method, "params": dict(self.params), "kv_type": self.kv_type}
 
-    def describe(self) -> str:
-        text = f"{self.level}: {self.method} ({self.policy().describe()})"
+    def describe(self, bytes_per_cell: int | None = None) -> str:
+        """What the level keeps; with the model's f16 bytes per cell, about how much."""
+        policy = self.policy()
+        text = f"{self.level}: {self.method} ({policy.describe()}"
+        if bytes_per_cell and policy.budget is not None:
+            # K is half a cell's f16 bytes; a quantized K takes its type's share of them
+            k_share = {"f16": 1.0, "q8_0": 34 / 64, "q4_0": 18 / 64}[self.kv_type]
+            size = policy.budget * bytes_per_cell * (1 + k_share) / 2
+            text += f", about {size / 1e6:.1f} MB at most"
+        text += ")"
         if self.kv_type != "f16":
             text += f", K cache {self.kv_type}"
         return f"{text}; {self.reason}" if self.reason else text

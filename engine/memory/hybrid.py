@@ -17,6 +17,11 @@ from engine.memory.base import KVMemory, MemoryPolicy
 from engine.memory.ccm import drop_oldest_groups, slide_current_text
 
 
+# What an exchange of everyday chat takes in the template, for the settings screen's estimate
+# (chitchat test split: about 40 tokens; Topical-Chat: about 66).
+TYPICAL_EXCHANGE_TOKENS = 50
+
+
 class HybridPolicy(MemoryPolicy):
     name = "ccm-hybrid"
     reads_finished_exchange = True
@@ -53,6 +58,7 @@ class HybridPolicy(MemoryPolicy):
         return slide_current_text(memory, needed, capacity)
 
     def describe(self) -> str:
-        return (f"trained compressor: the most recent exchanges verbatim (up to {self.verbatim} "
-                f"tokens), older ones as {self.n_comp} <COMP> slot(s) each, up to {self.cap} "
-                "exchanges")
+        recent = max(1, self.verbatim // TYPICAL_EXCHANGE_TOKENS)
+        return (f"up to ~{recent} recent exchanges verbatim ({self.verbatim} tokens) + up to "
+                f"{self.cap} older exchanges as {self.n_comp} <COMP> slot(s) each; "
+                f"{self.budget} cells")
