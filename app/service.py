@@ -398,7 +398,12 @@ class ChatService:
                 return ResumeReport("read_only", "", 0.0, 0, read_only=True, held_by=holder)
             stored = self.store.messages(conversation_id)
             self._follow(conversation_id, stored)
-            self._engine_conversation(record, stored, progress, cancel)
+            try:
+                self._engine_conversation(record, stored, progress, cancel)
+            except ContextFullError as exc:
+                why = (f"This chat's memory cannot be made: {exc} The transcript is safe: "
+                       "delete or edit its longest message, or pick a compression level.")
+                raise ChatError(why) from exc
             return self._reports[conversation_id]
 
     def _engine_conversation(
@@ -487,8 +492,8 @@ class ChatService:
             raise NotSavedError(self._too_long(exc)) from exc
         except (EngineError, ValueError) as exc:
             self._drop_after_failure(conversation_id, live, n)
-            raise NotSavedError(f"Your message was not sent: the model failed on it ({exc}).") \
-                from exc
+            why = f"Your message was not sent: the model failed on it ({exc})."
+            raise NotSavedError(why) from exc
 
     def _drop_after_failure(self, conversation_id: int | None, live: EngineConversation,
                             n: int) -> None:
@@ -500,14 +505,14 @@ class ChatService:
             if release is not None:
                 release(live)  # a new chat that never was: its cells are dead weight
 
-    def _too_long(self, exc: Exception) -> str:
+    def _too_long(self, exc: Exception, outcome: str = "it was not saved") -> str:
         level = self.settings.compression
         if level == "off":
-            return ("This message is longer than the context window can hold with compression "
-                    "off, so it was not saved. Pick a compression level in settings (Ctrl+S) "
-                    "to take long messages in, start a new chat, or raise the context size.")
-        return (f"This message is longer than the {level} memory can take in ({exc}), so it "
-                "was not saved. Start a new chat, raise the context size, or send it in parts.")
+            return (f"This message is longer than the context window can hold with compression "
+                    f"off, so {outcome}. Pick a compression level in settings (Ctrl+S) to take "
+                    "long messages in, start a new chat, or raise the context size.")
+        return (f"This message is longer than the {level} memory can take in ({exc}), so "
+                f"{outcome}. Start a new chat, raise the context size, or send it in parts.")
 
     def _commit_user(self, record: ConversationRecord | None, before: list[MessageRecord],
                      live: EngineConversation, text: str) -> MessageRecord:
@@ -583,26 +588,50 @@ class ChatService:
     # -- editing the transcript -----------------------------------------------------------------
 
     def delete_message(self, conversation_id: int, message_id: int) -> None:
-        """Delete one message; the memory follows (cut back to it, re-read after it)."""
+        """Delete one message; the memory follows (cut back to it, the rest re-read)."""
         with self._use, user_errors("The message was not deleted"):
             stored, index = self._locate(conversation_id, message_id, "The message was not deleted")
             self.store.delete_message(message_id)
-            self._memory_follows(conversation_id, stored, index, stored[index + 1:])
+            self._wrote(conversation_id)
+            rest = [(m.role, m.content) for m in stored[index + 1:]]
+            with suppress(EngineError, ValueError):  # dropped then: re-read at its next use
+                self._memory_follows(conversation_id, stored, index, rest)
 
     def edit_message(self, conversation_id: int, message_id: int, text: str) -> MessageRecord:
         """Replace a message's text. Editing a user message drops every message after it (as
         in ChatGPT): regenerate() then answers the edited message. Editing a reply changes
-        only that reply. The memory follows."""
+        only that reply. The memory follows; with a model loaded it takes the new text in
+        first, so that an edit too long for it is refused before it is saved."""
         text = text.strip()
         if not text:
             raise ChatError("A message cannot be empty; delete it instead.")
-        with self._use, user_errors("The message was not changed"):
-            stored, index = self._locate(conversation_id, message_id, "The message was not changed")
+        doing = "The message was not changed"
+        with self._use, user_errors(doing):
+            stored, index = self._locate(conversation_id, message_id, doing)
             is_user = stored[index].role == "user"
-            edited = self.store.edit_message(message_id, text, drop_later=is_user)
-            later = [] if is_user else stored[index + 1:]
-            self._memory_follows(conversation_id, stored, index, [edited, *later])
+            tail = [(stored[index].role, text)] + (
+                [] if is_user else [(m.role, m.content) for m in stored[index + 1:]])
+            if self._engine is not None and self._resumable(conversation_id, stored):
+                try:
+                    self._memory_follows(conversation_id, stored, index, tail)
+                except ContextFullError as exc:
+                    raise NotSavedError(self._too_long(exc, "the edit was not saved")) from exc
+            try:
+                edited = self.store.edit_message(message_id, text, drop_later=is_user)
+            except StorageError:
+                self._forget(conversation_id)  # the memory took in an edit that was not saved
+                raise
+            self._wrote(conversation_id)
             return edited
+
+    def _resumable(self, conversation_id: int, stored: list[MessageRecord]) -> bool:
+        """Whether the conversation's memory is (now) live; a transcript the memory cannot
+        hold (a message too long, from before such messages were refused) is still editable."""
+        try:
+            self._engine_conversation(self.store.get_conversation(conversation_id), stored)
+        except (EngineError, ValueError):
+            return False
+        return True
 
     def _locate(self, conversation_id: int, message_id: int,
                 doing: str) -> tuple[list[MessageRecord], int]:
@@ -615,11 +644,12 @@ class ChatService:
         raise ChatError(f"{doing}: there is no message {message_id} in this chat.")
 
     def _memory_follows(self, conversation_id: int, stored: list[MessageRecord], index: int,
-                        tail: list[MessageRecord]) -> None:
-        """Cut the live memory back to message `index` and append `tail` after it: the
-        engine keeps the common prefix and re-reads the rest (or rebuilds) at the next reply."""
+                        tail: list[tuple[str, str]]) -> None:
+        """Cut the live memory back to message `index` of `stored` and take `tail` in after it,
+        as if chatted: the engine keeps the common prefix, and rebuilds by itself when the
+        change reaches into what its policy evicted or compressed. On an engine error the
+        live memory is dropped (re-read at its next use) and the error raised."""
         live = self._live.get(conversation_id)
-        self._wrote(conversation_id)
         if live is None:
             return
         offset = len(live.messages) - len(stored)  # the system prompt, when there is one
@@ -628,8 +658,12 @@ class ChatService:
             self._forget(conversation_id)  # not in step: re-read it all
             return
         live.truncate(offset + index)
-        for message in tail:
-            live.add_turn(message.role, message.content, decode=False)
+        try:
+            for role, content in tail:
+                live.add_turn(role, content)
+        except (EngineError, ValueError):
+            self._forget(conversation_id)
+            raise
 
     def reply_notice(self, conversation_id: int) -> str | None:
         """What the user should know about how the last reply ended, if anything."""

@@ -87,6 +87,7 @@ class ScriptedConversation:
     def rebuild(self, progress=None) -> None:
         """Replays the messages one by one (as a CCM rebuild does), reporting each."""
         self.engine.rebuilds += 1
+        self._check_fits()
         for i in range(len(self.messages)):
             if progress is not None:
                 progress(i + 1, len(self.messages))

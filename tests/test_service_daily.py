@@ -263,6 +263,37 @@ def test_editing_a_reply_changes_only_that_reply(service: ChatService, scripted)
         service.edit_message(conv.id, msgs[1].id, "   ")
 
 
+def test_an_edit_too_long_under_off_is_refused_before_it_is_saved(store: Store) -> None:
+    engine = ScriptedEngine(n_ctx=256)
+    svc = scripted_service(store, engine)
+    conv, msgs = chatted(svc, "one", "two")
+    with pytest.raises(NotSavedError, match="the edit was not saved. Pick a compression"):
+        svc.edit_message(conv.id, msgs[0].id, "word " * 1000)
+    assert contents(svc, conv.id) == ["one", "You said: one", "two", "You said: two"]
+    "".join(svc.send(conv.id, "three"))
+    assert [m.content for m in engine.conversations[-1].messages][1:] == contents(svc, conv.id)
+
+
+def test_a_chat_broken_by_an_old_oversized_message_can_be_mended(store: Store) -> None:
+    """Saved before such messages were refused: it cannot be opened, but it can be fixed."""
+    conv = store.create_conversation("Broken")
+    store.add_message(conv.id, "user", "hello")
+    store.add_message(conv.id, "assistant", "You said: hello")
+    huge = store.add_message(conv.id, "user", "word " * 1000)
+    svc = scripted_service(store, ScriptedEngine(n_ctx=256))
+    with pytest.raises(ChatError, match="needs .* tokens.*delete or edit its longest message"):
+        svc.open(conv.id)
+    svc.edit_message(conv.id, huge.id, "a short question")
+    assert svc.open(conv.id).kind == "rebuilt"
+    assert "".join(svc.regenerate(conv.id)) == "You said: a short question"
+    store.add_message(conv.id, "user", "word " * 1000)
+    svc.close()
+    again = scripted_service(store, ScriptedEngine(n_ctx=256))
+    svc_msgs = again.messages(conv.id)
+    again.delete_message(conv.id, svc_msgs[-1].id)
+    assert again.open(conv.id).kind == "restored"
+
+
 def test_an_edit_survives_a_restart_by_rebuilding(store: Store) -> None:
     first = ScriptedEngine()
     svc = scripted_service(store, first)
