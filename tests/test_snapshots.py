@@ -1,4 +1,5 @@
-"""SVG snapshots of the main screens (pytest-textual-snapshot); update with --snapshot-update."""
+"""SVG snapshots of the screens a user sees (pytest-textual-snapshot), at the standard size and
+at 60x20; update with --snapshot-update and look at each changed SVG before committing it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from pathlib import Path
 import pytest
 
 from app.service import ChatService
+from engine import ModelError
 from storage import Store
 from tests.conftest import TickingClock, scripted_factory
 from tests.scripted_engine import ScriptedEngine
 from ui.app import ChatApp
 
 SIZE = (110, 34)
+WIDE = (120, 36)
+SMALL = (60, 20)
 REPLY = (
     "Sure. Here is a loop:\n\n```python\nfor i in range(3):\n    print(i)\n```\n\n"
     "It prints **0, 1, 2**."
@@ -20,15 +24,20 @@ REPLY = (
 
 
 @pytest.fixture
-def snapshot_app(tmp_path: Path) -> ChatApp:
+def snapshot_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    monkeypatch.setenv("CCM_CHAT_EXPORT_DIR", "/home/me/Documents")  # the same in every run
     store = Store(tmp_path / "snap.db", clock=TickingClock())
     other = store.create_conversation("Weekend plans")
     store.add_message(other.id, "user", "Any ideas for Saturday?")
     conv = store.create_conversation("Python loops")
     store.add_message(conv.id, "user", "Show me a loop in Python.")
     store.add_message(conv.id, "assistant", REPLY)
-    engine = ScriptedEngine()
-    service = ChatService(store, engine_factory=scripted_factory(engine))
+    return store
+
+
+@pytest.fixture
+def snapshot_app(snapshot_store: Store) -> ChatApp:
+    service = ChatService(snapshot_store, engine_factory=scripted_factory(ScriptedEngine()))
     return ChatApp(service, resume_last=True)
 
 
@@ -37,17 +46,57 @@ async def _settle(pilot) -> None:
     await pilot.pause(0.2)
 
 
+async def _quiet(pilot) -> None:
+    """Settled, and the memory notice of the first open gone (a dialog is the subject)."""
+    await _settle(pilot)
+    pilot.app.clear_notifications()
+    await pilot.pause(0.1)
+
+
 def test_main_screen(snap_compare, snapshot_app: ChatApp) -> None:
+    """With the memory notice of the first open."""
     assert snap_compare(snapshot_app, terminal_size=SIZE, run_before=_settle)
 
 
+def test_main_screen_small(snap_compare, snapshot_app: ChatApp) -> None:
+    assert snap_compare(snapshot_app, terminal_size=SMALL, run_before=_quiet)
+
+
 def test_settings_screen(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["ctrl+s"], terminal_size=SIZE, run_before=_settle)
+    assert snap_compare(snapshot_app, press=["ctrl+s"], terminal_size=SIZE, run_before=_quiet)
+
+
+def test_settings_screen_small(snap_compare, snapshot_app: ChatApp) -> None:
+    assert snap_compare(snapshot_app, press=["ctrl+s"], terminal_size=SMALL, run_before=_quiet)
 
 
 def test_help_screen(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["f1"], terminal_size=SIZE, run_before=_settle)
+    assert snap_compare(snapshot_app, press=["f1"], terminal_size=WIDE, run_before=_quiet)
+
+
+def test_help_screen_small(snap_compare, snapshot_app: ChatApp) -> None:
+    assert snap_compare(snapshot_app, press=["f1"], terminal_size=SMALL, run_before=_quiet)
 
 
 def test_delete_confirm(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["ctrl+d"], terminal_size=SIZE, run_before=_settle)
+    assert snap_compare(snapshot_app, press=["ctrl+d"], terminal_size=SIZE, run_before=_quiet)
+
+
+def test_export_screen(snap_compare, snapshot_app: ChatApp) -> None:
+    assert snap_compare(snapshot_app, press=["ctrl+e"], terminal_size=SIZE, run_before=_quiet)
+
+
+def test_no_model_notice(snap_compare, snapshot_store: Store) -> None:
+    """Sending without a model: the message stays in the box and the notice says why."""
+
+    def broken(settings, model):
+        raise ModelError("Model file not found: /models/missing.gguf. Check the path.")
+
+    app = ChatApp(ChatService(snapshot_store, engine_factory=broken))
+
+    async def type_and_send(pilot) -> None:
+        await _settle(pilot)
+        await pilot.press(*"Hello there", "enter")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=type_and_send)

@@ -5,18 +5,23 @@ small screens, export, the action table, and a UI that imports only from app/.""
 from __future__ import annotations
 
 import ast
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from textual.widgets import Button, Input, ListView
+from textual.widgets import Button, Input, ListView, TextArea
 
-from app.service import Status
+from app.service import ChatService, Status
 from storage import Store
-from tests.conftest import TickingClock
-from tests.scripted_engine import ScriptedEngine
+from tests.conftest import TickingClock, scripted_factory
+from tests.scripted_engine import ScriptedConversation, ScriptedEngine
 from tests.test_service_daily import locked
 from tests.test_ui import SIZE, boxes, make_app, notes, send, until_idle, wait_for
 from ui.app import ChatApp
+from ui.screens.confirm import ConfirmScreen
+from ui.screens.edit_message import EditMessageScreen
 from ui.screens.export import ExportScreen
 from ui.screens.help import HelpScreen
 from ui.screens.settings import SettingsScreen
@@ -333,3 +338,168 @@ def test_time_left_comes_from_the_rate_so_far() -> None:
     assert eta.left(40, 100) == 30.0  # 40 in 20 s
     assert format_left(30.0) == "about 30 s left" and format_left(600) == "about 10 min left"
     assert format_left(None) == "estimating time left…"
+
+
+def test_the_status_shows_verbatim_and_compressed_exchanges() -> None:
+    status = Status("SmolLM2", "CPU", "balanced", "hybrid", 900, 4096, 1_000_000, 9.0, None,
+                    verbatim_exchanges=3, compressed_exchanges=12)
+    assert "3 verbatim + 12 compressed │ 900/4,096 tok │ 976.6 KB │ 9.0x" in format_status(status)
+    assert "3v+12c · 900 tok" in format_status(status, compact=True)
+    recent = Status("SmolLM2", "CPU", "off", "full", 10, 4096, 100, 1.0, None,
+                    verbatim_exchanges=2)
+    assert "2 verbatim │" in format_status(recent) and "compressed" not in format_status(recent)
+    quiet = Status("SmolLM2", "CPU", "off", "full", 0, 4096, 0, 1.0, None)
+    assert "verbatim" not in format_status(quiet)
+
+
+# -- 11: one writer per chat --------------------------------------------------------------------
+
+
+def other_window(db_path: Path) -> ChatService:
+    return ChatService(Store(db_path), engine_factory=scripted_factory(ScriptedEngine()),
+                       owner="the other window")
+
+
+@dataclass
+class Windows:
+    """This app's window on chat `shared` (another chat: `mine`), and another window's
+    service on the same database (the clock is the real one: leases go by it)."""
+
+    store: Store
+    shared: int
+    mine: int
+    app: ChatApp
+    other: ChatService
+
+
+@pytest.fixture
+def windows(db_path: Path) -> Iterator[Windows]:
+    store = Store(db_path)
+    a = store.create_conversation("Shared")
+    store.add_message(a.id, "user", "hello")
+    store.add_message(a.id, "assistant", "You said: hello")
+    b = store.create_conversation("Mine")
+    store.add_message(b.id, "user", "mine")
+    other = other_window(db_path)
+    yield Windows(store, a.id, b.id, make_app(store, ScriptedEngine(), conversation_id=a.id),
+                  other)
+    other.close()
+    store.close()
+
+
+async def test_a_chat_held_elsewhere_is_read_only_until_taken_over(windows: Windows) -> None:
+    store, shared, app, other = windows.store, windows.shared, windows.app, windows.other
+    assert not other.open(shared).read_only  # the other window writes it
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "Read-only" in titles_of(app))
+        await wait_for(pilot, lambda: "read-only" in str(app.status_bar.render()))
+        app.query_one(PromptInput).focus()
+        await pilot.press(*"mine now", "enter")
+        await pilot.pause(0.2)
+        assert any("read-only" in n and "Take" in n for n in notes(app))
+        assert app.query_one(PromptInput).text == "mine now" and len(store.messages(shared)) == 2
+        commands = {c.title: c for c in app.get_system_commands(app.screen)}
+        await commands["Take over chat"].callback()
+        await wait_for(pilot, lambda: "Taken over" in titles_of(app))
+        await app.workers.wait_for_complete()
+        await wait_for(pilot, lambda: "read-only" not in str(app.status_bar.render()))
+        await pilot.press("enter")
+        await until_idle(pilot)
+        assert [m.content for m in store.messages(shared)][-2:] == [
+            "mine now", "You said: mine now"]
+        assert other.open(shared).read_only  # it is this window's now
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    assert other.open(shared).read_only is False  # quitting released it
+
+
+async def test_switching_away_releases_the_chat(windows: Windows) -> None:
+    app, other = windows.app, windows.other
+    async with app.run_test(size=SIZE):
+        await app.workers.wait_for_complete()
+        assert other.open(windows.shared).read_only  # this app holds it
+        await app.open_conversation(windows.mine)
+        await app.workers.wait_for_complete()
+        assert not other.open(windows.shared).read_only
+
+
+async def test_a_transcript_changed_elsewhere_is_reloaded(windows: Windows) -> None:
+    store, shared, app, other = windows.store, windows.shared, windows.app, windows.other
+    async with app.run_test(size=SIZE) as pilot:
+        await app.workers.wait_for_complete()
+        other.take_over(shared)
+        list(other.send(shared, "from the other window"))
+        await wait_for(pilot, lambda: "Reloaded" in titles_of(app), 10)
+        assert boxes(app)[-2:] == [("user", "from the other window"),
+                                   ("assistant", "You said: from the other window")]
+        app.query_one(PromptInput).focus()
+        await pilot.press(*"and me", "enter")  # the other window holds it now
+        await until_idle(pilot)
+        assert app.query_one(PromptInput).text == "and me"
+        assert [m.content for m in store.messages(shared)][-1] == (
+            "You said: from the other window")  # nothing interleaved
+
+
+# -- 13: a long rebuild shows time left and can be cancelled -------------------------------------
+
+
+async def test_a_rebuild_shows_time_left_and_esc_cancels_it(store: Store, monkeypatch) -> None:
+    cid = fill(store, 100)
+    slow = {"first": True}
+    plain_rebuild = ScriptedConversation.rebuild
+
+    def rebuild(conv, progress=None) -> None:
+        if not slow.pop("first", False):
+            return plain_rebuild(conv, progress)
+        for i in range(len(conv.messages)):
+            time.sleep(0.05)  # 5 s in all: long enough to see and cancel
+            if progress is not None:
+                progress(i + 1, len(conv.messages))
+
+    monkeypatch.setattr(ScriptedConversation, "rebuild", rebuild)
+    app = make_app(store, ScriptedEngine(), conversation_id=cid)
+    async with app.run_test(size=SIZE) as pilot:
+        eta = app.query_one("#rebuild-eta")
+        await wait_for(pilot, lambda: "s left" in str(eta.render()))
+        await pilot.pause(0.1)
+        assert app.query_one("#rebuild").display
+        assert app.query_one("#cancel-rebuild", Button).region.width > 0
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: any("rebuild cancelled" in n for n in notes(app)))
+        assert not app.query_one("#rebuild").display
+        await send(pilot, "still usable")
+        await until_idle(pilot)
+        assert store.messages(cid)[-1].content == "You said: still usable"
+
+
+# -- 3 (UI part): one message deleted or edited ------------------------------------------------
+
+
+async def test_delete_and_edit_single_messages(store: Store, scripted) -> None:
+    conv = store.create_conversation("Edits")
+    for text in ("one", "You said: one", "two", "You said: two"):
+        store.add_message(conv.id, "user" if text[0] != "Y" else "assistant", text)
+    app = make_app(store, scripted, conversation_id=conv.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.workers.wait_for_complete()
+        commands = {c.title: c for c in app.get_system_commands(app.screen)}
+        await commands["Delete message"].callback()  # nothing picked: the last one
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: len(store.messages(conv.id)) == 3)
+        await wait_for(pilot, lambda: boxes(app)[-1] == ("user", "two"))
+        app.pane.chat_view.boxes[0].focus()  # a picked message
+        await wait_for(pilot, lambda: app.focused is app.pane.chat_view.boxes[0])
+        await commands["Delete message"].callback()
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: [m.content for m in store.messages(conv.id)] == [
+            "You said: one", "two"])
+        await commands["Edit message"].callback()  # your last message
+        await wait_for(pilot, lambda: isinstance(app.screen, EditMessageScreen))
+        app.screen.query_one(TextArea).text = "two, edited"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: [m.content for m in store.messages(conv.id)] == [
+            "You said: one", "two, edited", "You said: two, edited"])
+        await wait_for(pilot, lambda: boxes(app)[-2:] == [
+            ("user", "two, edited"), ("assistant", "You said: two, edited")])

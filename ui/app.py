@@ -130,6 +130,8 @@ class ChatApp(App[None]):
         self.post_message(EngineReady(error))
 
     def on_engine_ready(self, event: EngineReady) -> None:
+        if self._winding_down():
+            return
         self.pane.no_model = event.error
         if event.error:
             self.status_bar.show_status(f"No model loaded: {event.error}")
@@ -140,7 +142,13 @@ class ChatApp(App[None]):
 
     # -- routing ---------------------------------------------------------------------------------
 
+    def _winding_down(self) -> bool:
+        """True while the app shuts down: a worker's late news has nowhere to go then."""
+        return self.quitting or not self.query(StatusBar)
+
     def on_chat_pane_status_changed(self, event: ChatPane.StatusChanged) -> None:
+        if self._winding_down():
+            return
         bar = self.status_bar
         bar.flag = event.flag
         if event.status is not None:
@@ -151,7 +159,8 @@ class ChatApp(App[None]):
             bar.show_status(None)
 
     async def on_chat_pane_list_changed(self, event: ChatPane.ListChanged) -> None:
-        await self.refresh_sidebar()
+        if not self._winding_down():
+            await self.refresh_sidebar()
 
     async def refresh_sidebar(self) -> None:
         query = self.sidebar.query_text

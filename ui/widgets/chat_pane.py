@@ -338,8 +338,8 @@ class ChatPane(Vertical):
         if self.busy():
             return
         if self.no_model:
-            self.notify(f"No model is loaded, so nothing was sent ({self.no_model}). Pick a "
-                        "model file in settings (Ctrl+S); your message stays in the box.",
+            self.notify("No model is loaded, so nothing was sent. Pick a model file in "
+                        "settings (Ctrl+S); your message stays in the box.",
                         title="No model", severity="error", timeout=15)
             return
         cid = self.conversation_id

@@ -23,10 +23,11 @@ def human_bytes(n: int) -> str:
 def memory_parts(status: Status, compact: bool = False) -> list[str]:
     """Exchanges held verbatim / as compressed slots (when any), tokens, bytes, ratio."""
     parts = []
-    verbatim, compressed = status.verbatim_exchanges, status.compressed_exchanges
-    if verbatim or compressed:
-        parts.append(f"{verbatim}v+{compressed}c" if compact
-                     else f"{verbatim} verbatim + {compressed} compressed")
+    held = [(status.verbatim_exchanges, "v", " verbatim"),
+            (status.compressed_exchanges, "c", " compressed")]
+    shown = [f"{n}{short if compact else long}" for n, short, long in held if n]
+    if shown:
+        parts.append(("+" if compact else " + ").join(shown))
     tokens = (f"{status.tokens_in_context:,} tok" if compact
               else f"{status.tokens_in_context:,}/{status.context_window:,} tok")
     parts += [tokens, human_bytes(status.memory_bytes), f"{status.ratio:.1f}x"]
