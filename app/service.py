@@ -146,7 +146,6 @@ class ChatService:
         self._lock = threading.RLock()
         self._use = threading.RLock()  # held while a conversation's memory is in the engine
         self.owner = owner or PROCESS_OWNER
-        self._held: set[int] = set()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -198,7 +197,6 @@ class ChatService:
         self._stop.set()
         with suppress(StorageError):
             self.store.release_leases(self.owner)
-        self._held.clear()
         self.close_engine()
 
     def update_settings(self, settings: Settings) -> None:
@@ -257,7 +255,6 @@ class ChatService:
         with user_errors("The chat was not deleted"):
             self.store.delete_conversation(conversation_id)
         self._forget(conversation_id)
-        self._held.discard(conversation_id)
         self._shown.pop(conversation_id, None)
 
     def set_system_prompt(self, conversation_id: int, prompt: str) -> ConversationRecord:
@@ -299,10 +296,8 @@ class ChatService:
                                           force=force)
         if holder is not None:
             self._read_only.add(conversation_id)
-            self._held.discard(conversation_id)
             return holder.describe()
         self._read_only.discard(conversation_id)
-        self._held.add(conversation_id)
         self._start_heartbeat()
         return None
 
@@ -332,7 +327,6 @@ class ChatService:
 
     def release(self, conversation_id: int) -> None:
         """Let another window write the conversation (on switching away, or quitting)."""
-        self._held.discard(conversation_id)
         self._read_only.discard(conversation_id)
         with user_errors("Could not release the conversation"):
             self.store.release_lease(conversation_id, self.owner)
@@ -348,7 +342,6 @@ class ChatService:
         if held is None or held.owner == self.owner:
             return None
         self._read_only.add(conversation_id)
-        self._held.discard(conversation_id)
         return held.describe()
 
     def _writable(self, conversation_id: int, doing: str) -> None:
