@@ -138,11 +138,18 @@ def test_ask_loads_the_engine_the_app_loads(db_path: Path, capsys, monkeypatch) 
     assert "Threads must be" in capsys.readouterr().err
 
 
-def test_chat_takes_a_threads_flag() -> None:
-    from app.cli import build_parser
+def test_chat_takes_threads_and_backend_for_the_session_only() -> None:
+    from app.cli import build_parser, session_settings
+    from app.settings import Settings
 
+    saved = Settings(threads=2, backend="llamacpp", compression="light")
     args = build_parser().parse_args(["--threads", "3", "--continue"])
-    assert args.threads == 3 and args.resume
+    assert args.resume
+    assert session_settings(saved, args) == Settings(threads=3, backend="llamacpp",
+                                                     compression="light")
+    assert session_settings(saved, build_parser().parse_args([])) == saved
+    with pytest.raises(ValueError, match="Threads"):
+        session_settings(saved, build_parser().parse_args(["--threads", "-1"]))
 
 
 def test_paths_follow_flags_and_env(tmp_path: Path, capsys, monkeypatch) -> None:
