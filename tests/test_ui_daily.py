@@ -428,14 +428,17 @@ async def test_a_transcript_changed_elsewhere_is_reloaded(windows: Windows) -> N
     async with app.run_test(size=SIZE) as pilot:
         await app.workers.wait_for_complete()
         other.take_over(shared)
+        await wait_for(pilot, lambda: "Read-only" in titles_of(app), 10)  # told at once
+        assert "read-only" in str(app.status_bar.render())
         list(other.send(shared, "from the other window"))
         await wait_for(pilot, lambda: "Reloaded" in titles_of(app), 10)
         assert boxes(app)[-2:] == [("user", "from the other window"),
                                    ("assistant", "You said: from the other window")]
         app.query_one(PromptInput).focus()
         await pilot.press(*"and me", "enter")  # the other window holds it now
-        await until_idle(pilot)
+        await pilot.pause(0.2)
         assert app.query_one(PromptInput).text == "and me"
+        assert any("read-only" in n and "Take" in n for n in notes(app))
         assert [m.content for m in store.messages(shared)][-1] == (
             "You said: from the other window")  # nothing interleaved
 

@@ -175,6 +175,8 @@ class ChatPane(Vertical):
         """Tell the app what the status bar shows; without a status, the service's current one."""
         if status is None:
             status, _ = attempt(lambda: self.service.status(self.conversation_id))
+        if isinstance(status, Status) and status.read_only and not self.held_by:
+            self.held_by = "another window"  # it took the chat over since this one opened it
         self.post_message(self.StatusChanged(status, self._flag()))
 
     # -- opening a conversation ------------------------------------------------------------------
@@ -287,9 +289,17 @@ class ChatPane(Vertical):
     # -- other windows ---------------------------------------------------------------------------
 
     async def _check_transcript(self) -> None:
+        """The idle poll: has another window taken this chat over, or written to it?"""
         cid = self.conversation_id
         if cid is None or self.generating or self.rebuilding:
             return
+        holder, _ = attempt(lambda: self.service.held_elsewhere(cid))
+        if holder and not self.held_by:
+            self.held_by = holder
+            self.notify(f"Another window took this chat over ({holder}), so it is read-only "
+                        f"here now. To write in it here, take it back ({TAKE_OVER_HINT}).",
+                        title="Read-only", severity="warning", timeout=15)
+            self.show_status()
         changed, error = attempt(lambda: self.service.transcript_changed(cid))
         if changed and not error:
             await self.reload()
