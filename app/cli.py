@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app import paths
 from app.errors import ChatError
-from app.export import FORMATS
+from app.export import EXPORT_DIR_ENV, FORMATS, default_export_dir
 from app.service import ChatService, load_engine, sampling_params
 from app.settings import Settings
 from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, EngineError
@@ -223,6 +223,7 @@ def cmd_paths(args: argparse.Namespace) -> int:
     print("settings:  stored in the database (settings table)")
     print(f"data dir:  {paths.data_dir()}   (${paths.DATA_DIR_ENV})")
     print(f"cache dir: {paths.cache_dir()}   (${paths.CACHE_DIR_ENV})")
+    print(f"exports:   {default_export_dir()}   (${EXPORT_DIR_ENV})")
     from engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
 
     print(f"compressors: {user_compressor_dir()}   (trained ones the app picks up; also "

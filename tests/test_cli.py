@@ -163,6 +163,9 @@ def test_paths_follow_flags_and_env(tmp_path: Path, capsys, monkeypatch) -> None
     assert f"database:  {tmp_path / 'env.db'}" in capsys.readouterr().out
     main(["paths", "--db", str(tmp_path / "flag.db")])
     assert f"database:  {tmp_path / 'flag.db'}" in capsys.readouterr().out
+    monkeypatch.setenv("CCM_CHAT_EXPORT_DIR", str(tmp_path / "out"))
+    main(["paths"])
+    assert f"exports:   {tmp_path / 'out'}   ($CCM_CHAT_EXPORT_DIR)" in capsys.readouterr().out
 
 
 def test_damaged_database_is_a_clear_error(tmp_path: Path, capsys) -> None:
