@@ -4,7 +4,8 @@ At every layer the <COMP> slots' keys are moved to their memory-view positions (
 rotary rotation, as the inference cache does when it drops a turn's text) and appended to
 the sequence's keys, with their values; for CCM-merge the appended entries are the running
 means over groups, M(g) = (1 - 1/g) M(g-1) + (1/g) C(g). The layout's mask says who sees
-what. Registered with transformers' AttentionInterface and used only during that forward.
+what; it is built once per forward (on the gate) and shared by the layers. Registered with
+transformers' AttentionInterface and used only during that forward.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import AttentionInterface
 from engine.rope import rotate_keys
 
 NAME = "ccm_episode"
+PAD = 16  # key columns padded to a multiple of this: the memory-efficient kernel's alignment
 
 
 def episode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
@@ -29,9 +31,19 @@ def episode_attention(module, query, key, value, attention_mask, scaling, dropou
     if layout.merge:
         mem_k, mem_v = _running_mean(mem_k, layout.n_comp), _running_mean(mem_v, layout.n_comp)
     keys, values = torch.cat([key, mem_k], 2), torch.cat([value, mem_v], 2)
-    mask = layout.additive_mask(query.dtype).to(query.device)
+    mask = gate.attention_mask
+    if mask is None or mask.dtype != query.dtype or mask.device != query.device:
+        mask = gate.attention_mask = layout.additive_mask(query.dtype, query.device, PAD)
+    extra = mask.shape[-1] - keys.shape[2]
+    if extra:
+        keys, values = F.pad(keys, (0, 0, 0, extra)), F.pad(values, (0, 0, 0, extra))
+    # grouped-query heads spelled out: with enable_gqa the masked kernels fall back to the
+    # math one, which keeps every (L x L) score for the backward pass
+    repeat = query.shape[1] // keys.shape[1]
+    if repeat > 1:
+        keys, values = keys.repeat_interleave(repeat, 1), values.repeat_interleave(repeat, 1)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[None, None],
-                                         scale=scaling, enable_gqa=True)
+                                         scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

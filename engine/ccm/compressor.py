@@ -4,11 +4,14 @@ The vectors are a table of their own fed through `inputs_embeds` (no vocabulary 
 default model ties its input and output embeddings). Two ways to run an episode must agree:
 `parallel_logits` (one masked forward, for training) and `recursive_logits` (turn by turn on
 a compact cache that keeps only the memory, as inference does), under either method: concat
-keeps every group, merge keeps the running mean of the groups.
+keeps every group, merge keeps the running mean of the groups. The hybrid memory of the app
+(old exchanges as slots, the last w verbatim) has its pair too: read blocks in the parallel
+forward (`block_logits`) and `hybrid_recursive_logits`.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from engine.ccm import attention
-from engine.ccm.layout import METHODS, Layout, episode_layout
+from engine.ccm.layout import METHODS, Block, Layout, block_layout
 from engine.ccm.lora import CompGate, ConditionalLoRALinear
 from engine.rope import rotate_keys
 
@@ -63,38 +66,45 @@ class Compressor(nn.Module):
         return [self.comp, *lora]
 
     def _run(self, gate: torch.Tensor | None, layout: Layout | None = None,
-             **kwargs) -> torch.Tensor:
-        self.gate.mask, self.gate.layout = gate, layout
+             rows: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """The model's logits (at the flat `rows` only, when given: an episode's vocabulary
+        logits at every position would not fit)."""
+        self.gate.mask, self.gate.layout, self.gate.attention_mask = gate, layout, None
         config = self.model.config
         implementation = config._attn_implementation
         if layout is not None:
             config._attn_implementation = attention.NAME
         try:
-            return self.model(**kwargs).logits[0]
+            if rows is None:
+                return self.model(**kwargs).logits[0]
+            hidden = self.model.model(**kwargs).last_hidden_state[0, rows]
+            return self.model.lm_head(hidden)
         finally:
-            self.gate.mask, self.gate.layout = None, None
+            self.gate.mask, self.gate.layout, self.gate.attention_mask = None, None, None
             config._attn_implementation = implementation
-
-    def episode_embeds(self, turns: list[list[int]]) -> torch.Tensor:
-        """Each turn's token embeddings, with the <COMP> vectors after every turn but the last."""
-        embed = self.model.get_input_embeddings()
-        dtype, device = embed.weight.dtype, embed.weight.device
-        pieces = []
-        for b, ids in enumerate(turns):
-            pieces.append(embed(torch.tensor(ids, device=device)))
-            if b < len(turns) - 1:
-                pieces.append(self.comp.to(dtype))
-        return torch.cat(pieces)[None]
 
     def parallel_logits(self, turns: list[list[int]]) -> tuple[torch.Tensor, Layout]:
         """One forward over the flattened episode under the method's block mask."""
-        layout = episode_layout([len(t) for t in turns], self.n_comp, self.method)
-        weight = self.model.get_input_embeddings().weight
-        dtype, device = weight.dtype, weight.device
+        last = len(turns) - 1
+        return self.block_logits([(t, b, b < last) for b, t in enumerate(turns)])
+
+    def block_logits(self, blocks: list[tuple[list[int], int, bool]],
+                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, Layout]:
+        """One forward over blocks of (text ids, groups of memory read, slots follow), laid
+        out by `block_layout`; logits at every flat position, or at `rows` only."""
+        layout = block_layout([Block(len(t), g, c) for t, g, c in blocks], self.n_comp,
+                              self.method)
+        embed = self.model.get_input_embeddings()
+        dtype, device = embed.weight.dtype, embed.weight.device
+        flat = torch.tensor([i for t, _, _ in blocks for i in t], device=device)
+        embeds = torch.empty(layout.length, embed.weight.shape[1], dtype=dtype, device=device)
+        is_comp = layout.is_comp.to(device)
+        embeds[~is_comp] = embed(flat)
+        if layout.n_groups:
+            embeds[is_comp] = self.comp.to(dtype).repeat(layout.n_groups, 1)
         logits = self._run(
-            layout.is_comp[None].to(device, dtype), layout,
-            inputs_embeds=self.episode_embeds(turns),
-            position_ids=layout.positions[None].to(device),
+            is_comp[None].to(dtype), layout, rows=rows,
+            inputs_embeds=embeds[None], position_ids=layout.positions[None].to(device),
             use_cache=False,
         )
         return logits, layout
@@ -125,17 +135,36 @@ class Compressor(nn.Module):
             layer.keys = torch.cat([layer.keys[:, :, :keep], k], 2)
             layer.values = torch.cat([layer.values[:, :, :keep], v], 2)
 
+    def _read(self, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
+        """Text through the frozen model after what the cache holds (the cache grows)."""
+        held = cache.get_seq_length()
+        device = self.comp.device
+        return self._run(
+            None, input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.arange(held, held + len(ids), device=device)[None],
+            use_cache=True, **{self._cache_arg: cache},
+        )
+
     def recursive_logits(self, turns: list[list[int]]) -> list[torch.Tensor]:
         """Turn by turn: read the turn, run the <COMP> slots, keep only the memory."""
+        return self.hybrid_recursive_logits(turns, 0)
+
+    def hybrid_recursive_logits(self, turns: list[list[int]], window: int) -> list[torch.Tensor]:
+        """Turn by turn, as the app's hybrid memory reads: turn j's logits given the slots of
+        turns before j - window and the text of turns j - window..j verbatim after them; the
+        slots of each turn are made from the slots before it and its own text, as always."""
         cache = DynamicCache(config=self.model.config)
-        out = []
+        memories, out = [], []  # memories[g]: the cache holding the first g groups
         for t, ids in enumerate(turns):
             held = cache.get_seq_length()
-            out.append(self._run(
-                None, input_ids=torch.tensor([ids]),
-                position_ids=torch.arange(held, held + len(ids))[None],
-                use_cache=True, **{self._cache_arg: cache},
-            ))
+            memories.append(copy.deepcopy(cache) if window else None)
+            logits = self._read(cache, ids)
+            if window:
+                first = max(0, t - window)
+                view = copy.deepcopy(memories[first])
+                text = [i for turn in turns[first:t + 1] for i in turn]
+                logits = self._read(view, text)[-len(ids):]
+            out.append(logits)
             if t < len(turns) - 1:
                 self.compress_into(cache, held, t + 1)
         return out

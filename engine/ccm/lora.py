@@ -16,6 +16,7 @@ class CompGate:
     def __init__(self, rotary: nn.Module) -> None:
         self.mask: torch.Tensor | None = None
         self.layout = None
+        self.attention_mask: torch.Tensor | None = None  # the layout's, built once a forward
         self.rotary = rotary
 
 

@@ -1,15 +1,25 @@
-"""Training the compressor: the whole episode in one masked forward, loss on the final reply.
+"""Training the compressor: whole dialogues in one masked forward, every reply scored.
 
-Only the <COMP> table and the LoRA learn; the base model stays frozen. Progress shows with
-tqdm; a checkpoint (trainable tensors + the step) is written every so often and a run with
-the same checkpoint dir resumes from it.
+Only the <COMP> table and the LoRA learn; the base model stays frozen. Each step takes one
+dialogue and a window w (sampled per dialogue, so one compressor serves every level): the
+reply of exchange j reads the slots of the exchanges before j - w and the text of j - w..j
+verbatim (w = 0: pure CCM), as the app's hybrid memory does. The loss on each reply is its
+NLL plus a KL term to the frozen model reading the whole history (one no-grad forward,
+adapter off): "answer as if you had read it all".
+
+Checkpoints hold everything a run needs to go on exactly where it stopped: the trainable
+tensors, AdamW's moments, the schedule, the step, the RNG states; the data is a function of
+(seed, step), so the step is the data position.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,21 +28,135 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from engine.ccm.compressor import Compressor
-from engine.ccm.data import Episode
+from engine.ccm.data import Dialogue, Episode
+from engine.ccm.layout import Block, block_layout
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
+OPTIMIZER = "checkpoint_optimizer.pt"
+LOG = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a compressor trains; the defaults are what `ccm-chat train-compressor` runs."""
+
+    steps: int = 500
+    lr: float = 3e-4
+    warmup: int = 30  # steps of linear warm-up, then cosine down to lr * min_lr
+    min_lr: float = 0.1
+    clip: float = 1.0  # gradient norm clip
+    nll_weight: float = 1.0
+    kl_weight: float = 1.0  # KL(full-context frozen model || memory-conditioned model)
+    every_reply: bool = True  # False: only the last exchange's reply is scored
+    max_window: int = 8  # w ~ uniform 0..max_window per dialogue
+    reads: int = 12  # hybrid read blocks per dialogue (w > 0), on random replies
+    pure_replies: bool = True  # with w > 0, still score the pure-CCM reads (free)
+    min_exchanges: int = 4
+    max_exchanges: int = 256  # log-uniform length, capped by max_tokens
+    max_tokens: int = 8192  # the teacher reads it all: at most the model's context
+    recall_share: float = 0.5
+    max_distance: int = 200
+    cpu_max_exchanges: int = 12  # without CUDA a long dialogue takes minutes a step
+    checkpoint_every: int = 100
+    eval_every: int = 200
+    seed: int = 0
+
+
+def schedule(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        done = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return config.min_lr + (1 - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1, done)))
+    return factor
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one step scores in a dialogue: window w and the replies read each way."""
+
+    window: int
+    pure: list[int]  # replies read in their compression block (pure CCM view)
+    hybrid: list[int]  # replies read through a hybrid read block
+
+
+def plan_for(dialogue: Dialogue, config: TrainConfig, rng: random.Random,
+             window: int | None = None) -> Plan:
+    """The step's window (sampled unless given) and which replies it scores how: every
+    reply in its pure-CCM read, and with w > 0 up to `reads` random ones (every planted
+    question among them) through hybrid read blocks."""
+    replies = dialogue.replies()
+    if not config.every_reply:
+        replies = replies[-1:]
+    window = rng.randint(0, config.max_window) if window is None else window
+    if window == 0:
+        return Plan(0, [j for j in replies if j >= 1], [])
+    hybrid = [j for j in replies if j - window >= 1]  # j - window < 1: plain full text
+    facts = [ask for _, ask in dialogue.facts if ask in hybrid]
+    rest = [j for j in hybrid if j not in facts]
+    hybrid = sorted(facts + rng.sample(rest, max(0, min(len(rest), config.reads - len(facts)))))
+    pure = [j for j in replies if j >= 1] if config.pure_replies else []
+    return Plan(window, pure, hybrid)
+
+
+def dialogue_loss(compressor: Compressor, dialogue: Dialogue, plan: Plan,
+                  config: TrainConfig, teacher: bool = True) -> dict[str, torch.Tensor]:
+    """Mean over the scored replies of (NLL + kl_weight x KL to the full-context model), each
+    reply's terms a mean over its tokens; and the parts. One student forward (compression
+    blocks, then the hybrid read blocks), one teacher forward."""
+    ex, starts, w = dialogue.exchanges, dialogue.reply_starts, plan.window
+    last = max([*plan.pure, *plan.hybrid])
+    blocks = [(ex[i], i, i < last) for i in range(last + 1)]
+    blocks += [([t for e in ex[j - w:j + 1] for t in e], j - w, False) for j in plan.hybrid]
+    block_of = [(j, j) for j in plan.pure] + [(j, last + 1 + k) for k, j in enumerate(plan.hybrid)]
+    layout = block_layout([Block(len(t), g, c) for t, g, c in blocks], compressor.n_comp,
+                          compressor.method)
+    rows, spans = [], []
+    for j, b in block_of:  # rows predicting reply j's tokens in block b
+        index = layout.text_index[b][-len(ex[j]):]
+        spans.append((len(rows), len(rows) + len(ex[j]) - starts[j], j))
+        rows += index[starts[j] - 1:-1]
+    device = compressor.comp.device
+    logits, _ = compressor.block_logits(blocks, torch.tensor(rows, device=device))
+    logp = F.log_softmax(logits.float(), -1)
+    targets = torch.tensor([t for _, _, j in spans for t in ex[j][starts[j]:]], device=device)
+    token_nll = -logp.gather(1, targets[:, None])[:, 0]
+    token_kl = torch.zeros_like(token_nll)
+    if teacher and config.kl_weight:
+        full = [t for e in ex[:last + 1] for t in e]
+        offset = [0]
+        for e in ex[:last + 1]:
+            offset.append(offset[-1] + len(e))
+        needed = sorted({j for _, _, j in spans})
+        trow = [r for j in needed for r in range(offset[j] + starts[j] - 1, offset[j + 1] - 1)]
+        with torch.no_grad():
+            hidden = compressor.model.model(
+                input_ids=torch.tensor([full], device=device)).last_hidden_state[0]
+            tlogp = F.log_softmax(compressor.model.lm_head(hidden[trow]).float(), -1)
+        at, where = 0, {}
+        for j in needed:
+            where[j] = at
+            at += len(ex[j]) - starts[j]
+        index = torch.tensor([where[j] + k for a, b, j in spans for k in range(b - a)],
+                             device=device)
+        tl = tlogp[index]
+        token_kl = (tl.exp() * (tl - logp)).sum(-1)
+    per_reply = [(token_nll[a:b].mean(), token_kl[a:b].mean()) for a, b, _ in spans]
+    nll = torch.stack([n for n, _ in per_reply]).mean()
+    kl = torch.stack([k for _, k in per_reply]).mean()
+    return {"loss": config.nll_weight * nll + config.kl_weight * kl, "nll": nll, "kl": kl,
+            "replies": torch.tensor(len(spans)), "tokens": torch.tensor(layout.length)}
 
 
 def episode_loss(compressor: Compressor, episode: Episode) -> torch.Tensor:
-    """Mean NLL of the reply tokens, reading the context only through the <COMP> groups."""
+    """Mean NLL of an Episode's final reply, reading the context only through the slots."""
     final = episode.prompt + episode.reply
-    logits, layout = compressor.parallel_logits([*episode.context, final])
-    index = layout.text_index[-1]
-    first = len(episode.prompt)
-    predict = logits[torch.tensor(index[first - 1 : -1], device=logits.device)]  # rows that
-    # predict each reply token
-    return F.cross_entropy(predict.float(), torch.tensor(episode.reply, device=predict.device))
+    dialogue = Dialogue([*episode.context, final],
+                        [len(c) for c in episode.context] + [len(episode.prompt)])
+    plan = Plan(0, [len(episode.context)], [])
+    config = TrainConfig(kl_weight=0.0)
+    return dialogue_loss(compressor, dialogue, plan, config, teacher=False)["loss"]
 
 
 def _trainable_state(compressor: Compressor) -> dict[str, torch.Tensor]:
@@ -40,44 +164,101 @@ def _trainable_state(compressor: Compressor) -> dict[str, torch.Tensor]:
     return {names[id(p)]: p.detach().cpu().contiguous() for p in compressor.trainable()}
 
 
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, compressor: Compressor, optimizer, scheduler,
+                    step: int, config: TrainConfig) -> None:
+    """Every piece of the run's state; written to temporary names, then moved into place."""
+    save_file(_trainable_state(compressor), out_dir / (CHECKPOINT + ".tmp"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state()}, out_dir / (OPTIMIZER + ".tmp"))
+    (out_dir / (STATE + ".tmp")).write_text(json.dumps(
+        {"step": step, "data_position": step, "config": asdict(config)}, indent=1))
+    for name in (CHECKPOINT, OPTIMIZER, STATE):
+        (out_dir / (name + ".tmp")).replace(out_dir / name)
+
+
 def train(
     compressor: Compressor,
-    episodes: Iterator[Episode],
-    steps: int,
+    dialogues: Callable[[int], Dialogue],
+    config: TrainConfig,
     out_dir: Path,
-    lr: float = 3e-4,
-    checkpoint_every: int = 50,
+    evaluate: Callable[[], dict] | None = None,
     show_progress: bool = True,
     max_seconds: float | None = None,
-) -> list[float]:
-    """Train for `steps` steps in all (resuming from `out_dir`), or until `max_seconds` have
-    passed; return this run's losses."""
+    until: int | None = None,
+) -> list[dict]:
+    """Train to `config.steps` steps in all (resuming from `out_dir` exactly where it
+    stopped), or until `max_seconds` have passed; `dialogues(step)` is the data at a step.
+    `until` stops it after that step, as running out of time would. Returns this run's log
+    rows (also appended to out_dir/train_log.jsonl, with the held-apart `evaluate()` rows
+    every `eval_every` steps)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for p in compressor.model.parameters():
         p.requires_grad_(False)
     params = compressor.trainable()
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config))
     start = 0
     if (out_dir / STATE).exists():
         compressor.load_state_dict(load_file(out_dir / CHECKPOINT), strict=False)
         start = json.loads((out_dir / STATE).read_text())["step"]
-    losses: list[float] = []
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not show_progress,
-               desc="compressor")
+        if (out_dir / OPTIMIZER).exists():
+            state = torch.load(out_dir / OPTIMIZER, weights_only=False,
+                               map_location=compressor.comp.device)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+    log: list[dict] = []
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               disable=not show_progress, desc="compressor")
     started = time.monotonic()
+
+    def write(row: dict) -> None:
+        log.append(row)
+        with (out_dir / LOG).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if evaluate is not None and start == 0:
+        write({"step": 0, **evaluate()})
     for step in bar:
-        loss = episode_loss(compressor, next(episodes))
+        dialogue = dialogues(step)
+        plan = plan_for(dialogue, config, random.Random(f"{config.seed}:{step}:plan"))
+        if not plan.pure and not plan.hybrid:
+            continue
+        parts = dialogue_loss(compressor, dialogue, plan, config)
         optimizer.zero_grad()
-        loss.backward()
+        parts["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
         optimizer.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        out_of_time = max_seconds is not None and time.monotonic() - started > max_seconds
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps or out_of_time:
-            save_file(_trainable_state(compressor), out_dir / CHECKPOINT)
-            (out_dir / STATE).write_text(json.dumps({"step": step + 1}))
+        scheduler.step()
+        row = {"step": step + 1, "window": plan.window, "exchanges": len(dialogue.exchanges),
+               "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm),
+               "seconds": round(time.monotonic() - started, 2),
+               **{k: float(v.detach()) for k, v in parts.items()}}
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        out_of_time = (max_seconds is not None and time.monotonic() - started > max_seconds
+                       or until is not None and step + 1 >= until)
+        done = step + 1 == config.steps or out_of_time
+        if evaluate is not None and ((step + 1) % config.eval_every == 0 or done):
+            row.update(evaluate())
+        write(row)
+        if (step + 1) % config.checkpoint_every == 0 or done:
+            save_checkpoint(out_dir, compressor, optimizer, scheduler, step + 1, config)
         if out_of_time:
             break
-    return losses
+    return log
