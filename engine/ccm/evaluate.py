@@ -11,6 +11,7 @@ likelihood: the right answer must have the lowest NLL among distractors.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 
 from engine.ccm.compressor import Compressor
 from engine.ccm.data import Episode, RecallCase, Tokens
+from engine.ccm.layout import Block, block_layout
 
 SINK = 4
 
@@ -117,3 +119,89 @@ def longchat_cases(path: Path, tok: Tokens, limit: int | None = None) -> list[Re
         episode = Episode(tok.exchanges(pairs), tok.prompt(QUESTION, False), answers[0])
         cases.append(RecallCase(episode, answers, len(pairs)))
     return cases
+
+
+# -- probes: any memory, the hybrid read too, every answer in one forward ---------------------
+
+
+@dataclass(frozen=True)
+class Read:
+    """How a probe's context is held: `none`, `full`, `ccm` (the slots of all but the last
+    `window` exchanges, those verbatim after them: the app's hybrid memory; window 0 is pure
+    CCM) or `window` (sink + most recent tokens, as many cells as `ccm` at `window` would
+    hold with n = `per_exchange`)."""
+
+    method: str
+    window: int = 0
+    per_exchange: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.method == "ccm":
+            return f"ccm w={self.window}" if self.window else "ccm"
+        if self.method == "window":
+            return f"sink+window ({self.per_exchange}/ex, w={self.window})"
+        return self.method
+
+
+def _held(read: Read, context: list[list[int]], n: int, merge: bool) -> tuple[int, list[int]]:
+    """(groups of slots kept, raw tokens kept) for this read of the context."""
+    if read.method == "none":
+        return 0, []
+    if read.method == "full":
+        return 0, [t for c in context for t in c]
+    groups = max(0, len(context) - read.window)
+    verbatim = [t for c in context[groups:] for t in c]
+    if read.method == "ccm":
+        return groups, verbatim
+    n = read.per_exchange or n  # a window at the budget of that many slots an exchange
+    budget = max(SINK + 1, (min(groups, 1) * n if merge else groups * n) + len(verbatim))
+    held = [t for c in context for t in c]
+    if len(held) > budget:
+        held = held[:SINK] + held[len(held) - (budget - SINK):]
+    return 0, held
+
+
+def probe_cells(read: Read, context: list[list[int]], n: int, merge: bool = False) -> int:
+    """Cells the memory holds for this context (slots plus raw tokens)."""
+    groups, raw = _held(read, context, n, merge)
+    return (min(groups, 1) * n if merge else groups * n) + len(raw)
+
+
+@torch.no_grad()
+def probe_nll(compressor: Compressor, probe, read: Read) -> list[tuple[float, int]]:
+    """(summed NLL, tokens) of each of the probe's answers given its context under `read`:
+    one forward, the compression blocks once and one read block per answer."""
+    groups, raw = _held(read, probe.context, compressor.n_comp, compressor.method == "merge")
+    blocks = [(probe.context[i], i, True) for i in range(groups)]
+    blocks += [(raw + probe.prompt + a, groups, False) for a in probe.answers]
+    layout = block_layout([Block(len(t), g, c) for t, g, c in blocks], compressor.n_comp,
+                          compressor.method)
+    rows, spans = [], []
+    for k, answer in enumerate(probe.answers):
+        index = layout.text_index[groups + k]
+        spans.append((len(rows), len(answer)))
+        rows += index[len(index) - len(answer) - 1:-1]
+    device = compressor.comp.device
+    logits, _ = compressor.block_logits(blocks, torch.tensor(rows, device=device))
+    logp = F.log_softmax(logits.float(), -1)
+    target = torch.tensor([t for a in probe.answers for t in a], device=device)
+    token = -logp.gather(1, target[:, None])[:, 0]
+    return [(float(token[a:a + n].sum()), n) for a, n in spans]
+
+
+def probe_perplexity(compressor: Compressor, probes, read: Read) -> float:
+    total = count = 0.0
+    for probe in probes:
+        nll, n = probe_nll(compressor, probe, read)[0]
+        total, count = total + nll, count + n
+    return math.exp(total / max(count, 1))
+
+
+def probe_recall(compressor: Compressor, probes, read: Read) -> float:
+    """Share of probes whose right answer (the first) has the lowest mean token NLL."""
+    right = 0
+    for probe in probes:
+        scores = [nll / n for nll, n in probe_nll(compressor, probe, read)]
+        right += int(min(range(len(scores)), key=scores.__getitem__) == 0)
+    return right / max(len(probes), 1)

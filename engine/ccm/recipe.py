@@ -2,14 +2,17 @@
 
 Writes to the output folder: `compressor.safetensors` (the <COMP> table and the LoRA),
 `lora.gguf` (the LoRA as a llama.cpp adapter), `comp_vectors.npy` (float32, for llama.cpp's
-embedding batches), `compressor.json` (the base model's fingerprint, the settings, and the
-held-apart loss before and after), and the resumable checkpoint.
+embedding batches), `compressor.json` (the base model's fingerprint, the settings, the
+held-apart validation results before and after), the resumable checkpoint and the training
+log (`train_log.jsonl`: the loss at every step, validation loss and recall as it goes).
 """
 
 from __future__ import annotations
 
 import json
-from itertools import islice
+import random
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +20,21 @@ import torch
 from safetensors.torch import save_file
 
 from engine.ccm.compressor import Compressor
-from engine.ccm.data import Tokens, chitchat_pool, load_chitchat, mixed_episodes
-from engine.ccm.export import export_lora_gguf
-from engine.ccm.train import _trainable_state, episode_loss, train
+from engine.ccm.data import (
+    Corpus,
+    ExchangeTokens,
+    Tokens,
+    load_corpora,
+    recall_probes,
+    training_dialogue,
+)
+from engine.ccm.evaluate import Read, probe_recall
+from engine.ccm.train import TrainConfig, _trainable_state, dialogue_loss, plan_for, train
 from engine.hf_backend import load_pretrained
 from engine.models import model_cache_dir, model_fingerprint, resolve_model_path
 
 CARD = "compressor.json"
+RECALL_DISTANCES = (2, 8, 32, 128)
 
 
 def model_tokens(tokenizer) -> Tokens:
@@ -34,7 +45,11 @@ def model_tokens(tokenizer) -> Tokens:
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_assistant)
 
-    return Tokens(render, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    tokenize.many = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return Tokens(render, tokenize)
 
 
 def load_for_training(model: str | None, device: str):
@@ -44,6 +59,40 @@ def load_for_training(model: str | None, device: str):
     dtype = torch.bfloat16 if use_cuda else torch.float32
     hf, tokenizer = load_pretrained(path, model_cache_dir(), dtype)
     return path, hf.to("cuda" if use_cuda else "cpu").eval(), tokenizer
+
+
+class Validation:
+    """The held-apart validation side, fixed for a run: dialogues scored with the training
+    objective (each with its own fixed window), and recall probes at 2..128 exchanges back
+    read as pure CCM."""
+
+    def __init__(self, corpus: Corpus, config: TrainConfig, dialogues: int,
+                 recall_per_distance: int, distances: tuple[int, ...] = RECALL_DISTANCES,
+                 ) -> None:
+        rng = random.Random(12345)
+        self.config = config
+        self.dialogues = [training_dialogue(corpus, rng, config.min_exchanges,
+                                            min(config.max_exchanges, 160), config.max_tokens,
+                                            config.recall_share, config.max_distance)
+                          for _ in range(dialogues)]
+        self.plans = [plan_for(d, config, random.Random(f"validation:{i}"))
+                      for i, d in enumerate(self.dialogues)]
+        self.recall = {d: recall_probes(corpus, d, recall_per_distance, seed=5)
+                       for d in distances} if recall_per_distance else {}
+
+    @torch.no_grad()
+    def __call__(self, compressor: Compressor) -> dict:
+        started = time.monotonic()
+        totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
+        for dialogue, plan in zip(self.dialogues, self.plans, strict=True):
+            parts = dialogue_loss(compressor, dialogue, plan, self.config)
+            for key in totals:
+                totals[key] += float(parts[key]) / max(1, len(self.dialogues))
+        out = {f"val_{k}": v for k, v in totals.items()}
+        for distance, probes in self.recall.items():
+            out[f"val_recall@{distance}"] = probe_recall(compressor, probes, Read("ccm"))
+        out["val_seconds"] = round(time.monotonic() - started, 1)
+        return out
 
 
 def train_compressor(
@@ -59,37 +108,65 @@ def train_compressor(
     eval_episodes: int = 50,
     seed: int = 0,
     max_seconds: float | None = None,
+    config: TrainConfig | None = None,
+    recall_per_distance: int | None = None,
+    data_dir: Path | None = None,
+    show_progress: bool = True,
+    recall_distances: tuple[int, ...] = RECALL_DISTANCES,
 ) -> dict:
+    """Train (or resume) a compressor into `out` and write the files the app loads. The
+    keyword arguments the CLI passes win over `config`'s."""
+    config = replace(config or TrainConfig(), steps=steps, lr=lr, seed=seed)
     path, hf, tokenizer = load_for_training(model, device)
+    if hf.device.type != "cuda":
+        config = replace(config, max_exchanges=min(config.max_exchanges,
+                                                   config.cpu_max_exchanges))
+        recall_distances = tuple(d for d in recall_distances if d < config.max_exchanges)
     torch.manual_seed(seed)
     compressor = Compressor(hf, n_comp=n_comp, rank=rank, alpha=alpha,
                             method=method).to(hf.device)
-    tok = model_tokens(tokenizer)
-    conversations = load_chitchat()
-    held = list(islice(mixed_episodes(tok, chitchat_pool(conversations, held_out=True),
-                                      seed=10_000), eval_episodes))
+    tokens = ExchangeTokens(model_tokens(tokenizer))
+    conversations = load_corpora(data_dir)
+    train_side = Corpus(conversations, "train", tokens)
+    validation = Validation(Corpus(conversations, "validation", tokens), config,
+                            eval_episodes, recall_per_distance if recall_per_distance
+                            is not None else eval_episodes // 4, recall_distances)
 
-    def held_loss() -> float:
-        with torch.no_grad():
-            return sum(float(episode_loss(compressor, e)) for e in held) / max(1, len(held))
+    def dialogues(step: int):
+        return training_dialogue(train_side, random.Random(f"{config.seed}:{step}:data"),
+                                 config.min_exchanges, config.max_exchanges,
+                                 config.max_tokens, config.recall_share, config.max_distance)
 
-    before = held_loss()
-    losses = train(compressor, mixed_episodes(tok, chitchat_pool(conversations, False), seed),
-                   steps, out, lr=lr, max_seconds=max_seconds)
-    after = held_loss()
+    log = train(compressor, dialogues, config, out, lambda: validation(compressor),
+                show_progress=show_progress, max_seconds=max_seconds)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
     save_file(_trainable_state(compressor), out / "compressor.safetensors")
+    from engine.ccm.export import export_lora_gguf  # the gguf package: only when writing
+
     export_lora_gguf(hf, out / "lora.gguf", alpha)
     np.save(out / "comp_vectors.npy", compressor.comp.detach().float().cpu().numpy())
+    step = json.loads((out / "checkpoint.json").read_text())["step"]
     card = {
         "base_model": path.name, "base_fingerprint": model_fingerprint(path),
         "method": method, "n_comp": n_comp, "rank": rank, "alpha": alpha, "lr": lr,
-        "steps": json.loads((out / "checkpoint.json").read_text())["step"],
-        "device": str(hf.device), "dtype": str(hf.dtype).removeprefix("torch."),
-        "data": "chitchat-dataset windows of 1-16 exchanges (train side of a 90/10 split by "
-                "conversation id hash), half of them generated recall dialogues (a fact, 1-8 "
-                "chitchat exchanges, the question; values from the train side of a value split)",
-        "held_apart_reply_nll_before": before, "held_apart_reply_nll_after": after,
-        "last_losses": losses[-20:],
+        "steps": step, "device": str(hf.device), "dtype": str(hf.dtype).removeprefix("torch."),
+        "objective": (f"per reply: NLL x {config.nll_weight} + KL(frozen model reading the "
+                      f"whole history || memory-conditioned model) x {config.kl_weight}, "
+                      f"{'every reply' if config.every_reply else 'the last reply'} of each "
+                      f"dialogue; hybrid reads with w ~ U(0, {config.max_window}) verbatim "
+                      "exchanges after the slots of the older ones"),
+        "data": ("chitchat-dataset, Topical-Chat, Synthetic-Persona-Chat and MemoryBank "
+                 "dialogues (train side of an 80/10/10 train/validation/test split by a hash of "
+                 f"the conversation id), chained into dialogues of {config.min_exchanges}-"
+                 f"{config.max_exchanges} exchanges (log-uniform, at most {config.max_tokens} "
+                 f"tokens); {config.recall_share:.0%} with 1-3 planted facts asked for "
+                 f"2-{config.max_distance} exchanges later (train-side values)"),
+        "train_config": asdict(config),
+        "held_apart_reply_nll_before": evals[0]["val_nll"] if evals else None,
+        "held_apart_reply_nll_after": evals[-1]["val_nll"] if evals else None,
+        "validation": evals[-1] if evals else {},
+        "last_losses": [r["loss"] for r in log[-20:] if "loss" in r],
     }
     (out / CARD).write_text(json.dumps(card, indent=2))
     return card
