@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -498,3 +499,19 @@ def test_a_failed_read_after_a_write_makes_the_memory_re_read(service: ChatServi
     "".join(service.send(conv.id, "three"))
     assert scripted.restores == restores + 1  # not sure it was in step: resumed from the save
     assert contents(service, conv.id)[-2:] == ["three", "You said: three"]
+
+
+def test_a_held_chat_is_kept_alive_by_the_heartbeat(db_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("app.service.HEARTBEAT_SECONDS", 0.05)
+    store = Store(db_path)
+    svc = scripted_service(store, ScriptedEngine())
+    conv = svc.new_conversation()
+    svc.open(conv.id)
+    first = store.lease(conv.id).heartbeat
+    deadline = time.monotonic() + 5
+    while store.lease(conv.id).heartbeat == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.lease(conv.id).heartbeat > first
+    svc.close()
+    assert store.lease(conv.id) is None
+    store.close()
