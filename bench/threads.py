@@ -3,8 +3,8 @@
 
 llama.cpp's threads meet after every layer, so a thread that a neighbour pushes off its core
 stalls them all: that is what made a reply crawl on a shared machine (issue 14). Both engines
-are loaded in one process and their runs interleaved, so the comparison holds on a noisy
-machine. A run is one 64-token reply (greedy) in a new conversation, as in decode_speed.py;
+are loaded in one process and their runs interleaved (and the conditions), so the comparison
+holds on a noisy machine. A run is one 64-token reply (greedy) in a new conversation, as in decode_speed.py;
 tok/s is the engine's own decode rate for it. Prints a table and writes JSON.
 
     python bench/threads.py --repeats 3 --out bench/results/threads_cpu.json
@@ -80,9 +80,9 @@ def main() -> None:
     speeds: dict[str, dict[str, list[float]]] = {c: {n: [] for n in engines} for c in conditions}
     generated: dict[str, dict[str, list[int]]] = {c: {n: [] for n in engines}
                                                   for c in conditions}
-    for condition in conditions:
-        with neighbour(condition != "alone"):
-            for _ in range(args.repeats):
+    for _ in range(args.repeats):  # conditions interleaved too: a machine's load drifts
+        for condition in conditions:
+            with neighbour(condition != "alone"):
                 for name, eng in engines.items():
                     speed, count = reply_speed(eng, args.tokens)
                     speeds[condition][name].append(speed)
