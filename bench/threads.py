@@ -4,8 +4,8 @@
 llama.cpp's threads meet after every layer, so a thread that a neighbour pushes off its core
 stalls them all: that is what made a reply crawl on a shared machine (issue 14). Both engines
 are loaded in one process and their runs interleaved (and the conditions), so the comparison
-holds on a noisy machine. A run is one 64-token reply (greedy) in a new conversation, as in decode_speed.py;
-tok/s is the engine's own decode rate for it. Prints a table and writes JSON.
+holds on a noisy machine. A run is one 64-token reply (greedy) in a new conversation, as in
+decode_speed.py; tok/s is the engine's own decode rate for it. Prints a table and writes JSON.
 
     python bench/threads.py --repeats 3 --out bench/results/threads_cpu.json
 """
