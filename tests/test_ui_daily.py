@@ -469,10 +469,19 @@ async def test_a_rebuild_shows_time_left_and_esc_cancels_it(store: Store, monkey
         assert app.query_one("#cancel-rebuild", Button).region.width > 0
         await pilot.press("escape")
         await wait_for(pilot, lambda: any("rebuild cancelled" in n for n in notes(app)))
-        assert not app.query_one("#rebuild").display
+        assert not app.query_one("#rebuild").display and not app.pane.rebuilding
         await send(pilot, "still usable")
         await until_idle(pilot)
         assert store.messages(cid)[-1].content == "You said: still usable"
+        slow["first"] = True  # a rebuild again, left half-way by opening a new chat
+        store.db.execute("UPDATE memory_states SET checksum = 'x'")  # the saved one is damaged
+        store.db.conn.commit()
+        app.service.close_engine()  # and the memory is not live any more: the next open rebuilds
+        await app.open_conversation(cid)
+        await wait_for(pilot, lambda: app.query_one("#rebuild").display)
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.1)
+        assert not app.query_one("#rebuild").display and not app.pane.rebuilding
 
 
 # -- 3 (UI part): one message deleted or edited ------------------------------------------------

@@ -192,6 +192,8 @@ class ChatPane(Vertical):
         self._leave()
         self.conversation_id = conversation_id
         self.held_by = None
+        self._rebuild_cancel = None  # the left chat's rebuild stops; its news is ignored
+        self.query_one("#rebuild").display = False
         await self.chat_view.show_messages(messages)
         self.show_status()
         if conversation_id is not None and messages:
