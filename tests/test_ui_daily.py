@@ -14,6 +14,7 @@ import pytest
 from textual.widgets import Button, Input, ListView, TextArea
 
 from app.service import ChatService, Status
+from engine import ModelError
 from storage import Store
 from tests.conftest import TickingClock, scripted_factory
 from tests.scripted_engine import ScriptedConversation, ScriptedEngine
@@ -138,6 +139,27 @@ async def test_storage_errors_in_actions_are_notices(db_path: Path) -> None:
         assert app.is_running
         assert store.get_conversation(conv.id).title == "Stays"
     store.close()
+
+
+async def test_no_model_on_an_open_chat_is_said_once_and_sends_nothing(store: Store) -> None:
+    conv = store.create_conversation("Kept")
+    store.add_message(conv.id, "user", "earlier")
+
+    def broken(settings, model):
+        raise ModelError("Model file not found: /x.gguf. Check the path.")
+
+    app = ChatApp(ChatService(store, engine_factory=broken), resume_last=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "No model loaded" in str(app.status_bar.render()))
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.1)
+        assert sum("not found" in n for n in notes(app)) == 1  # not again as a memory error
+        app.query_one(PromptInput).focus()
+        await pilot.press(*"still here", "enter")
+        await pilot.pause(0.2)
+        assert app.query_one(PromptInput).text == "still here"
+        assert [m.content for m in store.messages(conv.id)] == ["earlier"]
+        assert "Thinking" not in str(app.status_bar.render())
 
 
 # -- 6: a chat opens at its end, and fast -------------------------------------------------------

@@ -259,7 +259,7 @@ class ChatPane(Vertical):
         if event.cancelled:
             self.notify("Memory rebuild cancelled. The chat is usable; its memory will be "
                         "rebuilt when you next send a message.", title="Memory")
-        elif event.error:
+        elif event.error and event.error != self.service.load_error:  # no model: said once
             self.notify(event.error, title="Memory", severity="error", timeout=10)
         elif event.report is not None:
             self._memory_notice(event.conversation_id, event.report)
