@@ -349,7 +349,7 @@ async def test_enter_in_the_export_path_exports(store: Store, scripted, tmp_path
 
 
 def test_time_left_comes_from_the_rate_so_far() -> None:
-    from ui.widgets.chat_pane import Eta, format_left
+    from ui.widgets.rebuild_bar import Eta, format_left
 
     now = [100.0]
     eta = Eta(clock=lambda: now[0])
@@ -495,12 +495,20 @@ async def test_a_rebuild_shows_time_left_and_esc_cancels_it(store: Store, monkey
         await send(pilot, "still usable")
         await until_idle(pilot)
         assert store.messages(cid)[-1].content == "You said: still usable"
-        slow["first"] = True  # a rebuild again, left half-way by opening a new chat
-        store.db.execute("UPDATE memory_states SET checksum = 'x'")  # the saved one is damaged
-        store.db.conn.commit()
-        app.service.close_engine()  # and the memory is not live any more: the next open rebuilds
-        await app.open_conversation(cid)
-        await wait_for(pilot, lambda: app.query_one("#rebuild").display)
+
+        async def rebuild_again() -> None:
+            slow["first"] = True
+            store.db.execute("UPDATE memory_states SET checksum = 'x'")  # the saved one: damaged
+            store.db.conn.commit()
+            app.service.close_engine()  # and the memory not live: the next open rebuilds
+            await app.open_conversation(cid)
+            await wait_for(pilot, lambda: app.query_one("#rebuild").display)
+            await pilot.pause(0.1)
+
+        await rebuild_again()  # the button cancels it too
+        await pilot.click("#cancel-rebuild")
+        await wait_for(pilot, lambda: sum("rebuild cancelled" in n for n in notes(app)) == 2)
+        await rebuild_again()  # left half-way by opening a new chat
         await pilot.press("ctrl+n")
         await pilot.pause(0.1)
         assert not app.query_one("#rebuild").display and not app.pane.rebuilding

@@ -12,16 +12,14 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.message import Message
-from textual.widgets import Button, Label, ProgressBar
 
 from app.errors import ChatError, RebuildCancelled
 from app.records import MessageRecord
@@ -30,6 +28,7 @@ from ui.screens.confirm import ConfirmScreen
 from ui.screens.edit_message import EditMessageScreen
 from ui.widgets.chat_view import ChatView, MessageBox
 from ui.widgets.prompt_input import PromptInput
+from ui.widgets.rebuild_bar import RebuildBar
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 CHECK_EVERY_S = 2.0  # how often an idle pane asks whether another window changed its chat
@@ -49,32 +48,6 @@ def attempt(call: Callable[[], Any]) -> tuple[Any, str | None]:
         return call(), None
     except Exception as exc:  # noqa: BLE001 - no failure of a service call may end the app
         return None, fault(exc)
-
-
-class Eta:
-    """Time left of a rebuild, from the rate of its progress(done, total) calls so far."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._start: tuple[float, int] | None = None
-
-    def left(self, done: int, total: int) -> float | None:
-        now = self._clock()
-        if self._start is None or done < self._start[1]:
-            self._start = (now, done)
-            return None
-        t0, d0 = self._start
-        if done <= d0 or now <= t0:
-            return None
-        return (total - done) * (now - t0) / (done - d0)
-
-
-def format_left(seconds: float | None) -> str:
-    if seconds is None:
-        return "estimating time left…"
-    if seconds < 60:
-        return f"about {max(1, round(seconds))} s left"
-    return f"about {seconds / 60:.0f} min left"
 
 
 class ChatPane(Vertical):
@@ -136,16 +109,11 @@ class ChatPane(Vertical):
         self._reply_done = threading.Event()
         self._reply_done.set()
         self._rebuild_cancel: threading.Event | None = None
-        self._eta = Eta()
         self._noticed: dict[int, Any] = {}  # the memory report last shown for each chat
 
     def compose(self) -> ComposeResult:
         yield ChatView(id="transcript")
-        with Horizontal(id="rebuild"):
-            yield Label("Rebuilding memory", id="rebuild-label")
-            yield ProgressBar(id="memory-progress", show_eta=False)
-            yield Label("", id="rebuild-eta")
-            yield Button("Cancel (Esc)", id="cancel-rebuild", compact=True)
+        yield RebuildBar(id="rebuild")
         yield PromptInput(id="prompt")
 
     def on_mount(self) -> None:
@@ -158,6 +126,10 @@ class ChatPane(Vertical):
     @property
     def prompt(self) -> PromptInput:
         return self.query_one(PromptInput)
+
+    @property
+    def rebuild_bar(self) -> RebuildBar:
+        return self.query_one(RebuildBar)
 
     @property
     def rebuilding(self) -> bool:
@@ -193,7 +165,7 @@ class ChatPane(Vertical):
         self.conversation_id = conversation_id
         self.held_by = None
         self._rebuild_cancel = None  # the left chat's rebuild stops; its news is ignored
-        self.query_one("#rebuild").display = False
+        self.rebuild_bar.hide()
         await self.chat_view.show_messages(messages)
         self.show_status()
         if conversation_id is not None and messages:
@@ -227,7 +199,6 @@ class ChatPane(Vertical):
         """Restore the conversation's saved memory, or rebuild it, before the next message."""
         cancel = threading.Event()
         self._rebuild_cancel = cancel
-        self._eta = Eta()
 
         def progress(done: int, total: int) -> None:
             self.post_message(self.MemoryProgress(conversation_id, done, total))
@@ -245,17 +216,13 @@ class ChatPane(Vertical):
     def on_chat_pane_memory_progress(self, event: ChatPane.MemoryProgress) -> None:
         if event.conversation_id != self.conversation_id:
             return
-        self.query_one("#rebuild").display = True
-        self.query_one("#memory-progress", ProgressBar).update(
-            total=event.total, progress=event.done)
-        left = self._eta.left(event.done, event.total)
-        self.query_one("#rebuild-eta", Label).update(format_left(left))
+        self.rebuild_bar.show_progress(event.done, event.total)
 
     def on_chat_pane_memory_ready(self, event: ChatPane.MemoryReady) -> None:
         if event.conversation_id != self.conversation_id:
             return
         self._rebuild_cancel = None
-        self.query_one("#rebuild").display = False
+        self.rebuild_bar.hide()
         if event.cancelled:
             self.notify("Memory rebuild cancelled. The chat is usable; its memory will be "
                         "rebuilt when you next send a message.", title="Memory")
@@ -282,11 +249,11 @@ class ChatPane(Vertical):
             self.notify(report.message(), title="Memory",
                         severity="warning" if report.kind == "rebuilt" else "information")
 
-    @on(Button.Pressed, "#cancel-rebuild")
+    @on(RebuildBar.Cancel)
     def cancel_rebuild(self) -> None:
         if self._rebuild_cancel is not None:
             self._rebuild_cancel.set()
-            self.query_one("#rebuild-eta", Label).update("cancelling…")
+            self.rebuild_bar.cancelling()
 
     # -- other windows ---------------------------------------------------------------------------
 
