@@ -12,7 +12,8 @@ compressor, which trained on chitchat) and is what the level's verbatim share is
 (`--shares`); `--split test` draws from chitchat's test split (one id in ten by hash, held
 apart from the shipped compressor's training) for the reported table.
 
-    python bench/hybrid.py --split validation --shares 0.25,0.5,0.75 --out bench/results/hybrid_val.json
+    python bench/hybrid.py --split validation --only-hybrid --shares 0.25,0.5,0.75 \
+        --out bench/results/hybrid_validation.json
     python bench/hybrid.py --split test --out bench/results/hybrid_test.json
 """
 
@@ -25,12 +26,13 @@ import random
 import statistics
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import describe  # noqa: E402
-from engine import CompressionConfig, Engine  # noqa: E402
+from engine import CompressionConfig, ContextFullError, Engine  # noqa: E402
 from engine.config import LEVEL_BUDGETS, SINK_TOKENS  # noqa: E402
 
 PETS = ["Biscuit", "Pixel", "Rocket", "Mango", "Juniper", "Pepper", "Noodle", "Clover"]
@@ -96,7 +98,13 @@ def configs(engine: Engine, level: str, shares: list[float] | None) -> dict[str,
 
 def next_turn(engine, config, chat, at: list[int]) -> dict[int, tuple[float, object]]:
     conv = engine.new_conversation(compression=config)
-    out = {}
+    out: dict[int, tuple[float, object]] = {}
+    with suppress(ContextFullError):  # the full context: what fitted is kept
+        _next_turn(conv, chat, at, out)
+    return out
+
+
+def _next_turn(conv, chat, at: list[int], out: dict) -> None:
     for i, (user, assistant) in enumerate(chat):
         if i in at:
             conv.add_turn("user", user, decode=False)
@@ -106,7 +114,6 @@ def next_turn(engine, config, chat, at: list[int]) -> dict[int, tuple[float, obj
             break
         conv.add_turn("user", user)
         conv.add_turn("assistant", assistant)
-    return out
 
 
 def recall(engine, config, filler, distance: int, rng: random.Random) -> tuple[bool, object]:
@@ -132,7 +139,8 @@ def main() -> None:
     ap.add_argument("--distances", default="2,8,32")
     ap.add_argument("--chats", type=int, default=8)
     ap.add_argument("--recall-cases", type=int, default=8)
-    ap.add_argument("--n-ctx", type=int, default=4096)
+    ap.add_argument("--n-ctx", type=int, default=8192)
+    ap.add_argument("--only-hybrid", action="store_true", help="skip the baselines")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("bench/results/hybrid.json"))
     args = ap.parse_args()
@@ -145,11 +153,13 @@ def main() -> None:
     started = time.time()
     rows = []
     with Engine.load(n_ctx=args.n_ctx, device=args.device, compression="balanced") as engine:
-        methods: dict[str, CompressionConfig] = {
-            "full": CompressionConfig("off", "full", {}, "f16")}
+        methods: dict[str, CompressionConfig] = {}
+        if not args.only_hybrid:
+            methods["full"] = CompressionConfig("off", "full", {}, "f16")
         for level in args.levels.split(","):
             for name, config in configs(engine, level, shares).items():
-                methods[f"{level}/{name}"] = config
+                if name.startswith("hybrid") or not args.only_hybrid:
+                    methods[f"{level}/{name}"] = config
         for label, config in methods.items():
             t0 = time.time()
             per_at: dict[int, list] = {k: [] for k in at}
@@ -157,11 +167,15 @@ def main() -> None:
                 for k, (nll, stats) in next_turn(engine, config, chat, at).items():
                     per_at[k].append((nll, stats))
             for k, got in per_at.items():
-                nll = statistics.fmean(x for x, _ in got)
-                rows.append(_row(label, config, f"ppl@{k}", math.exp(nll), nll, got))
+                if len(got) == len(chats):  # the full context stops at its window
+                    nll = statistics.fmean(x for x, _ in got)
+                    rows.append(_row(label, config, f"ppl@{k}", math.exp(nll), nll, got))
             rng = random.Random(3)
             for d in distances:
-                got = [recall(engine, config, filler, d, rng) for filler in fillers]
+                try:
+                    got = [recall(engine, config, filler, d, rng) for filler in fillers]
+                except ContextFullError:
+                    continue
                 acc = statistics.fmean(float(ok) for ok, _ in got)
                 rows.append(_row(label, config, f"recall@{d}", acc, None, got))
             print(f"{label}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ _EXPORTS = {
     "LEVELS": "engine.config", "CompressionConfig": "engine.config",
     "SamplingParams": "engine.config",
     "Conversation": "engine.conversation", "MemoryStats": "engine.conversation",
-    "ReplyStats": "engine.conversation",
+    "MemoryView": "engine.kv_sequence", "Reply": "engine.reply", "ReplyStats": "engine.reply",
     "BACKENDS": "engine.engine", "DEFAULT_SYSTEM_PROMPT": "engine.engine",
     "Engine": "engine.engine", "EngineInfo": "engine.engine",
     "ContextFullError": "engine.errors", "EngineError": "engine.errors",

@@ -10,7 +10,6 @@ cannot be undone in place, so the memory is rebuilt from the messages instead.
 
 from __future__ import annotations
 
-import base64
 import codecs
 import threading
 import time
@@ -25,7 +24,9 @@ import numpy as np
 from engine.chat import ChatMessage
 from engine.config import CompressionConfig, SamplingParams
 from engine.errors import ContextFullError, EngineError, StateError
+from engine.kv_sequence import KVSequence, MemoryView
 from engine.memory import MemoryPolicy
+from engine.reply import Reply, ReplyStats
 from engine.state_blob import StateBlob
 from engine.stops import StopStringMatcher
 
@@ -56,43 +57,6 @@ class MemoryStats:
         return self.full_context_tokens / self.memory_tokens if self.memory_tokens else 1.0
 
 
-@dataclass(frozen=True)
-class ReplyStats:
-    """How the last reply went: finish_reason is stop, length, context_full or cancelled."""
-
-    text: str
-    tokens: int
-    prompt_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    finish_reason: str
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def interrupted(self) -> bool:
-        return self.finish_reason == "cancelled"
-
-
-@dataclass(frozen=True)
-class MemoryView:
-    """A read-only copy of what the memory holds, for tests, benchmarks and evaluations.
-
-    `tokens[i]` is the token in cell i (-1: a <COMP> slot), `ends[i]` where the text it
-    stands for ends in `rendered` (the chat-template text so far).
-    """
-
-    rendered: bytes
-    tokens: tuple[int, ...]
-    ends: tuple[int, ...]
-    slots: int
-    exchanges: tuple[int, ...]  # cells of each finished exchange held as text, oldest first
-    evicted: int  # tokens dropped from the memory so far
-    frozen: int  # bytes of `rendered` before this cannot be rolled back in place
-
-
 def _common_prefix(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
@@ -119,16 +83,9 @@ class Conversation:
         self.messages: list[ChatMessage] = []
         if system:
             self.messages.append(ChatMessage("system", system))
-        self.last_reply: ReplyStats | None = None
-        self._rendered = b""
-        self._kv_tokens: list[int] = []
-        self._kv_ends: list[int] = []
-        self._frozen = 0  # bytes of _rendered before this are (partly) evicted: no rollback
-        self._evicted = 0  # tokens the policy has dropped from the memory so far
-        self._slots = 0  # <COMP> cells at the front of the memory (CCM policies)
-        self._groups = 0  # exchanges the <COMP> slots stand for (CCM-merge's mean weight)
-        self._bounds: list[int] = []  # cell index where each finished text exchange ends
-        self._text_saw_text = False  # text held was decoded after a finished exchange's text
+        self._last_reply: ReplyStats | None = None
+        self._pending: Reply | None = None  # a reply not finished yet
+        self.kv = KVSequence()  # what the cells in the back end's context stand for
         self._parked: bytes | None = b""
 
     @property
@@ -176,24 +133,30 @@ class Conversation:
         params: SamplingParams | None = None,
         cancel: threading.Event | None = None,
         **overrides: object,
-    ) -> Iterator[str]:
+    ) -> Reply:
         """Add a user turn and stream the assistant's reply, piece by piece.
 
         Stops at end of generation, a stop string, max_tokens, a full context, when `cancel` is
-        set, or when the caller closes the iterator. Whatever was generated is kept as the reply.
+        set, or when the caller stops reading (then `reply.finish()`, or this conversation's
+        next call, ends the turn). Whatever was generated is kept as the reply.
         """
         params = _params(params, overrides)
         self.add_turn("user", text, decode=False)
-        return self._generate(params, cancel)
+        return self._reply(params, cancel)
 
     def generate(
         self,
         params: SamplingParams | None = None,
         cancel: threading.Event | None = None,
         **overrides: object,
-    ) -> Iterator[str]:
+    ) -> Reply:
         """Stream a reply to the transcript as it stands (after a user turn, or to regenerate)."""
-        return self._generate(_params(params, overrides), cancel)
+        self._settle()
+        return self._reply(_params(params, overrides), cancel)
+
+    def _reply(self, params: SamplingParams, cancel: threading.Event | None) -> Reply:
+        self._pending = Reply(self, params, cancel)
+        return self._pending
 
     def add_turn(self, role: str, text: str, decode: bool = True) -> None:
         """Append a turn without generating (teacher forcing); its tokens go into memory now.
@@ -201,6 +164,7 @@ class Conversation:
         The memory policy runs at the end of each exchange, after an assistant turn, as it
         does after a generated reply.
         """
+        self._settle()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.messages.append(ChatMessage(role, text))
@@ -211,10 +175,12 @@ class Conversation:
 
     def truncate(self, n_messages: int) -> None:
         """Forget every message after the first n (the memory follows at the next sync)."""
+        self._settle()
         del self.messages[n_messages:]
 
     def score(self, reply: str) -> float:
         """Mean token negative log-likelihood of `reply` as the next assistant turn."""
+        self._settle()
         tokens = self.engine.model.tokenize(reply.encode(), False, False)
         if not tokens:
             raise ValueError("Cannot score an empty reply.")
@@ -222,9 +188,9 @@ class Conversation:
         ctx = self._ctx()
         if not self.policy.make_room(self, len(tokens), ctx.n_ctx - 1):
             raise ContextFullError("The reply does not fit in the context window.")
-        n0 = len(self._kv_tokens)
+        n0 = len(self.kv.tokens)
         ctx.remove(n0 - 1)
-        rows = ctx.decode([self._kv_tokens[-1], *tokens[:-1]], n0 - 1, want=range(len(tokens)))
+        rows = ctx.decode([self.kv.tokens[-1], *tokens[:-1]], n0 - 1, want=range(len(tokens)))
         rows[len(tokens) - 1] = ctx.logits(-1)
         ctx.remove(n0)
         nll = []
@@ -235,11 +201,12 @@ class Conversation:
         return float(np.mean(nll))
 
     def memory_view(self) -> MemoryView:
-        return MemoryView(self._rendered, tuple(self._kv_tokens), tuple(self._kv_ends),
-                          self._slots, tuple(self.exchanges), self._evicted, self._frozen)
+        self._settle()
+        return self.kv.view()
 
     def next_token_logits(self) -> np.ndarray:
         """The model's next-token logits for an assistant reply to the transcript as it is."""
+        self._settle()
         decoded, _ = self._sync(self.engine.model.render_chat(self.messages, add_assistant=True))
         ctx = self._ctx()
         if decoded == 0:  # logits are only current after a decode
@@ -247,9 +214,10 @@ class Conversation:
         return ctx.logits(-1)
 
     def stats(self) -> MemoryStats:
-        held = len(self._kv_tokens)
+        self._settle()
+        held = len(self.kv.tokens)
         size = self._ctx().state_size() if held else 0
-        full = held - self._slots + self._evicted
+        full = held - self.kv.slots + self.kv.evicted
         n_comp = len(self.engine.ccm.vectors) if self.engine.ccm is not None else 1
         merged = self.compression.method == "ccm-merge"
         return MemoryStats(
@@ -260,7 +228,7 @@ class Conversation:
             full_context_bytes=full * self.engine.model.f16_bytes_per_token,
             context_window=self.engine.n_ctx,
             verbatim_exchanges=len(self.exchanges),
-            compressed_exchanges=self._groups if merged else self._slots // n_comp,
+            compressed_exchanges=self.kv.groups if merged else self.kv.slots // n_comp,
         )
 
     def rebuild(self, progress: Progress | None = None) -> None:
@@ -270,13 +238,10 @@ class Conversation:
         only those are decoded, in one batch; one that transforms them (CCM) is replayed turn
         by turn, as if chatted live.
         """
+        self._settle()
         ctx = self._ctx()
         ctx.clear()
-        self._rendered = b""
-        self._kv_tokens, self._kv_ends = [], []
-        self._frozen = self._evicted = self._slots = self._groups = 0
-        self._bounds = []
-        self._text_saw_text = False
+        self.kv = KVSequence()
         render = self.engine.model.render_chat
         total = len(self.messages)
         if self.policy.budget is None:  # nothing is evicted: one batched prefill is the same
@@ -302,14 +267,14 @@ class Conversation:
         keep = list(range(len(tokens)))
         if len(tokens) > sink + recent:
             keep = keep[:sink] + keep[len(tokens) - recent:]
-            self._frozen = ends[len(tokens) - recent - 1]
+            self.kv.frozen = ends[len(tokens) - recent - 1]
         kept = [tokens[i] for i in keep]
         if len(kept) >= ctx.n_ctx:
             raise ContextFullError("The memory this policy keeps does not fit the context.")
         ctx.decode(kept, 0)
-        self._kv_tokens, self._kv_ends = kept, [ends[i] for i in keep]
-        self._evicted = len(tokens) - len(kept)
-        self._rendered = rendered
+        self.kv.tokens, self.kv.ends = kept, [ends[i] for i in keep]
+        self.kv.evicted = len(tokens) - len(kept)
+        self.kv.rendered = rendered
 
     def _token_ends(self, tokens: list[int], base: int, length: int, first: bool) -> list[int]:
         """Where each token ends in the rendered bytes (the BOS token adds none)."""
@@ -325,22 +290,16 @@ class Conversation:
 
     def save_state(self) -> bytes:
         """The memory as bytes: restoring them continues exactly here, with no re-prefill."""
+        self._settle()
         ctx = self._ctx()
-        payload = ctx.get_state() if self._kv_tokens else b""
+        payload = ctx.get_state() if self.kv.tokens else b""
         header = {
             "backend": self.engine.info.backend,
             "model": self.engine.fingerprint,
             "compression": {"level": self.compression.level, **self.compression.key()},
             "flash_attn": self.engine.flash_attn,
             "messages": [[m.role, m.content] for m in self.messages],
-            "rendered": base64.b64encode(self._rendered).decode(),
-            "kv_tokens": self._kv_tokens,
-            "kv_ends": self._kv_ends,
-            "frozen": self._frozen,
-            "evicted": self._evicted,
-            "groups": self._groups,
-            "bounds": self._bounds,
-            "text_saw_text": self._text_saw_text,
+            **self.kv.header(),
         }
         return StateBlob(header, payload).to_bytes()
 
@@ -374,25 +333,12 @@ class Conversation:
             raise StateError(str(exc)) from exc
         try:
             conv.messages = [ChatMessage(r, c) for r, c in head["messages"]]
-            conv._rendered = base64.b64decode(head["rendered"])
-            conv._kv_tokens = [int(t) for t in head["kv_tokens"]]
-            conv._kv_ends = [int(e) for e in head["kv_ends"]]
-            conv._frozen = int(head["frozen"])
-            conv._evicted = int(head["evicted"])
-            conv._groups = int(head.get("groups", 0))
-            conv._bounds = [int(b) for b in head.get("bounds", [])]
-            conv._text_saw_text = bool(head.get("text_saw_text", False))
-            conv._slots = sum(1 for t in conv._kv_tokens if t < 0)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"The memory state header is malformed ({exc}).") from exc
-        if len(conv._kv_tokens) != len(conv._kv_ends) or len(conv._kv_tokens) > engine.n_ctx:
-            raise StateError("The memory state does not fit this engine's context.")
-        if conv._bounds != sorted(conv._bounds) or any(
-                not conv._slots < b <= len(conv._kv_tokens) for b in conv._bounds):
-            raise StateError("The memory state's exchange bounds do not fit its cells.")
+        conv.kv = KVSequence.from_header(head, engine.n_ctx)
         conv._parked = blob.payload
         conv._ctx()  # load it now, so a bad payload fails here and not mid-reply
-        if conv._kv_tokens and conv.engine.ctx.pos_max() != len(conv._kv_tokens) - 1:
+        if conv.kv.tokens and conv.engine.ctx.pos_max() != len(conv.kv.tokens) - 1:
             engine.release(conv)
             raise StateError("The memory state's KV payload does not match its header.")
         return conv
@@ -402,47 +348,26 @@ class Conversation:
     @property
     def held(self) -> int:
         """Tokens (KV cells) the memory holds now."""
-        return len(self._kv_tokens)
+        return len(self.kv.tokens)
 
     def evict(self, start: int, end: int) -> None:
-        if not 0 <= start < end <= len(self._kv_tokens):
-            raise ValueError(f"Cannot evict cells [{start}, {end}) of {len(self._kv_tokens)}.")
+        if not 0 <= start < end <= len(self.kv.tokens):
+            raise ValueError(f"Cannot evict cells [{start}, {end}) of {len(self.kv.tokens)}.")
         ctx = self._ctx()
         ctx.remove(start, end)
         ctx.shift(end, -1, start - end)
-        self._forget(start, end)
-        if ctx.defers_shift:
-            self._compact(ctx)
-
-    def _forget(self, start: int, end: int) -> None:
-        """Bookkeeping for cells [start, end) gone from the cache: what they stood for."""
-        self._frozen = max(self._frozen, self._kv_ends[end - 1])
-        slots = sum(1 for t in self._kv_tokens[start:end] if t < 0)
-        self._slots -= slots
-        self._evicted += end - start - slots
-        del self._kv_tokens[start:end]
-        del self._kv_ends[start:end]
-        width = end - start
-        moved = [b if b <= start else max(start, b - width) for b in self._bounds]
-        self._bounds = self._valid_bounds(moved)
-
-    def _valid_bounds(self, bounds: list[int]) -> list[int]:
-        """Bounds of exchanges that still hold text: above the slots, distinct, in order."""
-        kept: list[int] = []
-        for b in bounds:
-            if b > self._slots and b <= len(self._kv_tokens) and (not kept or b > kept[-1]):
-                kept.append(b)
-        return kept
+        self.kv.forget(start, end)
+        if ctx.needs_compaction and self.kv.tokens:
+            ctx.compact(self.kv.tokens[-1])
 
     @property
     def slots(self) -> int:
-        return self._slots
+        return self.kv.slots
 
     @property
     def exchanges(self) -> list[int]:
         """Cells of each finished exchange held as text, oldest first."""
-        starts = [self._slots, *self._bounds][: len(self._bounds)]
-        return [end - start for start, end in zip(starts, self._bounds, strict=True)]
+        return self.kv.exchanges
 
     def compress(self, cells: int | None = None, merge: bool = False) -> None:
         """Run the compressor's <COMP> slots over the first `cells` text cells after the slots
@@ -454,66 +379,38 @@ class Conversation:
             raise EngineError("No trained compressor is loaded for this model.")
         ctx = self._ctx()
         n = len(ccm.vectors)
-        text = self.held - self._slots if cells is None else min(cells, self.held - self._slots)
+        text = self.held - self.kv.slots if cells is None else min(cells, self.held - self.kv.slots)
         if text <= 0:
             return
-        if merge and text != self.held - self._slots:
+        if merge and text != self.held - self.kv.slots:
             raise EngineError("CCM-merge compresses all the text after its slots at once.")
         capacity = ctx.n_ctx - 1
-        while self.held + n > capacity and self._slots > n:  # the oldest groups go first
+        while self.held + n > capacity and self.kv.slots > n:  # the oldest groups go first
             self.evict(0, n)
         if self.held + n > capacity:  # then the span's oldest text, keeping its last token
             cut = self.held + n - capacity
             if cut > text - 1:
                 raise ContextFullError("This exchange is too long to compress in this context.")
-            self.evict(self._slots, self._slots + cut)
+            self.evict(self.kv.slots, self.kv.slots + cut)
             text -= cut
-        start = self._slots
+        start = self.kv.slots
         end = start + text
         # text decoded while older text was held must be read afresh, as it was trained
-        reread = self._kv_tokens[start:end] if self._text_saw_text else []
+        reread = self.kv.tokens[start:end] if self.kv.text_saw_text else []
         ctx.insert_slots(ccm.vectors, ccm.adapter, end, reread)
-        slot_end = self._kv_ends[end - 1]
-        self._kv_tokens[end:end] = [-1] * n
-        self._kv_ends[end:end] = [slot_end] * n
-        self._bounds = [b + n if b > end else b for b in self._bounds]
-        self._groups += 1
+        self.kv.add_slots(end, n)
         if not merge:
             self.evict(start, end)
-            self._slots += n
-            self._bounds = self._valid_bounds(self._bounds)
-            self._text_saw_text = self._text_saw_text and self.held > self._slots
+            self.kv.slots_joined(n)
             return
         ctx.remove(start, end)  # the text goes; the new slots move onto the held ones' places
         ctx.shift(end, -1, -end)
-        self._forget(start, end)
+        self.kv.forget(start, end)
         if start:
-            ctx.merge_slots(n, 1.0 / self._groups)
-            self._forget(n, 2 * n)
-            self._kv_ends[:n] = [len(self._rendered)] * n  # the mean stands for all of it
-        self._slots = n
-
-    def _compact(self, ctx) -> None:
-        """Make the cache after an eviction exactly what a save of it would restore.
-
-        llama.cpp defers a position shift to the next decode, and a state saved before that
-        restores wrong; so the last cell is decoded again, which applies it. Then the cache
-        is compacted by a state round trip: decoding into the holes an eviction leaves gave
-        logits far (up to 20) from the same cache compacted (CPU, llama-cpp-python 0.3.36).
-        The last cell is decoded once more in the compacted cache, so its KV and the logits
-        that sampling reads next come from there.
-        """
-        if self._kv_tokens and self._kv_tokens[-1] < 0:
-            # a <COMP> slot cannot be decoded again (its turn is gone): a throwaway token
-            # applies the shift instead; the next decode is new text, so no logits are needed
-            held = len(self._kv_tokens)
-            ctx.decode([max(self.engine.model.bos, 0)], held)
-            ctx.remove(held)
-            ctx.set_state(ctx.get_state())
-        elif self._kv_tokens:
-            self._redecode_last(ctx)
-            ctx.set_state(ctx.get_state())
-            self._redecode_last(ctx)
+            ctx.merge_slots(n, 1.0 / self.kv.groups)
+            self.kv.forget(n, 2 * n)
+            self.kv.ends[:n] = [len(self.kv.rendered)] * n  # the mean stands for all of it
+        self.kv.slots = n
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -523,7 +420,7 @@ class Conversation:
     def park(self) -> None:
         """Move this conversation's KV out of the shared context into bytes."""
         ctx = self.engine.ctx
-        self._parked = ctx.get_state() if self._kv_tokens else b""
+        self._parked = ctx.get_state() if self.kv.tokens else b""
         ctx.clear()
 
     def unpark(self) -> None:
@@ -539,23 +436,20 @@ class Conversation:
         `progress(done, total)` hears of each batch of tokens decoded.
         """
         ctx = self._ctx()
-        common = _common_prefix(self._rendered, target)
-        if common < self._frozen:
+        common = _common_prefix(self.kv.rendered, target)
+        if common < self.kv.frozen:
             self.rebuild()
             ctx = self._ctx()
-            common = _common_prefix(self._rendered, target)
-        if common < len(self._rendered):
-            keep = bisect_right(self._kv_ends, common)
+            common = _common_prefix(self.kv.rendered, target)
+        if common < len(self.kv.rendered):
+            keep = bisect_right(self.kv.ends, common)
             ctx.remove(keep)
-            del self._kv_tokens[keep:]
-            del self._kv_ends[keep:]
-            self._bounds = [b for b in self._bounds if b <= keep]
-            self._rendered = self._rendered[: self._kv_ends[-1] if keep else 0]
-        delta = target[len(self._rendered) :]
+            self.kv.truncate(keep)
+        delta = target[len(self.kv.rendered) :]
         if not delta:
             return 0, 0.0
         model = self.engine.model
-        first = not self._kv_tokens
+        first = not self.kv.tokens
         tokens = model.tokenize(delta, add_special=first, parse_special=True)
         capacity = ctx.n_ctx - 1
         if self.policy.budget is None and self.held + len(tokens) > capacity:
@@ -564,7 +458,7 @@ class Conversation:
                 f"the context window of {ctx.n_ctx}. Start a new chat, raise the context size, "
                 "or pick a compression level in settings."
             )
-        ends = self._token_ends(tokens, len(self._rendered), len(delta), first)
+        ends = self._token_ends(tokens, len(self.kv.rendered), len(delta), first)
         start = time.perf_counter()
         done = 0
         while done < len(tokens):
@@ -579,110 +473,113 @@ class Conversation:
             n = min(room, len(tokens) - done, ctx.n_batch)
             ctx.decode(tokens[done : done + n], self.held)
             for tok, tok_end in zip(tokens[done : done + n], ends[done : done + n], strict=True):
-                self._record(tok, tok_end)
+                self.kv.record(tok, tok_end)
             done += n
             if progress is not None:
                 progress(done, len(tokens))
-        self._rendered = target
+        self.kv.rendered = target
         return len(tokens), time.perf_counter() - start
 
     def _end_turn(self) -> None:
         """An exchange is finished: mark where its text ends, then let the policy work."""
-        if self.held > (self._bounds[-1] if self._bounds else self._slots):
-            self._bounds.append(self.held)
+        self.kv.end_exchange()
         self.policy.after_turn(self)
-        if self.held > self._slots:  # the next text is decoded after this exchange's text
-            self._text_saw_text = True
+        if self.held > self.kv.slots:  # the next text is decoded after this exchange's text
+            self.kv.text_saw_text = True
 
     def _redecode_last(self, ctx) -> None:
         """Logits are only current after a decode: recompute them for the last cell."""
-        if not self._kv_tokens:
+        if not self.kv.tokens:
             raise EngineError("Nothing to generate from: the conversation is empty.")
-        last = len(self._kv_tokens) - 1
-        ctx.remove(last)
-        ctx.decode([self._kv_tokens[last]], last)
+        ctx.redecode(self.kv.tokens[-1], self.held - 1)
 
-    def _record(self, token: int, end: int) -> None:
-        self._kv_tokens.append(token)
-        self._kv_ends.append(end)
-
-    def _generate(self, params: SamplingParams, cancel: threading.Event | None) -> Iterator[str]:
+    def _stream(self, reply: Reply) -> Iterator[str]:
+        """Generate the reply's tokens; the turn is finished apart, by `_finish`."""
+        params, cancel = reply.params, reply.cancel_event
         model = self.engine.model
         prompt = model.render_chat(self.messages, add_assistant=True)
-        prompt_tokens, prefill_s = self._sync(prompt)
+        reply.prompt_tokens, reply.prefill_seconds = self._sync(prompt)
         ctx = self._ctx()
-        if prompt_tokens == 0:
+        if reply.prompt_tokens == 0:
             self._redecode_last(ctx)
         sampler = ctx.sampler(params)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStringMatcher(params.stop)
-        shown: list[str] = []
-        n_generated = 0
-        finish = "cancelled"
-        failed = False
         started = time.perf_counter()
         try:
             while True:
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
+                if cancel.is_set():
+                    reply.finish_reason = "cancelled"
                     break
-                if n_generated >= params.max_tokens:
-                    finish = "length"
+                if reply.tokens >= params.max_tokens:
+                    reply.finish_reason = "length"
                     break
                 if self.held + 1 > ctx.n_ctx - 1 and not (
                     self.policy.make_room(
                         self, min(GENERATION_HEADROOM, ctx.n_ctx // 4), ctx.n_ctx - 1)
                     or self.policy.make_room(self, 1, ctx.n_ctx - 1)
                 ):
-                    finish = "context_full"
+                    reply.finish_reason = "context_full"
                     break
                 token = sampler.sample(ctx)
                 if model.is_end_of_generation(token):
-                    finish = "stop"
+                    reply.finish_reason = "stop"
                     break
                 piece = model.piece(token, special=True)
-                ctx.decode([token], len(self._kv_tokens))
-                self._rendered += piece
-                self._record(token, len(self._rendered))
-                n_generated += 1
+                ctx.decode([token], len(self.kv.tokens))
+                self.kv.rendered += piece
+                self.kv.record(token, len(self.kv.rendered))
+                reply.tokens += 1
                 text = stops.feed(utf8.decode(piece))
                 if text:
-                    shown.append(text)
                     yield text
                 if stops.stopped:
-                    finish = "stop"
+                    reply.finish_reason = "stop"
                     break
         except Exception:
-            failed = True
+            reply.failed = True
             raise
         finally:
-            decode_seconds = time.perf_counter() - started  # not the policy's work below
+            reply.decode_seconds = time.perf_counter() - started  # not the policy's work
             sampler.close()
-            tail = ""
             if not stops.stopped:
-                tail = stops.feed(utf8.decode(b"", final=True)) + stops.flush()
-                shown.append(tail)
-            reply = "".join(shown)
-            self.messages.append(ChatMessage("assistant", reply))
-            if self.policy.reads_finished_exchange:
-                if not failed:  # after a failed decode the cache is left for a rebuild
-                    # the reply's end-of-turn marker, which generation stops before, goes in
-                    # too: a compressor was trained on exchanges as the template renders them
-                    with suppress(ContextFullError):
-                        self._sync(model.render_chat(self.messages, add_assistant=False))
-                    self._end_turn()
-            else:
-                self._end_turn()
-            self.last_reply = ReplyStats(
-                text=reply,
-                tokens=n_generated,
-                prompt_tokens=prompt_tokens,
-                prefill_seconds=prefill_s,
-                decode_seconds=decode_seconds,
-                finish_reason=finish,
-            )
-        if tail:
+                reply.tail = stops.feed(utf8.decode(b"", final=True)) + stops.flush()
+        if reply.tail:
+            tail, reply.tail = reply.tail, ""
             yield tail
+
+    def _finish(self, reply: Reply) -> None:
+        """The reply joins the transcript and the policy does its work on the exchange."""
+        text = "".join(reply.pieces) + reply.tail
+        self.messages.append(ChatMessage("assistant", text))
+        if self._pending is reply:
+            self._pending = None
+        if self.policy.reads_finished_exchange:
+            if not reply.failed:  # after a failed decode the cache is left for a rebuild
+                # the reply's end-of-turn marker, which generation stops before, goes in
+                # too: a compressor was trained on exchanges as the template renders them
+                with suppress(ContextFullError):
+                    self._sync(self.engine.model.render_chat(self.messages, add_assistant=False))
+                self._end_turn()
+        else:
+            self._end_turn()
+        reply.stats = ReplyStats(text=text, tokens=reply.tokens,
+                                 prompt_tokens=reply.prompt_tokens,
+                                 prefill_seconds=reply.prefill_seconds,
+                                 decode_seconds=reply.decode_seconds,
+                                 finish_reason=reply.finish_reason)
+        self._last_reply = reply.stats
+
+    def _settle(self) -> None:
+        """A reply its caller stopped reading is finished before anything else happens."""
+        if self._pending is not None:
+            self._pending.finish()
+
+    @property
+    def last_reply(self) -> ReplyStats | None:
+        """How the last reply went (finishing it, if its caller stopped reading early)."""
+        self._settle()
+        return self._last_reply
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, object]) -> SamplingParams:

@@ -11,20 +11,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.backend import BACKENDS as BACKEND_MODULES
+from engine.backend import BackendOptions, Context, Model, open_backend, pick_backend
 from engine.ccm.files import CompressorFiles, LoadedCompressor, find_compressor
 from engine.config import CompressionConfig
 from engine.conversation import Conversation
 from engine.errors import EngineError
-from engine.llama_backend import LlamaContext, LlamaModel, gpu_available
 from engine.models import (
     DEFAULT_MODEL_NAME,
     MODEL_ENV_VAR,
-    model_cache_dir,
     model_fingerprint,
     resolve_model_path,
 )
 
-BACKENDS = ("auto", "llamacpp", "hf")
+BACKENDS = ("auto", *BACKEND_MODULES)
 DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 
@@ -40,7 +40,7 @@ class EngineInfo:
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, ctx: LlamaContext, info: EngineInfo,
+    def __init__(self, model: Model, ctx: Context, info: EngineInfo,
                  compression: CompressionConfig) -> None:
         self.model = model
         self.ctx = ctx
@@ -85,85 +85,33 @@ class Engine:
         if device not in DEVICES:
             raise EngineError(f"Unknown device {device!r}; pick one of {DEVICES}.")
         path = resolve_model_path(model, allow_dir=backend != "llamacpp")
-        if backend == "auto":
-            backend = "hf" if path.is_dir() else "llamacpp"
+        backend = pick_backend(backend, path)
         files = _compressor_files(compressor, path)
         if isinstance(compression, str):
             compression = CompressionConfig.for_level(compression, backend == "llamacpp", files)
+        opened = open_backend(backend, BackendOptions(
+            path=path, device=device, n_ctx=n_ctx, kv_type=compression.kv_type,
+            evicts=compression.policy().budget is not None, n_gpu_layers=n_gpu_layers,
+            n_threads=n_threads, cache_dir=Path(cache_dir) if cache_dir else None,
+            flash_attn=flash_attn))
         default = model is None and not os.environ.get(MODEL_ENV_VAR)
-        if backend == "hf":
-            engine = cls._load_hf(path, compression, device, n_ctx, cache_dir, default)
-            if files is not None:
-                try:
-                    engine.ccm = LoadedCompressor(files, engine.model.install_compressor(files),
-                                                  files.vectors())
-                except Exception:
-                    engine.close()
-                    raise
-            return engine
-        has_gpu = gpu_available()
-        if device == "gpu" and not has_gpu:
-            raise EngineError(
-                "--device gpu was asked for, but this llama.cpp build has no GPU support. "
-                "Reinstall llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on, or use --device cpu."
-            )
-        if n_gpu_layers is None:
-            n_gpu_layers = -1 if (has_gpu and device != "cpu") else 0
-        llama_model = LlamaModel(path, n_gpu_layers=n_gpu_layers)
-        n_ctx = min(n_ctx, llama_model.n_ctx_train) if llama_model.n_ctx_train > 0 else n_ctx
-        try:
-            ctx = LlamaContext(llama_model, n_ctx=n_ctx, n_threads=n_threads,
-                               kv_type=compression.kv_type,
-                               evicts=compression.policy().budget is not None,
-                               flash_attn=flash_attn)
-        except Exception:
-            llama_model.close()
-            raise
         info = EngineInfo(
-            model_name=DEFAULT_MODEL_NAME if default else llama_model.name,
+            model_name=DEFAULT_MODEL_NAME if default else opened.model.name,
             model_path=path,
-            backend="llamacpp",
-            device="GPU (CUDA)" if n_gpu_layers != 0 and has_gpu else "CPU",
-            n_ctx=ctx.n_ctx,
-            n_gpu_layers=n_gpu_layers,
+            backend=backend,
+            device=opened.device_label,
+            n_ctx=opened.ctx.n_ctx,
+            n_gpu_layers=opened.n_gpu_layers,
         )
-        engine = cls(llama_model, ctx, info, compression)
+        engine = cls(opened.model, opened.ctx, info, compression)
         if files is not None:
             try:
-                adapter = llama_model.load_adapter(files.folder / "lora.gguf")
+                engine.ccm = LoadedCompressor(files, opened.model.load_compressor(files),
+                                              files.vectors())
             except Exception:
                 engine.close()
                 raise
-            engine.ccm = LoadedCompressor(files, adapter, files.vectors())
         return engine
-
-    @classmethod
-    def _load_hf(cls, path: Path, compression: CompressionConfig, device: str, n_ctx: int,
-                 cache_dir: str | os.PathLike[str] | None, default: bool) -> Engine:
-        if compression.kv_type != "f16":
-            raise EngineError(
-                f"The hf back end keeps its KV cache unquantized; {compression.kv_type} is "
-                "for llama.cpp."
-            )
-        import torch  # the hf back end is optional at run time: import it only when used
-
-        from engine.hf_backend import HFContext, HFModel
-
-        if device == "gpu" and not torch.cuda.is_available():
-            raise EngineError("--device gpu was asked for, but torch sees no CUDA device.")
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        hf_model = HFModel(path, "cuda" if use_cuda else "cpu",
-                           Path(cache_dir) if cache_dir else model_cache_dir())
-        ctx = HFContext(hf_model, n_ctx)
-        info = EngineInfo(
-            model_name=DEFAULT_MODEL_NAME if default else hf_model.name,
-            model_path=path,
-            backend="hf",
-            device="GPU (CUDA, bfloat16)" if use_cuda else "CPU (float32)",
-            n_ctx=ctx.n_ctx,
-            n_gpu_layers=-1 if use_cuda else 0,
-        )
-        return cls(hf_model, ctx, info, compression)  # type: ignore[arg-type]
 
     def compression_for(self, level: str) -> CompressionConfig:
         """What `level` means on this engine's back end, with its compressor if it has one."""
@@ -186,7 +134,7 @@ class Engine:
         """Rebuild a conversation from `save_state` bytes, with no re-prefill."""
         return Conversation.from_state(self, blob)
 
-    def activate(self, conv: Conversation) -> LlamaContext:
+    def activate(self, conv: Conversation) -> Context:
         """Give `conv` the context, parking whichever conversation held it."""
         with self._lock:
             if self._active is not conv:

@@ -22,10 +22,11 @@ from safetensors.torch import save as save_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from engine.backend import BackendOptions, Opened
 from engine.chat import ChatMessage
 from engine.config import SamplingParams
 from engine.errors import EngineError, ModelError
-from engine.models import model_fingerprint
+from engine.models import model_cache_dir, model_fingerprint
 from engine.rope import rotate_keys
 
 
@@ -91,6 +92,21 @@ def load_pretrained(path: Path, cache_dir: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+def open_backend(options: BackendOptions) -> Opened:
+    """The model and one context for it (engine.backend's entry point)."""
+    if options.kv_type != "f16":
+        raise EngineError(f"The hf back end keeps its KV cache unquantized; {options.kv_type} "
+                          "is for llama.cpp.")
+    if options.device == "gpu" and not torch.cuda.is_available():
+        raise EngineError("--device gpu was asked for, but torch sees no CUDA device.")
+    use_cuda = options.device != "cpu" and torch.cuda.is_available()
+    model = HFModel(options.path, "cuda" if use_cuda else "cpu",
+                    options.cache_dir or model_cache_dir())
+    ctx = HFContext(model, options.n_ctx)
+    label = "GPU (CUDA, bfloat16)" if use_cuda else "CPU (float32)"
+    return Opened(model, ctx, label, -1 if use_cuda else 0)
+
+
 class HFModel:
     """Weights, tokenizer and chat template, through transformers."""
 
@@ -124,7 +140,7 @@ class HFModel:
         self.name = Path(str(config.name_or_path or path.stem)).name or path.stem
         self.compressor = None
 
-    def install_compressor(self, files) -> object:
+    def load_compressor(self, files) -> object:
         """Put a trained compressor's LoRA and <COMP> table on this model (it wraps q/k/v/o;
         the LoRA acts only where a <COMP> decode switches it on)."""
         from engine.ccm.compressor import Compressor
@@ -188,8 +204,9 @@ class HFContext:
         self.kv_type = "f16"  # unquantized (float32 on the CPU, bfloat16 on CUDA)
         self.evicts = True
         self.flash_attn = None  # llama.cpp's V cache layout; a torch cache has none to record
-        self.defers_shift = False  # shift() re-rotates keys at once; no holes are left
+        # capabilities (engine.backend.Context)
         self.merges = True  # merge_slots averages cells (CCM-merge)
+        self.needs_compaction = False  # shift() re-rotates keys at once; no holes are left
         self._adapter_on = False
         self._rotary = getattr(model.torch_model.model, "rotary_emb", None)
         forward = inspect.signature(model.torch_model.forward).parameters
@@ -312,6 +329,13 @@ class HFContext:
 
     def logits(self, i: int = -1) -> np.ndarray:
         return self._last.copy()
+
+    def compact(self, last_token: int) -> None:
+        """Nothing to do: an edit leaves this cache as a save would restore it."""
+
+    def redecode(self, token: int, pos: int) -> None:
+        self.remove(pos)
+        self.decode([token], pos)
 
     def remove(self, p0: int, p1: int = -1) -> None:
         hi = p1 if p1 >= 0 else np.iinfo(np.int64).max

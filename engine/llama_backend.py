@@ -18,6 +18,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from engine.backend import BackendOptions, Opened
 from engine.chat import ChatMessage
 from engine.config import SamplingParams
 from engine.errors import EngineError, ModelError
@@ -55,6 +56,30 @@ def gpu_available() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def open_backend(options: BackendOptions) -> Opened:
+    """The model and one context for it (engine.backend's entry point)."""
+    has_gpu = gpu_available()
+    if options.device == "gpu" and not has_gpu:
+        raise EngineError(
+            "--device gpu was asked for, but this llama.cpp build has no GPU support. "
+            "Reinstall llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on, or use --device cpu."
+        )
+    n_gpu_layers = options.n_gpu_layers
+    if n_gpu_layers is None:
+        n_gpu_layers = -1 if (has_gpu and options.device != "cpu") else 0
+    model = LlamaModel(options.path, n_gpu_layers=n_gpu_layers)
+    n_ctx = min(options.n_ctx, model.n_ctx_train) if model.n_ctx_train > 0 else options.n_ctx
+    try:
+        ctx = LlamaContext(model, n_ctx=n_ctx, n_threads=options.n_threads,
+                           kv_type=options.kv_type, evicts=options.evicts,
+                           flash_attn=options.flash_attn)
+    except Exception:
+        model.close()
+        raise
+    label = "GPU (CUDA)" if n_gpu_layers != 0 and has_gpu else "CPU"
+    return Opened(model, ctx, label, n_gpu_layers)
+
+
 class LlamaModel:
     """Model weights, vocabulary and chat template."""
 
@@ -85,6 +110,10 @@ class LlamaModel:
         template = llama_cpp.llama_model_chat_template(self.ptr, None)
         self.chat_template: bytes | None = template or None
         self.name = self.meta("general.name") or path.stem
+
+    def load_compressor(self, files) -> object:
+        """The compressor's LoRA as a llama.cpp adapter (files: CompressorFiles)."""
+        return self.load_adapter(files.folder / "lora.gguf")
 
     def load_adapter(self, path: Path) -> object:
         """A GGUF LoRA adapter for this model (freed with the model)."""
@@ -212,8 +241,9 @@ class LlamaContext:
         self.kv_type = kv_type
         self.evicts = evicts
         self.flash_attn = flash_attn  # it decides the V cache's layout, so a saved state's too
-        self.defers_shift = True  # llama.cpp applies a shift at the next decode
+        # capabilities (engine.backend.Context)
         self.merges = False  # its cache cannot average cells (CCM-merge)
+        self.needs_compaction = True  # after an eviction, before the next decode or save
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -267,6 +297,33 @@ class LlamaContext:
             llama_cpp.llama_batch_free(batch)
         if rc != 0:
             raise EngineError(f"llama_decode of {n} embeddings failed (code {rc}).")
+
+    def compact(self, last_token: int) -> None:
+        """Make the cache after an eviction exactly what a save of it would restore.
+
+        llama.cpp defers a position shift to the next decode, and a state saved before that
+        restores wrong; so the last cell is decoded again, which applies it. Then the cache
+        is compacted by a state round trip: decoding into the holes an eviction leaves gave
+        logits far (up to 20) from the same cache compacted (CPU, llama-cpp-python 0.3.36).
+        The last cell is decoded once more in the compacted cache, so its KV and the logits
+        that sampling reads next come from there. A <COMP> slot (`last_token` < 0) cannot be
+        decoded again: a throwaway token applies the shift instead (the next decode is new
+        text, so no logits are needed).
+        """
+        last = self.pos_max()
+        if last_token < 0:
+            self.decode([max(self.model.bos, 0)], last + 1)
+            self.remove(last + 1)
+            self.set_state(self.get_state())
+            return
+        self.redecode(last_token, last)
+        self.set_state(self.get_state())
+        self.redecode(last_token, last)
+
+    def redecode(self, token: int, pos: int) -> None:
+        """Decode the last cell again: logits are only current after a decode."""
+        self.remove(pos)
+        self.decode([token], pos)
 
     def insert_slots(self, vectors: np.ndarray, adapter: object, at: int,
                      reread: Sequence[int] = ()) -> None:

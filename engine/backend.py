@@ -1,0 +1,123 @@
+"""The back-end contract: what the engine asks of a model and of its KV context.
+
+Two back ends implement it, llama.cpp (`engine.llama_backend`) and transformers
+(`engine.hf_backend`); `open_backend` picks one by name through `BACKENDS`, as
+`engine.memory` picks a policy. What a context can do is said by its capability flags, never
+by its back end's name, so a policy or a conversation asks `ctx.merges`, not `backend == "hf"`.
+Cells are indexed by position 0..held-1 in one sequence, as `engine.memory.KVMemory` says.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from engine.chat import ChatMessage
+from engine.config import SamplingParams
+from engine.errors import EngineError
+
+# back end name -> the module that implements it (imported on first use: transformers and
+# torch are optional, and llama.cpp must load before numpy on a CUDA host)
+BACKENDS: dict[str, str] = {"llamacpp": "engine.llama_backend", "hf": "engine.hf_backend"}
+
+
+class Model(Protocol):
+    path: Path
+    name: str
+    n_vocab: int
+    n_ctx_train: int
+    f16_bytes_per_token: int  # K and V of every layer in f16: one uncompressed cell
+    add_bos: bool
+    bos: int
+
+    def tokenize(self, text: bytes, add_special: bool, parse_special: bool) -> list[int]: ...
+    def piece(self, token: int, special: bool) -> bytes: ...
+    def is_end_of_generation(self, token: int) -> bool: ...
+    def render_chat(self, messages: Sequence[ChatMessage], add_assistant: bool) -> bytes: ...
+    def load_compressor(self, files) -> object:
+        """The compressor's adapter in this back end's form (files: CompressorFiles)."""
+    def close(self) -> None: ...
+
+
+class Sampler(Protocol):
+    def sample(self, ctx: Context) -> int: ...
+    def close(self) -> None: ...
+
+
+class Context(Protocol):
+    n_ctx: int
+    n_batch: int
+    kv_type: str  # the K cache's element type
+    # capabilities
+    evicts: bool  # may run policies that evict cells
+    merges: bool  # can average cells into others (CCM-merge)
+    needs_compaction: bool  # after an eviction `compact` must run before a decode or save
+    flash_attn: bool | None  # llama.cpp's V layout, which a saved state must match; None: n/a
+
+    def decode(self, tokens: Sequence[int], start_pos: int, want: Sequence[int] = ()) -> dict:
+        """Decode at positions start_pos..; logits rows for the indices in `want`."""
+    def logits(self, i: int = -1) -> np.ndarray: ...
+    def redecode(self, token: int, pos: int) -> None:
+        """Decode the last cell again, so its logits are current."""
+    def insert_slots(self, vectors: np.ndarray, adapter: object, at: int,
+                     reread: Sequence[int] = ()) -> None:
+        """New <COMP> cells at positions at.., seeing only the cells before them."""
+    def merge_slots(self, n: int, weight: float) -> None: ...
+    def remove(self, p0: int, p1: int = -1) -> None: ...
+    def shift(self, p0: int, p1: int, delta: int) -> None: ...
+    def compact(self, last_token: int) -> None: ...
+    def clear(self) -> None: ...
+    def pos_min(self) -> int: ...
+    def pos_max(self) -> int: ...
+    def state_size(self) -> int: ...
+    def get_state(self) -> bytes: ...
+    def set_state(self, data: bytes) -> None: ...
+    def sampler(self, params: SamplingParams) -> Sampler: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What Engine.load passes a back end to open a model and one context for it."""
+
+    path: Path
+    device: str  # auto, cpu or gpu
+    n_ctx: int
+    kv_type: str
+    evicts: bool
+    n_gpu_layers: int | None = None
+    n_threads: int | None = None
+    cache_dir: Path | None = None
+    flash_attn: bool | None = None
+
+
+@dataclass(frozen=True)
+class Opened:
+    model: Model
+    ctx: Context
+    device_label: str  # for the status bar: "CPU", "GPU (CUDA)", ...
+    n_gpu_layers: int
+
+
+def pick_backend(backend: str, path: Path) -> str:
+    """"auto" is llama.cpp for a .gguf file and transformers for a model folder."""
+    if backend == "auto":
+        return "hf" if path.is_dir() else "llamacpp"
+    if backend not in BACKENDS:
+        raise EngineError(f"Unknown back end {backend!r}; pick one of auto, {', '.join(BACKENDS)}.")
+    return backend
+
+
+def open_backend(backend: str, options: BackendOptions) -> Opened:
+    try:
+        module = importlib.import_module(BACKENDS[backend])
+    except ImportError as exc:
+        extra = " (pip install 'ccm-chat[hf]')" if backend == "hf" else ""
+        raise EngineError(f"The {backend} back end needs {exc.name}, which is not "
+                          f"installed{extra}.") from exc
+    return module.open_backend(options)

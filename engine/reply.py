@@ -1,0 +1,87 @@
+"""One assistant reply as an object: iterate it for the text, then it finishes the turn."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine.config import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.conversation import Conversation
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    """How the reply went: finish_reason is stop, length, context_full or cancelled."""
+
+    text: str
+    tokens: int
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    finish_reason: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.finish_reason == "cancelled"
+
+
+class Reply:
+    """A reply being generated (as simonw/llm's Response): `for piece in reply` streams it.
+
+    When the text ends the turn is finished: the reply joins the transcript and the memory
+    policy does its work (for CCM, compressing the exchange). That is `finish()`, which the
+    iteration calls when it runs to its end; a caller that stops early calls `finish()` (or
+    the conversation's next call does), so the policy's work never runs in a generator's
+    clean-up at some later garbage collection, maybe on another thread.
+    """
+
+    def __init__(self, conv: Conversation, params: SamplingParams,
+                 cancel: threading.Event | None) -> None:
+        self._conv = conv
+        self.params = params
+        self.cancel_event = cancel or threading.Event()
+        self.pieces: list[str] = []
+        self.stats: ReplyStats | None = None
+        # filled in as it streams, read by the conversation when it finishes the turn
+        self.tail = ""
+        self.tokens = 0
+        self.prompt_tokens = 0
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+        self.finish_reason = "cancelled"
+        self.failed = False
+        self._stream: Iterator[str] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self._stream is not None or self.stats is not None:
+            raise RuntimeError("A reply can be iterated once.")
+        self._stream = self._conv._stream(self)
+        for piece in self._stream:
+            self.pieces.append(piece)
+            yield piece
+        self.finish()
+
+    def cancel(self) -> None:
+        """Stop at the next token; what was written is kept, marked cancelled."""
+        self.cancel_event.set()
+
+    def finish(self) -> ReplyStats:
+        """End the turn (idempotent): keep the reply and let the memory policy work."""
+        if self.stats is None:
+            if self._stream is not None:
+                self._stream.close()  # its clean-up frees the sampler; nothing more
+            self._conv._finish(self)
+        assert self.stats is not None
+        return self.stats
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces) + (self.tail if self.stats is None else "")
