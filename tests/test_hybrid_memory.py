@@ -140,3 +140,19 @@ def test_a_hybrid_state_is_refused_by_a_pure_ccm_conversation_key(engine) -> Non
     old = pure_ccm(engine).key()
     new = engine.compression_for("balanced").key()
     assert old != new and old["method"] == "ccm-concat" and new["method"] == "ccm-hybrid"
+
+
+def test_both_back_ends_keep_the_same_hybrid_memory(engine, hf_engine) -> None:
+    """transformers cuts its cache to the cells the slots may see, as llama.cpp's scratch
+    round trip does: the two memories score the question alike."""
+    with Engine.load(backend="hf", n_ctx=1024, device="cpu", compression="balanced",
+                     cache_dir=hf_engine.model.cache_dir) as hf:
+        scores = {}
+        for name, eng in (("llamacpp", engine), ("hf", hf)):
+            conv = chat(eng, hybrid(eng, 60), EXCHANGES[:4])
+            assert conv.slots and conv.exchanges  # slots before verbatim text on both
+            conv.add_turn("user", QUESTION, decode=False)
+            scores[name] = [conv.score(a) for a in ANSWERS]
+        assert all(abs(a - b) < 0.25 for a, b in zip(*scores.values(), strict=True)), scores
+        restored = hf.restore_conversation(conv.save_state())
+        assert restored.memory_view() == conv.memory_view()
