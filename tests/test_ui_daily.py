@@ -187,6 +187,20 @@ async def test_a_long_chat_opens_at_its_end_with_a_page_mounted(store: Store, sc
         assert old_first.region.overlaps(view.region)
 
 
+async def test_a_tall_terminal_mounts_earlier_pages_until_it_can_scroll(
+        store: Store, scripted) -> None:
+    cid = fill(store, 1000, words=0)  # one-line messages: a page does not fill 150 rows
+    app = make_app(store, scripted, conversation_id=cid)
+    async with app.run_test(size=(100, 150)) as pilot:
+        view = app.query_one(ChatView)
+        await wait_for(pilot, lambda: view.max_scroll_y > 0)
+        await pilot.pause(0.3)
+        assert PAGE < len(view.boxes) < 1000 and view.scroll_y == view.max_scroll_y
+        before = len(view.boxes)
+        view.scroll_home(animate=False)
+        await wait_for(pilot, lambda: len(view.boxes) == before + PAGE)
+
+
 async def test_continue_opens_scrolled_to_the_end(store: Store, scripted) -> None:
     fill(store, 30, words=40)  # all mounted, several screens tall
     app = make_app(store, scripted, resume_last=True)

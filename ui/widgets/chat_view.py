@@ -78,8 +78,11 @@ class ChatView(VerticalScroll):
         """Show a conversation from its end: the last PAGE messages now, the rest on demand."""
         self._stream, self._reply = None, None
         await self.remove_children()
-        self._earlier = list(messages[:-PAGE]) if len(messages) > PAGE else []
-        shown = messages[-PAGE:]
+        # a message takes 3 rows at least: this many overflow even a tall terminal, so there
+        # is always a scroll bar to reach the earlier ones with
+        first = max(PAGE, self.app.size.height // 2)
+        self._earlier = list(messages[:-first]) if len(messages) > first else []
+        shown = messages[-first:]
         if shown:
             if self._earlier:
                 await self.mount(self._earlier_hint())
