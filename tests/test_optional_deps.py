@@ -1,0 +1,51 @@
+"""The chat on llama.cpp runs without the [hf] and [train] extras, and asking for the hf back
+end without them says which extra to install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCK = textwrap.dedent("""
+    import sys
+    EXTRAS = ("torch", "transformers", "accelerate", "gguf", "safetensors", "chitchat_dataset",
+              "tqdm")
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in EXTRAS:
+                raise ImportError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_chat_runs_without_the_extras() -> None:
+    done = run("""
+        from engine import Engine
+        import ui.app  # the terminal UI too
+        with Engine.load(n_ctx=256, compression="balanced", device="cpu") as eng:
+            conv = eng.new_conversation()
+            text = "".join(conv.send("Hi!", max_tokens=4, temperature=0))
+            again = eng.restore_conversation(conv.save_state())
+            print("OK", bool(text), again.stats().method)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in EXTRAS))
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "OK True ccm-hybrid" in done.stdout and "[]" in done.stdout
+
+
+def test_the_hf_back_end_without_its_extra_names_it() -> None:
+    done = run("""
+        from engine import Engine, EngineError
+        try:
+            Engine.load(backend="hf", device="cpu")
+        except EngineError as exc:
+            print("ERR", exc)
+    """)
+    assert done.returncode == 0, done.stderr
+    assert "ERR" in done.stdout and "ccm-chat[hf]" in done.stdout
