@@ -552,12 +552,12 @@ class ChatService:
         self, conversation_id: int, live: EngineConversation, cancel: threading.Event | None
     ) -> Iterator[str]:
         before = live.last_reply
-        pieces = live.generate(self._params(), cancel)
+        writing = live.generate(self._params(), cancel)
         try:
             with user_errors("The reply failed"):
-                yield from pieces
+                yield from writing
         finally:
-            pieces.close()
+            writing.finish()  # also when the caller stopped reading: the turn ends here
             reply = live.last_reply
             if reply is not None and reply is not before:
                 self._commit_reply(conversation_id, live, reply)

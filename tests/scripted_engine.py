@@ -56,33 +56,15 @@ class ScriptedConversation:
         del self.messages[n_messages:]
 
     def send(self, text: str, params: SamplingParams | None = None,
-             cancel: threading.Event | None = None) -> Iterator[str]:
+             cancel: threading.Event | None = None) -> ScriptedReply:
         self.add_turn("user", text)
         return self.generate(params, cancel)
 
     def generate(self, params: SamplingParams | None = None,
-                 cancel: threading.Event | None = None) -> Iterator[str]:
+                 cancel: threading.Event | None = None) -> ScriptedReply:
         last_user = next(m.content for m in reversed(self.messages) if m.role == "user")
         attempt = self.replies_started[last_user] = self.replies_started.get(last_user, 0) + 1
-        text = self.engine.reply_for(last_user, attempt)
-        words = text.split(" ")
-        shown: list[str] = []
-        finish = "cancelled"
-        try:
-            for i, word in enumerate(words):
-                if cancel is not None and cancel.is_set():
-                    break
-                piece = word if i == 0 else " " + word
-                shown.append(piece)
-                yield piece
-                if self.engine.delay:
-                    time.sleep(self.engine.delay)
-            else:
-                finish = self.engine.finish_reason
-        finally:
-            reply = "".join(shown)
-            self.messages.append(ChatMessage("assistant", reply))
-            self.last_reply = ReplyStats(reply, len(shown), 10, 0.01, 0.5, finish)
+        return ScriptedReply(self, self.engine.reply_for(last_user, attempt), cancel)
 
     def rebuild(self, progress=None) -> None:
         """Replays the messages one by one (as a CCM rebuild does), reporting each."""
@@ -106,6 +88,39 @@ class ScriptedConversation:
         if "verbatim_exchanges" in MemoryStats.__dataclass_fields__:  # engines from issue 14 on
             stats = replace(stats, verbatim_exchanges=exchanges)
         return stats
+
+
+class ScriptedReply:
+    """As engine.Reply: iterate it for the pieces; finish() ends the turn (idempotent), and
+    running to the end finishes it."""
+
+    def __init__(self, conv: ScriptedConversation, text: str,
+                 cancel: threading.Event | None) -> None:
+        self.conv, self.words, self.cancel = conv, text.split(" "), cancel
+        self.pieces: list[str] = []
+        self.finish_reason = "cancelled"
+        self.stats: ReplyStats | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for i, word in enumerate(self.words):
+            if self.cancel is not None and self.cancel.is_set():
+                break
+            piece = word if i == 0 else " " + word
+            self.pieces.append(piece)
+            yield piece
+            if self.conv.engine.delay:
+                time.sleep(self.conv.engine.delay)
+        else:
+            self.finish_reason = self.conv.engine.finish_reason
+        self.finish()
+
+    def finish(self) -> ReplyStats:
+        if self.stats is None:
+            text = "".join(self.pieces)
+            self.conv.messages.append(ChatMessage("assistant", text))
+            self.stats = ReplyStats(text, len(self.pieces), 10, 0.01, 0.5, self.finish_reason)
+            self.conv.last_reply = self.stats
+        return self.stats
 
 
 class ScriptedEngine:
