@@ -72,7 +72,6 @@ ACTIONS: tuple[Action, ...] = (
            priority=True, main_only=False, palette=False),
 )
 
-BY_ID = {a.id: a for a in ACTIONS}
 MAIN_SCREEN_ONLY = frozenset(a.id for a in ACTIONS if a.main_only)
 
 

@@ -24,7 +24,7 @@ from app.export import default_export_path
 from app.records import ConversationRecord
 from app.service import ChatService
 from app.settings import Settings
-from ui.actions import ACTIONS, MAIN_SCREEN_ONLY, bindings, help_rows
+from ui.actions import ACTIONS, MAIN_SCREEN_ONLY, PALETTE_KEY, bindings, help_rows
 from ui.screens.confirm import ConfirmScreen
 from ui.screens.export import ExportScreen
 from ui.screens.help import HelpScreen
@@ -46,7 +46,7 @@ class EngineReady(Message):
 class ChatApp(App[None]):
     CSS_PATH = str(CSS_FILE)
     TITLE = "ccm-chat"
-    COMMAND_PALETTE_BINDING = "ctrl+p"
+    COMMAND_PALETTE_BINDING = PALETTE_KEY
     BINDINGS = bindings()
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (80, "-normal")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (28, "-tall")]
