@@ -3,8 +3,8 @@
 Side by side in one process, on the llama.cpp engine and the default model:
 - next-turn perplexity (mean NLL of the real next reply) after k exchanges of a long chat made
   of held-apart conversations joined end to end;
-- recall of a fact planted d exchanges before its question, held-apart chit-chat between,
-  scored by likelihood against 3 distractors (chance 0.25);
+- recall of a fact planted before those k exchanges (so k exchanges back), scored by
+  likelihood against 3 distractors (chance 0.25), at the same checkpoints of the same pass;
 - cells and bytes held, and the ratio to the full context.
 
 `--split validation` draws from Topical-Chat's valid split (never seen by the shipped
@@ -96,38 +96,30 @@ def configs(engine: Engine, level: str, shares: list[float] | None) -> dict[str,
     return out
 
 
-def next_turn(engine, config, chat, at: list[int]) -> dict[int, tuple[float, object]]:
-    conv = engine.new_conversation(compression=config)
-    out: dict[int, tuple[float, object]] = {}
-    with suppress(ContextFullError):  # the full context: what fitted is kept
-        _next_turn(conv, chat, at, out)
-    return out
-
-
-def _next_turn(conv, chat, at: list[int], out: dict) -> None:
-    for i, (user, assistant) in enumerate(chat):
-        if i in at:
-            conv.add_turn("user", user, decode=False)
-            out[i] = (conv.score(assistant), conv.stats())
-            conv.truncate(len(conv.messages) - 1)
-        if i == max(at):
-            break
-        conv.add_turn("user", user)
-        conv.add_turn("assistant", assistant)
-
-
-def recall(engine, config, filler, distance: int, rng: random.Random) -> tuple[bool, object]:
+def walk(engine, config, chat, rng: random.Random, at: list[int]) -> dict[int, tuple]:
+    """One pass over a chat with a fact planted first: at each checkpoint k, the mean NLL of
+    the real next reply and whether the fact (k exchanges back) is recalled."""
     fact_user, fact_reply, question, answer, values = rng.choice(FACTS)
     right, *wrong = rng.sample(values, 4)
     conv = engine.new_conversation(compression=config)
-    conv.add_turn("user", fact_user.format(right))
-    conv.add_turn("assistant", fact_reply.format(right))
-    for user, assistant in filler[: distance - 1]:
-        conv.add_turn("user", user)
-        conv.add_turn("assistant", assistant)
-    conv.add_turn("user", question, decode=False)
-    scores = [conv.score(answer.format(v)) for v in (right, *wrong)]
-    return scores[0] < min(scores[1:]), conv.stats()
+    out: dict[int, tuple] = {}
+    with suppress(ContextFullError):  # the full context: what fitted is kept
+        conv.add_turn("user", fact_user.format(right))
+        conv.add_turn("assistant", fact_reply.format(right))
+        for i, (user, assistant) in enumerate(chat, start=1):
+            if i in at:
+                conv.add_turn("user", question, decode=False)
+                scores = [conv.score(answer.format(v)) for v in (right, *wrong)]
+                conv.truncate(len(conv.messages) - 1)
+                conv.add_turn("user", user, decode=False)
+                nll = conv.score(assistant)
+                conv.truncate(len(conv.messages) - 1)
+                out[i] = (nll, scores[0] < min(scores[1:]), conv.stats())
+            if i == max(at):
+                break
+            conv.add_turn("user", user)
+            conv.add_turn("assistant", assistant)
+    return out
 
 
 def main() -> None:
@@ -135,21 +127,16 @@ def main() -> None:
     ap.add_argument("--split", choices=["validation", "test"], default="test")
     ap.add_argument("--levels", default="light,balanced,aggressive")
     ap.add_argument("--shares", default=None, help="verbatim shares to compare (validation)")
-    ap.add_argument("--at", default="4,8,16,32")
-    ap.add_argument("--distances", default="2,8,32")
-    ap.add_argument("--chats", type=int, default=8)
-    ap.add_argument("--recall-cases", type=int, default=8)
+    ap.add_argument("--at", default="2,4,8,16,32,64", help="checkpoints, in exchanges")
+    ap.add_argument("--chats", type=int, default=6)
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--only-hybrid", action="store_true", help="skip the baselines")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("bench/results/hybrid.json"))
     args = ap.parse_args()
     at = [int(x) for x in args.at.split(",")]
-    distances = [int(x) for x in args.distances.split(",")]
     shares = [float(x) for x in args.shares.split(",")] if args.shares else None
-    pool = dialogues(args.split)
-    chats = long_chats(pool, args.chats, max(at) + 1, seed=1)
-    fillers = long_chats(pool, args.recall_cases, max(distances), seed=2)
+    chats = long_chats(dialogues(args.split), args.chats, max(at) + 1, seed=1)
     started = time.time()
     rows = []
     with Engine.load(n_ctx=args.n_ctx, device=args.device, compression="balanced") as engine:
@@ -163,39 +150,37 @@ def main() -> None:
         for label, config in methods.items():
             t0 = time.time()
             per_at: dict[int, list] = {k: [] for k in at}
+            rng = random.Random(3)  # the same facts for every method
             for chat in chats:
-                for k, (nll, stats) in next_turn(engine, config, chat, at).items():
-                    per_at[k].append((nll, stats))
+                for k, got in walk(engine, config, chat, rng, at).items():
+                    per_at[k].append(got)
             for k, got in per_at.items():
-                if len(got) == len(chats):  # the full context stops at its window
-                    nll = statistics.fmean(x for x, _ in got)
-                    rows.append(_row(label, config, f"ppl@{k}", math.exp(nll), nll, got))
-            rng = random.Random(3)
-            for d in distances:
-                try:
-                    got = [recall(engine, config, filler, d, rng) for filler in fillers]
-                except ContextFullError:
+                if len(got) < len(chats):  # the full context stops at its window
                     continue
-                acc = statistics.fmean(float(ok) for ok, _ in got)
-                rows.append(_row(label, config, f"recall@{d}", acc, None, got))
+                nll = statistics.fmean(x for x, _, _ in got)
+                stats = [s for _, _, s in got]
+                rows.append(_row(label, config, f"ppl@{k}", math.exp(nll), nll, stats))
+                acc = statistics.fmean(float(ok) for _, ok, _ in got)
+                rows.append(_row(label, config, f"recall@{k}", acc, None, stats))
             print(f"{label}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": describe(args.device), "split": args.split, "chats": args.chats,
-        "recall_cases": args.recall_cases, "seconds": round(time.time() - started),
-        "command": " ".join(sys.argv), "rows": rows}, indent=1))
+        "compressor": engine.ccm.files.folder.name if engine.ccm else None,
+        "seconds": round(time.time() - started), "command": " ".join(sys.argv),
+        "rows": rows}, indent=1))
 
 
-def _row(label, config, metric, value, nll, got) -> dict:
-    cells = statistics.fmean(s.memory_tokens for _, s in got)
-    full = statistics.fmean(s.full_context_tokens for _, s in got)
+def _row(label, config, metric, value, nll, stats) -> dict:
+    cells = statistics.fmean(s.memory_tokens for s in stats)
+    full = statistics.fmean(s.full_context_tokens for s in stats)
     return {"method": label, "policy": config.method, "params": config.params,
             "metric": metric, "value": round(value, 4),
             "mean_nll": None if nll is None else round(nll, 4),
             "cells": round(cells, 1),
-            "mb": round(statistics.fmean(s.memory_bytes for _, s in got) / 1e6, 2),
-            "ratio": round(full / cells, 1) if cells else None, "n": len(got)}
+            "mb": round(statistics.fmean(s.memory_bytes for s in stats) / 1e6, 2),
+            "ratio": round(full / cells, 1) if cells else None, "n": len(stats)}
 
 
 def table(rows: list[dict]) -> str:

@@ -82,6 +82,8 @@ class Reply:
         assert self.stats is not None
         return self.stats
 
+    close = finish  # a caller that stops reading closes it, as it would a generator
+
     @property
     def text(self) -> str:
         return "".join(self.pieces) + (self.tail if self.stats is None else "")
