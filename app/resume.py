@@ -78,6 +78,11 @@ def _unusable(state: MemoryStateRecord | None, engine: EngineLike,
         return f"the saved memory was made by the {state.backend} back end"
     wanted = policy_key(compression)
     if state.policy != wanted:
+        if (state.policy.get("level") == wanted["level"]
+                and state.policy.get("method") == "ccm-concat"
+                and wanted["method"] == "ccm-hybrid"):
+            return ("the saved memory was made by the older pure-CCM memory (every exchange "
+                    "compressed at once); this level now keeps the latest exchanges verbatim")
         if {k: state.policy.get(k) for k in ("level", "method")} == {
                 k: wanted[k] for k in ("level", "method")}:
             return (f"the saved memory was made with other {wanted['method']} settings "
