@@ -156,3 +156,29 @@ def test_both_back_ends_keep_the_same_hybrid_memory(engine, hf_engine) -> None:
         assert all(abs(a - b) < 0.25 for a, b in zip(*scores.values(), strict=True)), scores
         restored = hf.restore_conversation(conv.save_state())
         assert restored.memory_view() == conv.memory_view()
+
+
+def test_an_old_pure_ccm_state_is_rebuilt_under_the_hybrid_level_and_says_why(
+        engine, tmp_path) -> None:
+    from app.resume import resume, save_memory
+    from storage import Store
+
+    store = Store(tmp_path / "chat.db")
+    record = store.create_conversation(system_prompt="You are a helpful assistant.")
+    old = engine.new_conversation(system=record.system_prompt, compression=pure_ccm(engine))
+    last = None
+    for user, assistant in EXCHANGES[:3]:
+        old.add_turn("user", user)
+        old.add_turn("assistant", assistant)
+        store.add_message(record.id, "user", user)
+        last = store.add_message(record.id, "assistant", assistant)
+    save_memory(store, engine, record.id, last.id, old)
+    level = engine.compression_for("balanced")
+    live, report = resume(engine, store, record, store.messages(record.id), level)
+    assert report.kind == "rebuilt" and "pure-CCM" in report.reason
+    assert live.stats().method == "ccm-hybrid" and live.stats().verbatim_exchanges >= 1
+    # saved again under the hybrid level, the next open restores it
+    save_memory(store, engine, record.id, last.id, live)
+    again, report = resume(engine, store, record, store.messages(record.id), level)
+    assert report.kind == "restored" and again.memory_view() == live.memory_view()
+    store.close()
