@@ -183,48 +183,196 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
     assert abs(hf_off - ll_off) < 0.35, results
 
 
-def recall_episodes(seed: int):
-    """A fact (token) planted in the first turn, asked for at the end; filler in between."""
-    from engine.ccm.data import Episode
+def recall_dialogue(step: int, seed: int = 0):
+    """A fact (token) planted in the first exchange, asked for in the last; filler between.
+    Every exchange is (user tokens, reply tokens); all replies are scored."""
+    from engine.ccm.data import Dialogue
 
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        fact = int(torch.randint(10, 97, (1,), generator=g))
-        filler = torch.randint(10, 97, (4,), generator=g).tolist()
-        yield Episode(context=[[3, fact, 4], filler], prompt=[5, 6], reply=[fact, 7])
+    g = torch.Generator().manual_seed(seed * 100_000 + step)
+    fact = int(torch.randint(10, 97, (1,), generator=g))
+    filler = torch.randint(10, 97, (4,), generator=g).tolist()
+    return Dialogue([[3, fact, 4, 8], filler, [5, 6, fact, 7]], [3, 2, 2], ((0, 2),))
+
+
+def tiny_config(**kw):
+    from engine.ccm.train import TrainConfig
+
+    return TrainConfig(**{"steps": 6, "lr": 1e-2, "warmup": 2, "max_window": 1,
+                          "checkpoint_every": 3, **kw})
+
+
+@pytest.mark.parametrize("method", ["concat", "merge"])
+def test_hybrid_read_blocks_match_the_turn_by_turn_hybrid_loop(method: str) -> None:
+    """The reply of exchange j reading the slots of exchanges < j - w and the text of
+    j - w..j verbatim: read blocks in one parallel forward give what the loop gives."""
+    _, comp = with_active_lora(n_comp=2, std=0.2, method=method)
+    torch.manual_seed(1)
+    turns = [torch.randint(3, 97, (n,)).tolist() for n in (6, 4, 7, 5, 3, 6)]
+    last = len(turns) - 1
+    for window in (1, 2):
+        reads = [j for j in range(len(turns)) if j - window >= 1]
+        blocks = [(t, i, i < last) for i, t in enumerate(turns)]
+        blocks += [([x for t in turns[j - window:j + 1] for x in t], j - window, False)
+                   for j in reads]
+        with torch.no_grad():
+            parallel, layout = comp.block_logits(blocks)
+            loop = comp.hybrid_recursive_logits(turns, window)
+        for k, j in enumerate(reads):
+            rows = layout.text_index[len(turns) + k][-len(turns[j]):]
+            torch.testing.assert_close(parallel[rows], loop[j], atol=1e-4, rtol=1e-4)
+        # the verbatim text matters: the hybrid read is not the pure one
+        assert (loop[-1] - comp.recursive_logits(turns)[-1]).abs().max() > 1e-3
+
+
+def test_a_hybrid_read_block_sits_right_after_the_slots_it_reads() -> None:
+    from engine.ccm.layout import Block, block_layout
+
+    # exchanges of 3, 2, 2 tokens compressed into 2 slots each, then exchange 2 read with
+    # w = 1: the slots of exchange 0, then exchanges 1 and 2 verbatim
+    layout = block_layout([Block(3, 0, True), Block(2, 1, True), Block(2, 2, False),
+                           Block(4, 1, False)], n_comp=2)
+    read = layout.text_index[3]
+    assert layout.positions[read].tolist() == [2, 3, 4, 5]  # after the 2 slots of group 0
+    memory, allowed = layout.memory_allowed(), layout.allowed()
+    assert memory[read].all(0).tolist() == [True, True, False, False]  # group 0 only
+    assert allowed[read[-1]].nonzero().flatten().tolist() == read  # its own block, causal
+    with pytest.raises(ValueError, match="only 2 came before"):
+        block_layout([Block(3, 0, True), Block(2, 1, True), Block(2, 3, False)], n_comp=2)
+
+
+def test_kl_to_the_full_context_model_is_zero_where_nothing_is_compressed() -> None:
+    """The teacher reads the whole history with the adapter off: a read block holding all
+    of it verbatim is the teacher, so KL = 0 and the NLL is the base model's; through the
+    slots both move."""
+    from engine.ccm.train import Plan, dialogue_loss
+
+    model, comp = with_active_lora(n_comp=2, std=0.2)
+    dialogue = recall_dialogue(0)
+    everything = dialogue_loss(comp, dialogue, Plan(2, [], [2]), tiny_config())
+    ids = torch.tensor([[t for e in dialogue.exchanges for t in e]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+    reply = [10, 11]  # the last exchange's reply tokens, flat
+    base = -logp[[r - 1 for r in reply], ids[0, reply]].mean()
+    assert float(everything["kl"].detach()) < 1e-6
+    torch.testing.assert_close(everything["nll"], base, atol=1e-5, rtol=1e-5)
+    through_slots = dialogue_loss(comp, dialogue, Plan(0, [1, 2], []), tiny_config())
+    assert float(through_slots["kl"].detach()) > 1e-3 and int(through_slots["replies"]) == 2
+
+
+def test_a_step_scores_every_reply_and_reads_the_planted_questions_hybrid() -> None:
+    import random
+
+    from engine.ccm.data import Dialogue
+    from engine.ccm.train import plan_for
+
+    dialogue = Dialogue([[1, 2, 3]] * 30, [1] * 30, ((3, 20),))
+    plan = plan_for(dialogue, tiny_config(reads=4), random.Random(0), window=3)
+    assert plan.pure == list(range(1, 30))  # every reply that reads a slot
+    assert 20 in plan.hybrid and len(plan.hybrid) == 4 and min(plan.hybrid) >= 4
+    last_only = plan_for(dialogue, tiny_config(every_reply=False), random.Random(0), 0)
+    assert last_only.pure == [29] and not last_only.hybrid
 
 
 def test_training_learns_to_recall_through_the_comp_slots(tmp_path) -> None:
-    from engine.ccm.train import episode_loss, train
+    from engine.ccm.train import Plan, dialogue_loss, train
 
     model, comp = with_active_lora(n_comp=2, std=0.0)
-    held_out = list(islice(recall_episodes(98), 16))  # other facts than training sees
+    held_out = [recall_dialogue(step, seed=7) for step in range(16)]  # other facts
     base_weight = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    with torch.no_grad():
-        before = sum(float(episode_loss(comp, e)) for e in held_out) / len(held_out)
-    losses = train(comp, recall_episodes(0), steps=120, out_dir=tmp_path, lr=1e-2,
-                   checkpoint_every=40, show_progress=False)
-    with torch.no_grad():
-        after = sum(float(episode_loss(comp, e)) for e in held_out) / len(held_out)
-    assert len(losses) == 120 and after < before - 0.5, (before, after)
+    config = tiny_config(steps=120, warmup=5, min_lr=1.0, kl_weight=0.0,
+                         checkpoint_every=60)
+
+    def held() -> float:
+        with torch.no_grad():
+            return sum(float(dialogue_loss(comp, d, Plan(0, [2], []), config)["nll"])
+                       for d in held_out) / len(held_out)
+
+    before = held()
+    log = train(comp, recall_dialogue, config, tmp_path, show_progress=False)
+    after = held()
+    assert len(log) == 120 and after < before - 0.5, (before, after)
     # the base model did not move: only the <COMP> table and the LoRA learn
     torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, base_weight)
 
 
-def test_training_resumes_from_its_checkpoint(tmp_path) -> None:
-    from engine.ccm.train import STATE, train
+def test_training_resumes_exactly_where_it_stopped(tmp_path) -> None:
+    """3 steps, stop, 3 more from the checkpoint == 6 steps straight: the same weights, the
+    same AdamW moments, the same losses (the data at a step is a function of the step)."""
+    from engine.ccm.train import OPTIMIZER, STATE, train
 
-    _, comp = with_active_lora(n_comp=2, std=0.0)
-    train(comp, recall_episodes(0), steps=10, out_dir=tmp_path, checkpoint_every=5,
-          show_progress=False)
-    _, fresh = with_active_lora(n_comp=2, std=0.0)
-    assert not torch.equal(fresh.comp, comp.comp)
-    assert train(fresh, recall_episodes(1), steps=10, out_dir=tmp_path,
-                 show_progress=False) == []  # already there: it only loads
-    torch.testing.assert_close(fresh.comp, comp.comp)
-    more = train(fresh, recall_episodes(1), steps=14, out_dir=tmp_path, checkpoint_every=5,
-                 show_progress=False)
-    assert len(more) == 4 and '"step": 14' in (tmp_path / STATE).read_text()
+    def run(out, stops):
+        _, comp = with_active_lora(n_comp=2, std=0.0)
+        log = []
+        for until in stops:  # a run cut short there (out of time), then run again
+            log += train(comp, recall_dialogue, tiny_config(), out, show_progress=False,
+                         until=until)
+        return comp, log
+
+    straight, log_straight = run(tmp_path / "a", [None])
+    resumed, log_resumed = run(tmp_path / "b", [3, None])
+    assert [r["step"] for r in log_resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in log_resumed] == [r["loss"] for r in log_straight]
+    for a, b in zip(straight.trainable(), resumed.trainable(), strict=True):
+        assert torch.equal(a, b)
+    state_a = torch.load(tmp_path / "a" / OPTIMIZER, weights_only=False)
+    state_b = torch.load(tmp_path / "b" / OPTIMIZER, weights_only=False)
+    for k, v in state_a["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], state_b["optimizer"]["state"][k]["exp_avg_sq"])
+    assert state_a["scheduler"] == state_b["scheduler"]
+    assert '"data_position": 6' in (tmp_path / "b" / STATE).read_text()
+    # a finished run only loads
+    again, _ = run(tmp_path / "b", [])
+    assert train(again, recall_dialogue, tiny_config(steps=6), tmp_path / "b",
+                 show_progress=False) == []
+    assert all(torch.equal(a, b) for a, b in zip(again.trainable(), resumed.trainable(),
+                                                 strict=True))
+
+
+def test_dialogue_data_splits_three_ways_and_plants_facts(hf_engine) -> None:
+    import random
+    from collections import Counter
+
+    from engine.ccm.data import (
+        Corpus,
+        ExchangeTokens,
+        load_corpora,
+        next_turn_probes,
+        recall_probes,
+        split_of,
+        training_dialogue,
+    )
+    from engine.ccm.recipe import model_tokens
+
+    conversations = load_corpora()
+    sources = Counter(k.split(":")[0] for k in conversations)
+    assert {"chitchat", "topical_chat", "synthetic_persona_chat", "memorybank"} <= set(sources)
+    shares = Counter(split_of(k) for k in conversations)
+    assert 0.05 < shares["test"] / len(conversations) < 0.15
+    assert 0.05 < shares["validation"] / len(conversations) < 0.15
+    tokenizer = hf_engine.model.tokenizer
+    tok = model_tokens(tokenizer)
+    exchanges = ExchangeTokens(tok)
+    pairs = [("Hello there", "Hi! How are you?"), ("Fine.", "Good to hear.")]
+    rendered = tok.render([{"role": r, "content": c} for p in pairs
+                           for r, c in zip(("user", "assistant"), p, strict=True)], False)
+    assert "".join(a + b for i, p in enumerate(pairs)
+                   for a, b in [exchanges.texts(*p, i == 0)]) == rendered
+    small = {k: v for i, (k, v) in enumerate(sorted(conversations.items())) if i % 25 == 0}
+    corpus = Corpus(small, "validation", exchanges)
+    assert all(split_of(k) == "validation" for k in corpus.keys)
+    dialogue = training_dialogue(corpus, random.Random(4), 40, 60, recall_share=1.0)
+    assert 20 <= len(dialogue.exchanges) <= 60 and dialogue.facts
+    assert tokenizer.decode(dialogue.exchanges[0]).startswith("<|im_start|>system")
+    for said, asked in dialogue.facts:
+        start = dialogue.reply_starts[asked]
+        value = tokenizer.decode(dialogue.exchanges[asked][start:]).split()[-1]
+        assert value.split(".")[0] in tokenizer.decode(dialogue.exchanges[said])
+        assert tokenizer.decode(dialogue.exchanges[asked][:start]).endswith("assistant\n")
+    probe = recall_probes(corpus, 8, 1)[0]
+    assert 8 <= len(probe.context) <= 10 and len({tuple(a) for a in probe.answers}) == 4
+    turn = next_turn_probes(corpus, 6, 2)
+    assert len(turn) == 2 and all(len(p.context) == 5 for p in turn)
 
 
 def test_episodes_split_and_shape(hf_engine) -> None:
@@ -274,7 +422,12 @@ def test_train_compressor_command_writes_what_the_app_picks_up(tmp_path, monkeyp
     from app.cli import main
     from app.service import load_engine
     from app.settings import Settings
-    from engine.ccm.files import EXTRA_DIRS_ENV, find_compressor, user_compressor_dir
+    from engine.ccm.files import (
+        EXTRA_DIRS_ENV,
+        compressor_dirs,
+        find_compressor,
+        user_compressor_dir,
+    )
 
     monkeypatch.setenv("CCM_CHAT_CACHE_DIR", str(hf_engine.model.cache_dir))  # converted
     assert main(["train-compressor", "--steps", "3", "--n-comp", "2",
@@ -283,18 +436,14 @@ def test_train_compressor_command_writes_what_the_app_picks_up(tmp_path, monkeyp
     card = json.loads((out / "compressor.json").read_text())
     assert card["steps"] == 3 and card["n_comp"] == 2 and card["method"] == "concat"
     assert card["base_fingerprint"] == hf_engine.fingerprint
-    # the app's engine (llama.cpp) runs it ahead of the shipped n = 1 compressor: a level now
-    # means CCM with this compressor's 2 slots per exchange
+    # the app's engine (llama.cpp) runs it ahead of the shipped compressor
     with load_engine(Settings(compression="balanced", context_size=256), None) as eng:
-        assert eng.compression.method == "ccm-concat"
+        assert eng.compression.method.startswith("ccm-")
         assert eng.ccm is not None and eng.ccm.files.folder == out
-        conv = eng.new_conversation()
-        conv.add_turn("user", "Hello there.")
-        conv.add_turn("assistant", "Hi!")
-        assert conv.stats().memory_tokens == 2
+        assert eng.ccm.vectors.shape[0] == 2  # its 2 slots an exchange
     # a compressor kept elsewhere is found through $CCM_CHAT_COMPRESSORS, which wins
     elsewhere = tmp_path / "elsewhere"
     out.rename(elsewhere)
-    assert find_compressor(hf_engine.fingerprint).card["n_comp"] == 1  # the shipped one
+    assert find_compressor(hf_engine.fingerprint).folder.parent == compressor_dirs()[-1]
     monkeypatch.setenv(EXTRA_DIRS_ENV, str(elsewhere))
     assert find_compressor(hf_engine.fingerprint).folder == elsewhere

@@ -324,25 +324,22 @@ class ExchangeTokens:
 
 
 class Corpus:
-    """One split's conversations, tokenized once, with a cache of the first exchange's
-    preamble variant; the source of training and evaluation dialogues."""
+    """One split's conversations, each tokenized when first used (a whole split takes a
+    while on a small CPU); the source of training and evaluation dialogues."""
 
     def __init__(self, conversations: dict[str, list[tuple[str, str]]], split: str,
                  tokens: ExchangeTokens) -> None:
         self.split, self.tokens = split, tokens
         self.keys = sorted(k for k in conversations if split_of(k) == split)
-        flat = [p for k in self.keys for p in conversations[k]]
-        self.exchanges = tokens.many(flat)
-        self.offsets, at = [], 0
-        for k in self.keys:
-            self.offsets.append(at)
-            at += len(conversations[k])
-        self.offsets.append(at)
+        self._pairs = [conversations[k] for k in self.keys]
+        self._tokenized: dict[int, list[tuple[list[int], int]]] = {}
         self.values = {k: [v for v in vs if _held_value(v) == (split != "train")]
                        for k, vs in POOLS.items()}
 
     def conversation(self, c: int) -> list[tuple[list[int], int]]:
-        return self.exchanges[self.offsets[c]:self.offsets[c + 1]]
+        if c not in self._tokenized:
+            self._tokenized[c] = self.tokens.many(self._pairs[c])
+        return self._tokenized[c]
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -119,8 +119,7 @@ def train_compressor(
     config = replace(config or TrainConfig(), steps=steps, lr=lr, seed=seed)
     path, hf, tokenizer = load_for_training(model, device)
     if hf.device.type != "cuda":
-        config = replace(config, max_exchanges=min(config.max_exchanges,
-                                                   config.cpu_max_exchanges))
+        config = config.for_cpu()
         recall_distances = tuple(d for d in recall_distances if d < config.max_exchanges)
     torch.manual_seed(seed)
     compressor = Compressor(hf, n_comp=n_comp, rank=rank, alpha=alpha,

@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +57,13 @@ class TrainConfig:
     max_tokens: int = 8192  # the teacher reads it all: at most the model's context
     recall_share: float = 0.5
     max_distance: int = 200
-    cpu_max_exchanges: int = 12  # without CUDA a long dialogue takes minutes a step
+
+    def for_cpu(self) -> TrainConfig:
+        """Without CUDA: short dialogues and few hybrid reads (a dense-masked forward over
+        thousands of positions takes minutes a step on a small CPU)."""
+        return replace(self, max_exchanges=min(self.max_exchanges, 6),
+                       max_tokens=min(self.max_tokens, 512), reads=min(self.reads, 2),
+                       max_window=min(self.max_window, 2))
     checkpoint_every: int = 100
     eval_every: int = 200
     seed: int = 0
