@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("app", "engine", "storage", "ui", "assets")
 
 
 def test_wheel_builds_without_warnings_and_ships_the_compressor(tmp_path: Path) -> None:
@@ -29,5 +30,7 @@ def test_wheel_builds_without_warnings_and_ships_the_compressor(tmp_path: Path) 
     assert "warning" not in log.lower(), log
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    sources = [n for n in files if n.endswith(".py") and n.split("/")[0] in PACKAGES]
+    assert sources and not set(sources) - set(names)  # a new subpackage must be listed too
     assert "assets/ccm_chat.tcss" in names
     assert any(n.startswith("assets/compressors/") and n.endswith("/lora.gguf") for n in names)
