@@ -73,7 +73,8 @@ def load_engine(settings: Settings, model_override: str | None) -> EngineLike:
 def sampling_params(settings: Settings, **overrides: Any) -> SamplingParams:
     """How replies are sampled, from the settings (and a command line's overrides)."""
     values = {"max_tokens": settings.max_tokens, "temperature": settings.temperature,
-              "top_p": settings.top_p}
+              "top_p": settings.top_p, "repeat_penalty": settings.repeat_penalty,
+              "dry_multiplier": settings.dry_multiplier}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingParams(**values)
 

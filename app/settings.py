@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, LEVELS
+from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, LEVELS, SamplingParams
 from storage import Store
 
 MAX_THREADS = 512
+SAMPLING = SamplingParams()  # the engine's defaults: they hold the default model off loops
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Settings:
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 512
+    repeat_penalty: float = SAMPLING.repeat_penalty  # 1.0: off
+    dry_multiplier: float = SAMPLING.dry_multiplier  # llama.cpp's DRY sampler; 0: off
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     compression: str = "off"
     backend: str = "auto"  # auto: llama.cpp for a .gguf file, transformers for a model folder
@@ -37,6 +40,10 @@ class Settings:
             found.append("Temperature must be between 0 and 2.")
         if not 0.0 < self.top_p <= 1.0:
             found.append("Top-p must be above 0 and at most 1.")
+        if not 1.0 <= self.repeat_penalty <= 2.0:
+            found.append("Repeat penalty must be between 1 (off) and 2.")
+        if not 0.0 <= self.dry_multiplier <= 5.0:
+            found.append("DRY multiplier must be between 0 (off) and 5.")
         if not 1 <= self.max_tokens <= 32_768:
             found.append("Max tokens must be between 1 and 32768.")
         if self.backend not in BACKENDS:

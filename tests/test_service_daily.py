@@ -210,6 +210,21 @@ def test_load_engine_passes_threads_through(monkeypatch) -> None:
     assert seen[1]["model"] == "other.gguf" and seen[1]["n_gpu_layers"] is None
 
 
+def test_loop_guards_are_settings_and_reach_every_reply(store: Store) -> None:
+    from app.service import sampling_params
+    from engine import SamplingParams
+
+    assert Settings().repeat_penalty == SamplingParams().repeat_penalty > 1.0  # on by default
+    assert Settings().dry_multiplier == SamplingParams().dry_multiplier > 0.0
+    Settings(repeat_penalty=1.0, dry_multiplier=0.0).save(store)  # both off: allowed
+    params = sampling_params(Settings.load(store), max_tokens=20)
+    assert (params.repeat_penalty, params.dry_multiplier, params.max_tokens) == (1.0, 0.0, 20)
+    with pytest.raises(ValueError, match="Repeat penalty"):
+        Settings(repeat_penalty=0.5).save(store)
+    with pytest.raises(ValueError, match="DRY"):
+        Settings(dry_multiplier=-1).save(store)
+
+
 def test_threads_setting_is_validated_and_reloads_the_engine(store: Store) -> None:
     with pytest.raises(ValueError, match="Threads"):
         Settings(threads=-2).save(store)
