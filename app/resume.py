@@ -83,12 +83,15 @@ def _unusable(state: MemoryStateRecord | None, engine: EngineLike,
                 and wanted["method"] == "ccm-hybrid"):
             return ("the saved memory was made by the older pure-CCM memory (every exchange "
                     "compressed at once); this level now keeps the latest exchanges verbatim")
-        if {k: state.policy.get(k) for k in ("level", "method")} == {
-                k: wanted[k] for k in ("level", "method")}:
+        level, method = state.policy.get("level"), state.policy.get("method")
+        if (level, method) == (wanted["level"], wanted["method"]):
             return (f"the saved memory was made with other {wanted['method']} settings "
                     "(memory size, or another compressor's weights)")
-        return (f"the saved memory was made at compression level {state.policy.get('level')!r} "
-                f"({state.policy.get('method')}), not {compression.level!r}")
+        if level == wanted["level"]:  # the same level, run another way (another compressor)
+            return (f"the saved memory was made by {method}, and level {level!r} now runs "
+                    f"{wanted['method']}")
+        return (f"the saved memory was made at compression level {level!r} ({method}), "
+                f"not {compression.level!r}")
     if state.message_id is None or state.message_id not in {m.id for m in messages}:
         return "the transcript changed after the memory was saved"
     return None

@@ -530,3 +530,16 @@ def test_a_held_chat_is_kept_alive_by_the_heartbeat(db_path: Path, monkeypatch) 
     svc.close()
     assert store.lease(conv.id) is None
     store.close()
+
+
+def test_a_memory_saved_by_another_method_of_the_same_level_says_so(store: Store) -> None:
+    svc = scripted_service(store, ScriptedEngine())
+    svc.update_settings(svc.with_settings(compression="balanced"))
+    conv, _ = chatted(svc, "one")
+    store.db.execute("UPDATE memory_states SET policy = json_set(policy, '$.method', 'other')")
+    store.db.conn.commit()
+    svc.close()
+    report = scripted_service(store, ScriptedEngine()).open(conv.id)
+    assert report.kind == "rebuilt"
+    assert report.reason == ("the saved memory was made by other, and level 'balanced' now "
+                             "runs window")
