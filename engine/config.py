@@ -27,7 +27,7 @@ SINK_TOKENS = 4
 # With a trained compressor, the share of a level's budget held as recent text; the rest
 # holds older exchanges as <COMP> slots (engine.memory.hybrid). Chosen on the validation
 # split by bench/hybrid.py (see VERBATIM_SHARE_EVIDENCE).
-VERBATIM_SHARE: dict[str, float] = {"light": 0.75, "balanced": 0.75, "aggressive": 0.5}
+VERBATIM_SHARE: dict[str, float] = {"light": 0.5, "balanced": 0.5, "aggressive": 0.5}
 VERBATIM_SHARE_EVIDENCE = "bench/hybrid.py --split validation"
 
 
