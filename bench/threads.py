@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/threads_cpu.json"))
     args = parser.parse_args()
 
+    load_before = os.getloadavg()  # other programs' load: "alone" is only this process's
     old_count = os.cpu_count() or 1
     old = Engine.load(n_ctx=args.n_ctx, device="cpu", n_threads=old_count)
     new = Engine.load(n_ctx=args.n_ctx, device="cpu", n_threads=None)
@@ -97,6 +98,8 @@ def main() -> None:
             f"{medians[c][name]:8.1f} tok/s ({', '.join(f'{s:.1f}' for s in speeds[c][name])})"
             .rjust(30) for c in conditions)
         print(f"{name:{width}}{cells}")
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before: {load_before}, after: {load_after}")
     old_name, new_name = list(engines)
     for c in conditions:
         print(f"{c}: new / old = {medians[c][new_name] / medians[c][old_name]:.2f}")
@@ -108,6 +111,8 @@ def main() -> None:
         "model": next(iter(engines.values())).info.model_name,
         "tokens": args.tokens,
         "neighbour": f"{sys.executable} -c {NEIGHBOUR!r}",
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "threads": threads,
         "tok_per_s": speeds,
         "tokens_generated": generated,
