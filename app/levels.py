@@ -21,7 +21,10 @@ def compressor_for(model_path: str, backend: str) -> tuple[CompressorFiles | Non
         return None, on_llama
 
 
-def describe_level(level: str, backend: str, model_path: str = "") -> str:
-    """The method the level runs and why (K cache quantization is llama.cpp's)."""
+def describe_level(level: str, backend: str, model_path: str = "",
+                   bytes_per_cell: int | None = None) -> str:
+    """The method the level runs and why (K cache quantization is llama.cpp's); with the
+    model's f16 bytes per cell (ChatService.bytes_per_cell, once a model is loaded), about
+    how much memory it holds at most."""
     files, on_llama = compressor_for(model_path, backend)
-    return CompressionConfig.for_level(level, on_llama, files).describe()
+    return CompressionConfig.for_level(level, on_llama, files).describe(bytes_per_cell)

@@ -175,6 +175,12 @@ class ChatService:
     def engine_loaded(self) -> bool:
         return self._engine is not None
 
+    @property
+    def bytes_per_cell(self) -> int | None:
+        """The loaded model's f16 bytes per KV cell (for app.levels.describe_level), if any."""
+        model = getattr(self._engine, "model", None)
+        return getattr(model, "f16_bytes_per_token", None)
+
     def _require_engine(self) -> EngineLike:
         try:
             return self.engine

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from app.errors import ChatError
+from app.levels import describe_level
 from app.service import ChatService, make_title
 from app.settings import Settings
 from engine import Engine
@@ -168,6 +169,9 @@ def test_real_engine_through_the_service(store: Store, real_engine: Engine) -> N
     assert [m.role for m in svc.messages(conv.id)] == ["user", "assistant"] * 2
     status = svc.status(conv.id)
     assert status.tokens_in_context > 20 and status.device == "CPU"
+    assert svc.bytes_per_cell == 23040  # 2 (K, V) x 2 bytes x 30 layers x 3 kv heads x 64
+    sized = describe_level("balanced", "llamacpp", "", svc.bytes_per_cell)
+    assert "MB at most" in sized and "MB at most" not in describe_level("balanced", "llamacpp")
     svc._engine = None  # the session-wide engine stays open for other tests
 
 
