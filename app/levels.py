@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from engine import CompressionConfig, ModelError, resolve_model_path
+from engine import CompressionConfig, EngineError, ModelError, resolve_model_path
+from engine.backend import pick_backend
 from engine.ccm.files import CompressorFiles, find_compressor
 from engine.models import model_fingerprint
 
@@ -14,7 +15,10 @@ def compressor_for(model_path: str, backend: str) -> tuple[CompressorFiles | Non
         path = resolve_model_path(model_path or None, allow_dir=backend != "llamacpp")
     except (ModelError, OSError):
         return None, backend != "hf"
-    on_llama = backend == "llamacpp" or (backend == "auto" and not path.is_dir())
+    try:
+        on_llama = pick_backend(backend, path) == "llamacpp"
+    except EngineError:
+        return None, backend != "hf"
     try:
         return find_compressor(model_fingerprint(path)), on_llama
     except (ModelError, OSError):

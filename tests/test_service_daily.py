@@ -543,3 +543,12 @@ def test_a_memory_saved_by_another_method_of_the_same_level_says_so(store: Store
     assert report.kind == "rebuilt"
     assert report.reason == ("the saved memory was made by other, and level 'balanced' now "
                              "runs window")
+
+
+def test_levels_pick_the_back_end_as_the_engine_does() -> None:
+    from app.levels import compressor_for
+
+    files, on_llama = compressor_for("", "auto")  # the embedded GGUF: llama.cpp
+    assert on_llama and files is not None and files.n_comp >= 1
+    assert compressor_for("", "hf")[1] is False
+    assert compressor_for("", "nonsense") == (None, True)  # said by the settings check instead
