@@ -33,7 +33,12 @@ class ConditionalLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         mask = self.gate.mask
-        if mask is None or not bool(mask.any()):
+        if mask is None:
             return out
-        delta = (x @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
-        return out + delta * self.scale * mask[..., None].to(x.dtype)
+        rows = mask.reshape(-1).nonzero().flatten()  # only the <COMP> rows: few of them
+        if not rows.numel():
+            return out
+        flat = x.reshape(-1, x.shape[-1])[rows]
+        delta = (flat @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
+        delta = delta * (self.scale * mask.reshape(-1)[rows, None].to(x.dtype))
+        return out.reshape(-1, out.shape[-1]).index_add(0, rows, delta).view(out.shape)
