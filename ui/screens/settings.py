@@ -26,6 +26,8 @@ LABELS = {  # the number fields' labels; one not listed is labelled from its nam
     "top_p": "Top-p",
     "max_tokens": "Max tokens per reply",
     "threads": "CPU threads (0 = automatic)",
+    "repeat_penalty": "Repetition penalty (1 = off)",
+    "dry_multiplier": "DRY loop guard (0 = off, llama.cpp)",
 }
 KINDS = {"int": int, "float": float}
 
