@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,17 +130,22 @@ def session_settings(settings: Settings, args: argparse.Namespace) -> Settings:
     return settings
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    from ui.app import ChatApp
+ChatRunner = Callable[[ChatService, "int | None", bool], None]
 
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The chat itself: the runner `main` was given (the terminal UI starts it, from
+    ui.main, the composition root; app never imports ui)."""
+    if args.chat_runner is None:
+        raise ValueError("This entry point has no chat window; run `ccm-chat` for the chat, "
+                         "or one of its commands (see --help).")
     store = _open_store(args)
     service = ChatService(store, model_override=getattr(args, "model", None))
     service.settings = session_settings(service.settings, args)
     if args.conversation is not None:
         store.get_conversation(args.conversation)
-    app = ChatApp(service, conversation_id=args.conversation, resume_last=args.resume)
     try:
-        app.run()
+        args.chat_runner(service, args.conversation, args.resume)
     finally:
         service.close()
         store.close()
@@ -274,8 +279,9 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, chat_runner: ChatRunner | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.chat_runner = chat_runner
     try:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit

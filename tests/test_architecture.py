@@ -1,0 +1,97 @@
+"""The checks a newcomer makes: the layers point one way, no module-level import cycles, one
+job per engine module, and no test or benchmark reading a Conversation's private state."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("app", "engine", "storage", "ui")
+# what each layer may import from the others (ui -> app -> (engine, storage))
+ALLOWED = {"ui": {"app"}, "app": {"engine", "storage"}, "engine": set(), "storage": set()}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for layer in LAYERS:
+        for path in (ROOT / layer).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Imports run when the module loads (not inside functions or `if TYPE_CHECKING`)."""
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try | ast.With):
+                visit(node.body)
+
+    visit(tree.body)
+    return names
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: {m for m in top_level_imports(path) if m in mods and m != name}
+            for name, path in mods.items()}
+
+
+def test_layers_point_one_way() -> None:
+    for name, path in modules().items():
+        layer = name.split(".")[0]
+        for imported in top_level_imports(path) | _lazy_imports(path):
+            other = imported.split(".")[0]
+            if other in LAYERS and other != layer:
+                assert other in ALLOWED[layer], f"{name} imports {imported}"
+
+
+def _lazy_imports(path: Path) -> set[str]:
+    return {node.module for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+
+
+def test_no_import_cycles() -> None:
+    edges = graph()
+    seen: dict[str, int] = {}  # 1: on the stack, 2: done
+
+    def visit(node: str, stack: list[str]) -> None:
+        seen[node] = 1
+        for nxt in sorted(edges[node]):
+            assert seen.get(nxt) != 1, " -> ".join([*stack, node, nxt])
+            if nxt not in seen:
+                visit(nxt, [*stack, node])
+        seen[node] = 2
+
+    for node in sorted(edges):
+        if node not in seen:
+            visit(node, [])
+
+
+def test_each_engine_module_says_its_job_first() -> None:
+    for path in (ROOT / "engine").rglob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and len(doc.splitlines()[0]) > 20, path
+
+
+def test_no_test_or_benchmark_reads_private_conversation_state() -> None:
+    private = re.compile(r"\b(conv|copy|live|restored|rebuilt|reader|probe|twin|c|h|hv)\."
+                         r"_(kv|rendered|sync|ctx|evicted|slots|frozen|bounds|groups|parked)\b")
+    for folder in ("tests", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            hits = private.findall(path.read_text())
+            assert not hits, f"{path} reads {hits}"
