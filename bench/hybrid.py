@@ -7,10 +7,9 @@ Side by side in one process, on the llama.cpp engine and the default model:
   likelihood against 3 distractors (chance 0.25), at the same checkpoints of the same pass;
 - cells and bytes held, and the ratio to the full context.
 
-`--split validation` draws from Topical-Chat's valid split (never seen by the shipped
-compressor, which trained on chitchat) and is what the level's verbatim share is chosen on
-(`--shares`); `--split test` draws from chitchat's test split (one id in ten by hash, held
-apart from the shipped compressor's training) for the reported table.
+The dialogues come from the corpora the compressor trains on (engine.ccm.data.load_corpora),
+split by id hash: `--split validation` is what a level's verbatim share is chosen on
+(`--shares`), `--split test` gives the reported table; the shipped compressor saw neither.
 
     python bench/hybrid.py --split validation --only-hybrid --shares 0.25,0.5,0.75 \
         --out bench/results/hybrid_validation.json
@@ -45,21 +44,13 @@ FACTS = [
 ]
 
 
-def exchanges_of(turns: list[str]) -> list[tuple[str, str]]:
-    return [(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2)
-            if turns[i].strip() and turns[i + 1].strip()]
-
-
 def dialogues(split: str) -> list[list[tuple[str, str]]]:
-    if split == "validation":
-        path = Path(__file__).resolve().parents[2] / "shared/data/topical_chat/conversations.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        return [exchanges_of([t["text"] for t in r["turns"]]) for r in rows
-                if r["split"].startswith("valid")]
-    from engine.ccm.data import load_chitchat, split_of
+    """The split's dialogues from every corpus the compressor's training split by (the
+    shipped compressor never saw validation or test)."""
+    from engine.ccm.data import load_corpora, split_of
 
-    return [exchanges_of(turns) for cid, turns in sorted(load_chitchat().items())
-            if split_of(cid) == "test"]
+    return [exchanges for key, exchanges in sorted(load_corpora().items())
+            if split_of(key) == split]
 
 
 def long_chats(pool, count: int, length: int, seed: int) -> list[list[tuple[str, str]]]:
@@ -132,6 +123,7 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--only-hybrid", action="store_true", help="skip the baselines")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="llamacpp", choices=["llamacpp", "hf"])
     ap.add_argument("--out", type=Path, default=Path("bench/results/hybrid.json"))
     args = ap.parse_args()
     at = [int(x) for x in args.at.split(",")]
@@ -139,7 +131,8 @@ def main() -> None:
     chats = long_chats(dialogues(args.split), args.chats, max(at) + 1, seed=1)
     started = time.time()
     rows = []
-    with Engine.load(n_ctx=args.n_ctx, device=args.device, compression="balanced") as engine:
+    with Engine.load(n_ctx=args.n_ctx, device=args.device, compression="balanced",
+                     backend=args.backend) as engine:
         methods: dict[str, CompressionConfig] = {}
         if not args.only_hybrid:
             methods["full"] = CompressionConfig("off", "full", {}, "f16")
@@ -163,13 +156,14 @@ def main() -> None:
                 acc = statistics.fmean(float(ok) for _, ok, _ in got)
                 rows.append(_row(label, config, f"recall@{k}", acc, None, stats))
             print(f"{label}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)  # after each, for a cut run
+            args.out.write_text(json.dumps({
+                "machine": describe(args.device), "backend": args.backend,
+                "split": args.split, "chats": args.chats,
+                "compressor": engine.ccm.files.folder.name if engine.ccm else None,
+                "seconds": round(time.time() - started), "command": " ".join(sys.argv),
+                "rows": rows}, indent=1))
     print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": describe(args.device), "split": args.split, "chats": args.chats,
-        "compressor": engine.ccm.files.folder.name if engine.ccm else None,
-        "seconds": round(time.time() - started), "command": " ".join(sys.argv),
-        "rows": rows}, indent=1))
 
 
 def _row(label, config, metric, value, nll, stats) -> dict:

@@ -64,9 +64,10 @@ class Context(Protocol):
     def logits(self, i: int = -1) -> np.ndarray: ...
     def redecode(self, token: int, pos: int) -> None:
         """Decode the last cell again, so its logits are current."""
-    def insert_slots(self, vectors: np.ndarray, adapter: object, at: int,
-                     reread: Sequence[int] = ()) -> None:
-        """New <COMP> cells at positions at.., seeing only the cells before them."""
+    def set_adapter(self, adapter: object | None, scale: float = 1.0) -> None:
+        """The compressor's LoRA on (or off: None) for the next decodes."""
+    def decode_embeddings(self, vectors: np.ndarray, start_pos: int) -> None:
+        """Decode rows of input embeddings (the <COMP> vectors) at start_pos.."""
     def merge_slots(self, n: int, weight: float) -> None: ...
     def remove(self, p0: int, p1: int = -1) -> None: ...
     def shift(self, p0: int, p1: int, delta: int) -> None: ...

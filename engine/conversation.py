@@ -395,14 +395,11 @@ class Conversation:
             text -= cut
         start = self.kv.slots
         end = start + text
-        # text decoded while older text was held must be read afresh, as it was trained
-        reread = self.kv.tokens[start:end] if self.kv.text_saw_text else []
-        ctx.insert_slots(ccm.vectors, ccm.adapter, end, reread)
-        self.kv.add_slots(end, n)
         if not merge:
-            self.evict(start, end)
-            self.kv.slots_joined(n)
+            self._compress_span(ctx, start, end)
             return
+        self._decode_slots(ctx, end)
+        self.kv.add_slots(end, n)
         ctx.remove(start, end)  # the text goes; the new slots move onto the held ones' places
         ctx.shift(end, -1, -end)
         self.kv.forget(start, end)
@@ -411,6 +408,40 @@ class Conversation:
             self.kv.forget(n, 2 * n)
             self.kv.ends[:n] = [len(self.kv.rendered)] * n  # the mean stands for all of it
         self.kv.slots = n
+
+    def _compress_span(self, ctx, start: int, end: int) -> None:
+        """Replace text cells [start, end) by their <COMP> slots, as pure CCM would make them.
+
+        The slots see the slots before them and that text only: the text after it goes first
+        (for a moment), and once the slots sit in the text's place it is decoded again behind
+        them. That also keeps the text held verbatim as the compressor was trained to be read:
+        decoded after the memory as it is now. Left as decoded beside the text since
+        compressed, it cost 0.6-1.2 nats of next-reply NLL (default model, CPU).
+        """
+        n = len(self.engine.ccm.vectors)  # type: ignore[union-attr]
+        rest = list(self.kv.tokens[end:])
+        if rest:
+            ctx.remove(end)
+            if ctx.needs_compaction:
+                ctx.compact(-1)  # no holes where the slots go
+        self._decode_slots(ctx, end)
+        ctx.remove(start, end)
+        ctx.shift(end, -1, start - end)
+        if ctx.needs_compaction:
+            ctx.compact(-1)
+        if rest:
+            ctx.decode(rest, start + n)
+        self.kv.add_slots(end, n)
+        self.kv.forget(start, end)
+        self.kv.slots_joined(n)
+
+    def _decode_slots(self, ctx, at: int) -> None:
+        ccm = self.engine.ccm
+        ctx.set_adapter(ccm.adapter)  # type: ignore[union-attr]
+        try:
+            ctx.decode_embeddings(ccm.vectors, at)  # type: ignore[union-attr]
+        finally:
+            ctx.set_adapter(None)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -484,8 +515,7 @@ class Conversation:
         """An exchange is finished: mark where its text ends, then let the policy work."""
         self.kv.end_exchange()
         self.policy.after_turn(self)
-        if self.held > self.kv.slots:  # the next text is decoded after this exchange's text
-            self.kv.text_saw_text = True
+
 
     def _redecode_last(self, ctx) -> None:
         """Logits are only current after a decode: recompute them for the last cell."""

@@ -244,47 +244,6 @@ class HFContext:
         self.positions = torch.cat([self.positions, pos])
 
     @torch.inference_mode()
-    def insert_slots(self, vectors: np.ndarray, adapter: object, at: int,
-                     reread: Sequence[int] = ()) -> None:
-        """As LlamaContext.insert_slots: the rows see only the cells before `at` (the last
-        len(reread) of them decoded afresh); the cells from `at` on move up, re-rotated."""
-        prefix = at - len(reread)
-        if not reread and at >= len(self.positions):
-            self._decode_with_adapter(vectors, adapter, at)
-            return
-        n = len(vectors)
-        keep_pos = self.positions.clone()
-        kept = [(layer.keys, layer.values) for layer in self._layers()]
-        last = self._last
-        cut = int((self.positions < prefix).sum())
-        for layer in self._layers():
-            layer.keys, layer.values = layer.keys[:, :, :cut], layer.values[:, :, :cut]
-        self.positions = self.positions[:cut]
-        if reread:
-            self.decode(reread, prefix)
-        self._decode_with_adapter(vectors, adapter, at)
-        split = int((keep_pos < at).sum())
-        step = torch.full((len(keep_pos) - split,), n)
-        for layer, (keys, values) in zip(self._layers(), kept, strict=True):
-            slot_k, slot_v = layer.keys[:, :, -n:], layer.values[:, :, -n:]
-            tail_k = keys[:, :, split:]
-            if self._rotary is not None and tail_k.shape[2]:
-                tail_k = rotate_keys(self._rotary, tail_k, step)
-            layer.keys = torch.cat([keys[:, :, :split], slot_k.to(keys.dtype), tail_k], 2)
-            layer.values = torch.cat([values[:, :, :split], slot_v.to(values.dtype),
-                                      values[:, :, split:]], 2)
-        self.positions = torch.cat([keep_pos[:split], torch.arange(at, at + n),
-                                    keep_pos[split:] + n])
-        self._last = last
-
-    def _decode_with_adapter(self, vectors: np.ndarray, adapter: object, at: int) -> None:
-        self.set_adapter(adapter)
-        try:
-            self.decode_embeddings(vectors, at)
-        finally:
-            self.set_adapter(None)
-
-    @torch.inference_mode()
     def merge_slots(self, n: int, weight: float) -> None:
         """Fold the last n cells into the first n as a running mean; drop the last n."""
         for layer in self._layers():

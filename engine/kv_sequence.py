@@ -40,7 +40,6 @@ class KVSequence:
     bounds: list[int] = field(default_factory=list)
     frozen: int = 0  # bytes of `rendered` before this are (partly) evicted: no rollback
     evicted: int = 0  # tokens dropped so far
-    text_saw_text: bool = False  # text held was decoded after a finished exchange's text
 
     @property
     def held(self) -> int:
@@ -93,7 +92,6 @@ class KVSequence:
         """The n cells after the slots are slots too now (a compression closed its gap)."""
         self.slots += n
         self._set_bounds(self.bounds)
-        self.text_saw_text = self.text_saw_text and self.held > self.slots
 
     def end_exchange(self) -> None:
         if self.held > (self.bounds[-1] if self.bounds else self.slots):
@@ -111,8 +109,7 @@ class KVSequence:
     def header(self) -> dict[str, Any]:
         return {"rendered": base64.b64encode(self.rendered).decode(), "kv_tokens": self.tokens,
                 "kv_ends": self.ends, "frozen": self.frozen, "evicted": self.evicted,
-                "groups": self.groups, "bounds": self.bounds,
-                "text_saw_text": self.text_saw_text}
+                "groups": self.groups, "bounds": self.bounds}
 
     @classmethod
     def from_header(cls, head: dict[str, Any], n_ctx: int) -> KVSequence:
@@ -122,8 +119,7 @@ class KVSequence:
                       ends=[int(e) for e in head["kv_ends"]], slots=sum(t < 0 for t in tokens),
                       groups=int(head.get("groups", 0)),
                       bounds=[int(b) for b in head.get("bounds", [])],
-                      frozen=int(head["frozen"]), evicted=int(head["evicted"]),
-                      text_saw_text=bool(head.get("text_saw_text", False)))
+                      frozen=int(head["frozen"]), evicted=int(head["evicted"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"The memory state header is malformed ({exc}).") from exc
         if len(seq.tokens) != len(seq.ends) or seq.held > n_ctx:

@@ -3,8 +3,6 @@
 The high-level `Llama` class assumes contiguous positions and owns the KV cache; memory
 policies need to edit the cache between turns, so the decode loop is driven here directly.
 Everything works on sequence 0 of one context: the engine parks and restores conversations.
-Sequence 1 is scratch space, to move cells computed apart into sequence 0 (see
-`insert_slots`): the hybrid memory compresses an exchange that later text follows.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from engine.errors import EngineError, ModelError
 from engine.threads import resolve_threads
 
 SEQ = 0
-SCRATCH = 1
 KV_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
@@ -206,8 +203,7 @@ class LlamaContext:
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = 2  # the conversation's sequence and a scratch one
-        params.kv_unified = True  # one buffer: a sequence copy shares cells, copies nothing
+        params.n_seq_max = 1
         threads = resolve_threads(n_threads)
         params.n_threads = threads.decode
         params.n_threads_batch = threads.batch
@@ -308,7 +304,9 @@ class LlamaContext:
         The last cell is decoded once more in the compacted cache, so its KV and the logits
         that sampling reads next come from there. A <COMP> slot (`last_token` < 0) cannot be
         decoded again: a throwaway token applies the shift instead (the next decode is new
-        text, so no logits are needed).
+        text, so no logits are needed). Decoding where cells of higher positions, or holes,
+        sat before the new ones in the buffer also gave wrong logits (off by up to 24), so
+        whatever decodes after an edit comes after a compaction.
         """
         last = self.pos_max()
         if last_token < 0:
@@ -324,50 +322,6 @@ class LlamaContext:
         """Decode the last cell again: logits are only current after a decode."""
         self.remove(pos)
         self.decode([token], pos)
-
-    def insert_slots(self, vectors: np.ndarray, adapter: object, at: int,
-                     reread: Sequence[int] = ()) -> None:
-        """Decode embedding rows (the <COMP> vectors, with `adapter` on) as new cells at
-        positions at.., seeing only the cells before `at`; the cells from `at` on move up.
-
-        `reread`: tokens decoded afresh in place of the last len(reread) cells before `at`,
-        so the rows see that text as if only the cells before it had come first (the cells
-        held there may have been decoded after other text, since compressed).
-
-        llama.cpp gave wrong logits (off by up to 24) for tokens decoded where cells of higher
-        positions, or holes, sat before them in the buffer (0.3.36, CPU), whichever sequence
-        those were in; so the rows are never decoded beside the later text. The sequence is
-        saved, cut back to the cells the rows may see, the rows decoded at its end as on the
-        plain path, and the result saved; then the whole sequence is restored and the new cells are
-        loaded into the scratch sequence and tagged back into place.
-        """
-        n = len(vectors)
-        if not reread and at > self.pos_max():
-            self._decode_with_adapter(vectors, adapter, at)
-            return
-        prefix = at - len(reread)
-        whole = self.get_state()
-        self.remove(prefix)
-        self.set_state(self.get_state())  # no holes before the new cells (see above)
-        if reread:
-            self.decode(reread, prefix)
-        self._decode_with_adapter(vectors, adapter, at)
-        self.remove(0, at)  # keep only the new cells, at their own positions
-        piece = self.get_state()
-        self.set_state(whole)
-        self.shift(at, -1, n)
-        self.set_state(piece, seq=SCRATCH, clear=False)
-        try:
-            llama_cpp.llama_memory_seq_cp(self.memory, SCRATCH, SEQ, at, at + n)
-        finally:
-            llama_cpp.llama_memory_seq_rm(self.memory, SCRATCH, -1, -1)
-
-    def _decode_with_adapter(self, vectors: np.ndarray, adapter: object, at: int) -> None:
-        self.set_adapter(adapter)
-        try:
-            self.decode_embeddings(vectors, at)
-        finally:
-            self.set_adapter(None)
 
     def set_adapter(self, adapter: object | None, scale: float = 1.0) -> None:
         """Turn a LoRA adapter on for the next decodes (None: off)."""
@@ -413,11 +367,10 @@ class LlamaContext:
         written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, SEQ)
         return ctypes.string_at(buf, written)  # not bytes(buf[:n]): that builds a list of ints
 
-    def set_state(self, data: bytes, seq: int = SEQ, clear: bool = True) -> None:
-        if clear:
-            self.clear()
+    def set_state(self, data: bytes) -> None:
+        self.clear()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == 0:
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), SEQ) == 0:
             self.clear()
             raise EngineError("llama.cpp rejected the saved memory state.")
 
