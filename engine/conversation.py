@@ -602,7 +602,7 @@ class Conversation:
 
     def _settle(self) -> None:
         """A reply its caller stopped reading is finished before anything else happens."""
-        if self._pending is not None:
+        if self._pending is not None and not self._pending.running:
             self._pending.finish()
 
     @property

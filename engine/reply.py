@@ -58,11 +58,25 @@ class Reply:
         self.decode_seconds = 0.0
         self.finish_reason = "cancelled"
         self.failed = False
+        self.running = False  # inside a step of the stream (the conversation must not end it)
         self._stream: Iterator[str] | None = None
+        self._pieces: Iterator[str] | None = None
 
-    def __iter__(self) -> Iterator[str]:
-        if self._stream is not None or self.stats is not None:
-            raise RuntimeError("A reply can be iterated once.")
+    def __iter__(self) -> Reply:
+        return self
+
+    def __next__(self) -> str:
+        if self._pieces is None:
+            if self.stats is not None:  # finished: read `stats` and `pieces`
+                raise StopIteration
+            self._pieces = self._run()
+        self.running = True
+        try:
+            return next(self._pieces)
+        finally:
+            self.running = False
+
+    def _run(self) -> Iterator[str]:
         self._stream = self._conv._stream(self)
         for piece in self._stream:
             self.pieces.append(piece)

@@ -87,9 +87,10 @@ def test_ccm_memory_keeps_slots_and_still_recalls(backend, ccm_llama, ccm_hf) ->
     stats = conv.stats()
     assert stats.method == "ccm-concat"
     assert stats.memory_tokens == 2 * n_comp(engine)  # n slots per exchange, no text
-    assert stats.full_context_tokens > 60 and stats.ratio > 30
+    assert stats.full_context_tokens > 60 and stats.ratio > 30 / n_comp(engine)
     right, *wrong = scores(conv)
-    assert right < min(wrong) - 1.0, (right, wrong)  # measured 0.13 vs 2.3 (both back ends)
+    # measured 0.69 vs 1.67 with the n = 2 compressor (0.13 vs 2.3 with the old n = 1)
+    assert right < min(wrong) - 0.5, (right, wrong)
     # and the memory is what carries it: with no slots the name is a guess
     bare = engine.new_conversation(compression=engine.compression_for("off"))
     assert scores(bare)[0] > right + 1.0

@@ -107,16 +107,19 @@ def test_window_keeps_going_past_the_context_window(engine_for: EngineFor) -> No
     eng = engine_for(n_ctx=256)
     conv = eng.new_conversation(compression=window(4, 96))
     seen = 0
+    plain = SamplingParams(temperature=0.0, max_tokens=40, repeat_penalty=1.0,
+                           dry_multiplier=0.0)  # the replies this test was written against
     for user, _ in FACTS * 2:
-        reply = "".join(conv.send(user, SamplingParams(temperature=0.0, max_tokens=40)))
+        reply = "".join(conv.send(user, plain))
         assert reply.strip()
         assert conv.last_reply.finish_reason in ("stop", "length")
         assert conv.stats().memory_tokens <= 100
         seen = conv.stats().full_context_tokens
     assert seen > 2 * eng.n_ctx
     # A reply longer than the whole context window: the window slides while it is generated.
-    long = "".join(conv.send("Count from 1 to 300, one number per line.",
-                             SamplingParams(temperature=0.0, max_tokens=300)))
+    counting = SamplingParams(temperature=0.0, max_tokens=300, repeat_penalty=1.0,
+                              dry_multiplier=0.0)  # a count repeats itself, by design
+    long = "".join(conv.send("Count from 1 to 300, one number per line.", counting))
     assert conv.last_reply.tokens > eng.n_ctx
     assert conv.last_reply.finish_reason == "length", long[-200:]
     assert positions(eng) == (0, conv.stats().memory_tokens - 1)
