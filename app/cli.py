@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     tr.add_argument("--eval-episodes", type=int, default=50,
                     help="held-apart episodes scored before and after")
+    tr.add_argument("--kl-weight", type=float, default=1.0,
+                    help="weight of the KL to the full-context model on every reply (0: off)")
+    tr.add_argument("--last-reply-only", action="store_true",
+                    help="score only each dialogue's last reply (the paper's recipe)")
+    tr.add_argument("--max-window", type=int, default=8,
+                    help="most recent exchanges a hybrid read holds verbatim (0: pure CCM)")
+    tr.add_argument("--max-exchanges", type=int, default=256, help="longest dialogue")
+    tr.add_argument("--max-distance", type=int, default=200,
+                    help="farthest a planted fact sits from its question, in exchanges")
+    tr.add_argument("--max-seconds", type=float, default=None,
+                    help="stop (with a checkpoint) after this long; run again to resume")
     return parser
 
 
@@ -248,16 +259,26 @@ def cmd_paths(args: argparse.Namespace) -> int:
 
 def cmd_train_compressor(args: argparse.Namespace) -> int:
     from engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
-    from engine.ccm.recipe import train_compressor  # torch: only when training
+
+    try:
+        from engine.ccm.recipe import train_compressor  # torch: only when training
+    except ImportError as exc:
+        raise ValueError(f"Training needs {exc.name}, which is not installed: "
+                         "pip install 'ccm-chat[train]'.") from exc
     from engine.models import resolve_model_path
 
     model = getattr(args, "model", None)
     out = args.out or user_compressor_dir() / (
         f"{resolve_model_path(model, allow_dir=True).stem}-ccm-{args.method}-n{args.n_comp}")
+    from engine.ccm.train import TrainConfig
+
+    config = TrainConfig(kl_weight=args.kl_weight, every_reply=not args.last_reply_only,
+                         max_window=args.max_window, max_exchanges=args.max_exchanges,
+                         max_distance=args.max_distance)
     card = train_compressor(
         model, out, steps=args.steps, n_comp=args.n_comp,
         rank=args.rank, lr=args.lr, device=args.device, eval_episodes=args.eval_episodes,
-        method=args.method,
+        method=args.method, max_seconds=args.max_seconds, config=config,
     )
     print(f"held-apart reply NLL: {card['held_apart_reply_nll_before']:.3f} -> "
           f"{card['held_apart_reply_nll_after']:.3f}; written to {out}")

@@ -49,3 +49,21 @@ def test_the_hf_back_end_without_its_extra_names_it() -> None:
     """)
     assert done.returncode == 0, done.stderr
     assert "ERR" in done.stdout and "ccm-chat[hf]" in done.stdout
+
+
+def test_training_without_its_extra_names_it() -> None:
+    done = run("""
+        from app.cli import main
+        sys.exit(main(["train-compressor", "--steps", "1", "--kl-weight", "0.5"]))
+    """)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "ccm-chat[train]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_training_flags_reach_its_config() -> None:
+    from app.cli import build_parser
+
+    args = build_parser().parse_args(["train-compressor", "--kl-weight", "0", "--max-window",
+                                      "4", "--last-reply-only", "--max-seconds", "60"])
+    assert (args.kl_weight, args.max_window, args.last_reply_only, args.max_seconds) == (
+        0.0, 4, True, 60.0)
