@@ -5,7 +5,8 @@
 # compressor's test evaluation beside them, `finish` waits for the trainings and evaluates
 # the new compressors on the test split. Results land in $OUT.
 set -u
-S=/root/stage R=/root/run
+. "$(dirname "$0")/gpu_stage.sh"
+R=/root/run
 export CCM_CHAT_MODEL=$S/model.gguf CCM_CHAT_CACHE_DIR=/root/cache CCM_CHAT_DATA=$S/data \
   CCM_CHAT_CHITCHAT=$S/dataset.json PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
 OLD=${OLD:-assets/compressors/smollm2-135m-instruct-ccm-concat-n2}  # shipped (issue 13 ran the n1)
@@ -20,13 +21,9 @@ watch_until() {  # print progress until $1 seconds into this call
 }
 case "$1" in
 stage)
-  mkdir -p $S && cp .dev/m1/* .dev/c1/* $S/ && ls -la $S ;;
+  stage_first ;;
 start)
-  cp .dev/m2/* .dev/c2/* $S/ && cat $S/part_aa $S/part_ab > $S/model.gguf || exit 1
-  sha256sum $S/model.gguf | grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
-    || { echo "model sha256 mismatch"; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  xz -dc $S/chitchat.json.xz > $S/dataset.json && tar -C $S -xJf $S/shared_data.tar.xz || exit 1
+  stage_rest || exit 1
   python3 -c "from engine.ccm.recipe import load_for_training; load_for_training(None, 'gpu')" \
     || exit 1
   mkdir -p $R

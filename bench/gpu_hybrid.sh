@@ -5,16 +5,12 @@
 # side by side. Needs .dev/{m1,m2} (the model split in two), .dev/{c1,c2} (chitchat and the
 # shared dialogue sets) and .whl (gguf, platformdirs), as bench/gpu_compressor.sh.
 set -u
-S=/root/stage
+. "$(dirname "$0")/gpu_stage.sh"
 case "$1" in
 stage)
-  mkdir -p $S && cp .dev/m1/* .dev/c1/* $S/ && ls -la $S ;;
+  stage_first ;;
 run)
-  cp .dev/m2/* .dev/c2/* $S/ && cat $S/part_aa $S/part_ab > $S/model.gguf || exit 1
-  sha256sum $S/model.gguf | grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
-    || { echo "model sha256 mismatch"; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  xz -dc $S/chitchat.json.xz > $S/dataset.json && tar -C $S -xJf $S/shared_data.tar.xz || exit 1
+  stage_rest || exit 1
   export CCM_CHAT_MODEL=$S/model.gguf CCM_CHAT_CACHE_DIR=/root/cache CCM_CHAT_DATA=$S/data \
     CCM_CHAT_CHITCHAT=$S/dataset.json PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
   python3 -c "from engine import Engine; Engine.load(backend='hf', device='gpu', n_ctx=256).close()" \

@@ -1,0 +1,18 @@
+# Sourced by bench/gpu_*.sh: bring the default model and the dialogue data to the device
+# tool's GPU host in two calls (each carries at most 64 MiB): `stage_first` keeps the first
+# half of the model and chitchat under $S; `stage_rest` adds the second half and the shared
+# dialogue sets, checks the model's sha256 and installs the pure-Python wheels in /tmp/site.
+S=/root/stage
+
+stage_first() {
+  mkdir -p $S && cp .dev/m1/* .dev/c1/* $S/ && ls -la $S
+}
+
+stage_rest() {
+  cp .dev/m2/* .dev/c2/* $S/ && cat $S/part_aa $S/part_ab > $S/model.gguf || return 1
+  sha256sum $S/model.gguf | grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
+    || { echo "model sha256 mismatch"; return 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    || return 1
+  xz -dc $S/chitchat.json.xz > $S/dataset.json && tar -C $S -xJf $S/shared_data.tar.xz
+}
