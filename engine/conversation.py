@@ -188,7 +188,7 @@ class Conversation:
         ctx = self._ctx()
         if not self.policy.make_room(self, len(tokens), ctx.n_ctx - 1):
             raise ContextFullError("The reply does not fit in the context window.")
-        n0 = len(self.kv.tokens)
+        n0 = self.held
         ctx.remove(n0 - 1)
         rows = ctx.decode([self.kv.tokens[-1], *tokens[:-1]], n0 - 1, want=range(len(tokens)))
         rows[len(tokens) - 1] = ctx.logits(-1)
@@ -215,9 +215,9 @@ class Conversation:
 
     def stats(self) -> MemoryStats:
         self._settle()
-        held = len(self.kv.tokens)
+        held = self.kv.held
         size = self._ctx().state_size() if held else 0
-        full = held - self.kv.slots + self.kv.evicted
+        full = self.kv.text_tokens
         n_comp = len(self.engine.ccm.vectors) if self.engine.ccm is not None else 1
         merged = self.compression.method == "ccm-merge"
         return MemoryStats(
@@ -348,11 +348,11 @@ class Conversation:
     @property
     def held(self) -> int:
         """Tokens (KV cells) the memory holds now."""
-        return len(self.kv.tokens)
+        return self.kv.held
 
     def evict(self, start: int, end: int) -> None:
-        if not 0 <= start < end <= len(self.kv.tokens):
-            raise ValueError(f"Cannot evict cells [{start}, {end}) of {len(self.kv.tokens)}.")
+        if not 0 <= start < end <= self.held:
+            raise ValueError(f"Cannot evict cells [{start}, {end}) of {self.held}.")
         ctx = self._ctx()
         ctx.remove(start, end)
         ctx.shift(end, -1, start - end)
@@ -556,7 +556,7 @@ class Conversation:
                     reply.finish_reason = "stop"
                     break
                 piece = model.piece(token, special=True)
-                ctx.decode([token], len(self.kv.tokens))
+                ctx.decode([token], self.held)
                 self.kv.rendered += piece
                 self.kv.record(token, len(self.kv.rendered))
                 reply.tokens += 1
