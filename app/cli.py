@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from app import paths
-from app.errors import ChatError
-from app.export import EXPORT_DIR_ENV, FORMATS, default_export_dir
-from app.service import ChatService, load_engine, sampling_params
-from app.settings import Settings
-from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, EngineError
-from engine.models import MODEL_ENV_VAR
-from storage import StorageError, Store, database_size
+from ccm_chat.app import paths
+from ccm_chat.app.errors import ChatError
+from ccm_chat.app.export import EXPORT_DIR_ENV, FORMATS, default_export_dir
+from ccm_chat.app.service import ChatService, load_engine, sampling_params
+from ccm_chat.app.settings import Settings
+from ccm_chat.engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, EngineError
+from ccm_chat.engine.models import MODEL_ENV_VAR
+from ccm_chat.storage import StorageError, Store, database_size
 
 
 def _common_flags() -> argparse.ArgumentParser:
@@ -240,7 +240,7 @@ def cmd_paths(args: argparse.Namespace) -> int:
     print(f"data dir:  {paths.data_dir()}   (${paths.DATA_DIR_ENV})")
     print(f"cache dir: {paths.cache_dir()}   (${paths.CACHE_DIR_ENV})")
     print(f"exports:   {default_export_dir()}   (${EXPORT_DIR_ENV})")
-    from engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
+    from ccm_chat.engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
 
     print(f"compressors: {user_compressor_dir()}   (trained ones the app picks up; also "
           f"${EXTRA_DIRS_ENV})")
@@ -248,7 +248,7 @@ def cmd_paths(args: argparse.Namespace) -> int:
     if model:
         print(f"model:     {model}")
     else:
-        from engine import default_model_path
+        from ccm_chat.engine import default_model_path
 
         try:
             print(f"model:     {default_model_path()} (embedded default)")
@@ -258,19 +258,19 @@ def cmd_paths(args: argparse.Namespace) -> int:
 
 
 def cmd_train_compressor(args: argparse.Namespace) -> int:
-    from engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
+    from ccm_chat.engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
 
     try:
-        from engine.ccm.recipe import train_compressor  # torch: only when training
+        from ccm_chat.engine.ccm.recipe import train_compressor  # torch: only when training
     except ImportError as exc:
         raise ValueError(f"Training needs {exc.name}, which is not installed: "
                          "pip install 'ccm-chat[train]'.") from exc
-    from engine.models import resolve_model_path
+    from ccm_chat.engine.models import resolve_model_path
 
     model = getattr(args, "model", None)
     out = args.out or user_compressor_dir() / (
         f"{resolve_model_path(model, allow_dir=True).stem}-ccm-{args.method}-n{args.n_comp}")
-    from engine.ccm.train import TrainConfig
+    from ccm_chat.engine.ccm.train import TrainConfig
 
     config = TrainConfig(kl_weight=args.kl_weight, every_reply=not args.last_reply_only,
                          max_window=args.max_window, max_exchanges=args.max_exchanges,

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from engine import CompressionConfig, EngineInfo, MemoryStats, ReplyStats, SamplingParams
+from ccm_chat.engine import CompressionConfig, EngineInfo, MemoryStats, ReplyStats, SamplingParams
 
 Progress = Callable[[int, int], None]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import platformdirs
 
-from storage import ConversationRecord, MessageRecord
+from ccm_chat.storage import ConversationRecord, MessageRecord
 
 FORMATS = ("md", "json")
 EXPORT_DIR_ENV = "CCM_CHAT_EXPORT_DIR"

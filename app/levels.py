@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from engine import CompressionConfig, EngineError, ModelError, resolve_model_path
-from engine.backend import pick_backend
-from engine.ccm.files import CompressorFiles, find_compressor
-from engine.models import model_fingerprint
+from ccm_chat.engine import CompressionConfig, EngineError, ModelError, resolve_model_path
+from ccm_chat.engine.backend import pick_backend
+from ccm_chat.engine.ccm.files import CompressorFiles, find_compressor
+from ccm_chat.engine.models import model_fingerprint
 
 
 def compressor_for(model_path: str, backend: str) -> tuple[CompressorFiles | None, bool]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import platformdirs
 
-from engine.models import CACHE_DIR_ENV, model_cache_dir
+from ccm_chat.engine.models import CACHE_DIR_ENV, model_cache_dir
 
 __all__ = ["CACHE_DIR_ENV", "cache_dir", "data_dir", "db_path"]
 

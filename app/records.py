@@ -1,5 +1,5 @@
 """The stored records the UI shows, re-exported so that ui/ imports only from app/."""
 
-from storage import ConversationRecord, MessageRecord, SearchHit
+from ccm_chat.storage import ConversationRecord, MessageRecord, SearchHit
 
 __all__ = ["ConversationRecord", "MessageRecord", "SearchHit"]

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.engine_api import EngineConversation, EngineLike, Progress
-from engine import CompressionConfig, EngineError, StateError
-from storage import ConversationRecord, MemoryStateRecord, MessageRecord, Store
+from ccm_chat.app.engine_api import EngineConversation, EngineLike, Progress
+from ccm_chat.engine import CompressionConfig, EngineError, StateError
+from ccm_chat.storage import ConversationRecord, MemoryStateRecord, MessageRecord, Store
 
 
 @dataclass(frozen=True)

@@ -27,20 +27,20 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
-from app.engine_api import EngineConversation, EngineLike, Progress
-from app.errors import ChatError, NotSavedError, RebuildCancelled
-from app.export import export_conversation
-from app.resume import ResumeReport, resume, save_memory
-from app.settings import Settings
-from engine import (
+from ccm_chat.app.engine_api import EngineConversation, EngineLike, Progress
+from ccm_chat.app.errors import ChatError, NotSavedError, RebuildCancelled
+from ccm_chat.app.export import export_conversation
+from ccm_chat.app.resume import ResumeReport, resume, save_memory
+from ccm_chat.app.settings import Settings
+from ccm_chat.engine import (
     ContextFullError,
     Engine,
     EngineError,
     MemoryStats,
     SamplingParams,
 )
-from engine.models import DEFAULT_MODEL_NAME
-from storage import (
+from ccm_chat.engine.models import DEFAULT_MODEL_NAME
+from ccm_chat.storage import (
     ConversationRecord,
     DatabaseLockedError,
     MessageRecord,

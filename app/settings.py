@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, LEVELS, SamplingParams
-from storage import Store
+from ccm_chat.engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, LEVELS, SamplingParams
+from ccm_chat.storage import Store
 
 MAX_THREADS = 512
 SAMPLING = SamplingParams()  # the engine's defaults: they hold the default model off loops

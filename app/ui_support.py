@@ -1,5 +1,5 @@
 """The engine's constants the UI shows, re-exported so that ui/ imports only from app/."""
 
-from engine import BACKENDS, LEVELS
+from ccm_chat.engine import BACKENDS, LEVELS
 
 __all__ = ["BACKENDS", "LEVELS"]

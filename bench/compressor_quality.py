@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine.ccm.data import (
+from ccm_chat.engine.ccm.data import (
     Corpus,
     ExchangeTokens,
     Probe,
@@ -30,7 +30,7 @@ from engine.ccm.data import (
     next_turn_probes,
     recall_probes,
 )
-from engine.ccm.evaluate import Read, longchat_cases, probe_cells, probe_nll
+from ccm_chat.engine.ccm.evaluate import Read, longchat_cases, probe_cells, probe_nll
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402

@@ -15,9 +15,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.ccm.compressor import Compressor
-from engine.ccm.data import Dialogue
-from engine.ccm.train import TrainConfig, dialogue_loss, plan_for
+from ccm_chat.engine.ccm.compressor import Compressor
+from ccm_chat.engine.ccm.data import Dialogue
+from ccm_chat.engine.ccm.train import TrainConfig, dialogue_loss, plan_for
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

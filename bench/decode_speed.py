@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llama_cpp import Llama
 
-from engine import Engine, SamplingParams
+from ccm_chat.engine import Engine, SamplingParams
 
 PROMPT = "Write a very long story about a dragon who learns to cook, with many chapters."
 

@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from engine import Engine  # isort: skip  (llama_cpp before numpy)
+from ccm_chat.engine import Engine  # isort: skip  (llama_cpp before numpy)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from length import exchanges  # noqa: E402  (a sibling script module)

@@ -8,7 +8,7 @@ set -u
 . "$(dirname "$0")/gpu_stage.sh"
 R=/root/run
 export CCM_CHAT_MODEL=$S/model.gguf CCM_CHAT_CACHE_DIR=/root/cache CCM_CHAT_DATA=$S/data \
-  CCM_CHAT_CHITCHAT=$S/dataset.json PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
+  CCM_CHAT_CHITCHAT=$S/dataset.json PYTHONPATH=/tmp/site:/tmp/ns PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
 OLD=${OLD:-assets/compressors/smollm2-135m-instruct-ccm-concat-n2}  # shipped (issue 13 ran the n1)
 TRAIN_SECONDS=${TRAIN_SECONDS:-740} STEPS=${STEPS:-1800} LIMIT=${LIMIT:-40}
 started=$(date +%s)
@@ -23,8 +23,8 @@ case "$1" in
 stage)
   stage_first ;;
 start)
-  stage_rest || exit 1
-  python3 -c "from engine.ccm.recipe import load_for_training; load_for_training(None, 'gpu')" \
+  stage_rest && source_tree || exit 1
+  python3 -c "from ccm_chat.engine.ccm.recipe import load_for_training; load_for_training(None, 'gpu')" \
     || exit 1
   mkdir -p $R
   for n in 1 2 4; do

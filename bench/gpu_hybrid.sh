@@ -10,10 +10,10 @@ case "$1" in
 stage)
   stage_first ;;
 run)
-  stage_rest || exit 1
+  stage_rest && source_tree || exit 1
   export CCM_CHAT_MODEL=$S/model.gguf CCM_CHAT_CACHE_DIR=/root/cache CCM_CHAT_DATA=$S/data \
-    CCM_CHAT_CHITCHAT=$S/dataset.json PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-  python3 -c "from engine import Engine; Engine.load(backend='hf', device='gpu', n_ctx=256).close()" \
+    CCM_CHAT_CHITCHAT=$S/dataset.json PYTHONPATH=/tmp/site:/tmp/ns PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+  python3 -c "from ccm_chat.engine import Engine; Engine.load(backend='hf', device='gpu', n_ctx=256).close()" \
     || exit 1
   timeout "${VAL_SECONDS:-250}" python3 bench/hybrid.py --backend hf --device gpu --split validation \
     --only-hybrid --levels balanced,aggressive --shares 0.25,0.5,0.75 --at 4,8,16,32 --chats 4 \

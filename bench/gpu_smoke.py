@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy, see engine)
+from ccm_chat.engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy, see engine)
 import numpy as np  # isort: skip
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)

@@ -4,6 +4,14 @@
 # dialogue sets, checks the model's sha256 and installs the pure-Python wheels in /tmp/site.
 S=/root/stage
 
+# The repository's folders importable as ccm_chat.* without installing (what the editable
+# install does on the dev machine): links under /tmp/ns, which goes on PYTHONPATH.
+source_tree() {
+  mkdir -p /tmp/ns/ccm_chat && for p in app engine storage ui assets; do
+    ln -sfn "$PWD/$p" /tmp/ns/ccm_chat/$p
+  done
+}
+
 stage_first() {
   mkdir -p $S && cp .dev/m1/* .dev/c1/* $S/ && ls -la $S
 }

@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import describe  # noqa: E402
-from engine import CompressionConfig, ContextFullError, Engine  # noqa: E402
-from engine.config import LEVEL_BUDGETS, SINK_TOKENS  # noqa: E402
+from ccm_chat.engine import CompressionConfig, ContextFullError, Engine  # noqa: E402
+from ccm_chat.engine.config import LEVEL_BUDGETS, SINK_TOKENS  # noqa: E402
 
 PETS = ["Biscuit", "Pixel", "Rocket", "Mango", "Juniper", "Pepper", "Noodle", "Clover"]
 CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Tbilisi", "Perth", "Quebec"]
@@ -47,7 +47,7 @@ FACTS = [
 def dialogues(split: str) -> list[list[tuple[str, str]]]:
     """The split's dialogues from every corpus the compressor's training split by (the
     shipped compressor never saw validation or test)."""
-    from engine.ccm.data import load_corpora, split_of
+    from ccm_chat.engine.ccm.data import load_corpora, split_of
 
     return [exchanges for key, exchanges in sorted(load_corpora().items())
             if split_of(key) == split]

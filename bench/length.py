@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine import ContextFullError, Engine, SamplingParams
-from engine.ccm.data import chitchat_pool, load_chitchat
+from ccm_chat.engine import ContextFullError, Engine, SamplingParams
+from ccm_chat.engine.ccm.data import chitchat_pool, load_chitchat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import describe  # noqa: E402
-from engine import Engine, SamplingParams  # noqa: E402
+from ccm_chat.engine import Engine, SamplingParams  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Give me three tips for better sleep.",

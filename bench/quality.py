@@ -26,10 +26,15 @@ from pathlib import Path
 
 import torch
 
-from engine.ccm.compressor import Compressor
-from engine.ccm.data import chitchat_pool, conversation_episode, load_chitchat, recall_cases
-from engine.ccm.evaluate import Memory, longchat_cases, perplexity, recall_accuracy
-from engine.ccm.recipe import CARD, load_for_training, model_tokens
+from ccm_chat.engine.ccm.compressor import Compressor
+from ccm_chat.engine.ccm.data import (
+    chitchat_pool,
+    conversation_episode,
+    load_chitchat,
+    recall_cases,
+)
+from ccm_chat.engine.ccm.evaluate import Memory, longchat_cases, perplexity, recall_accuracy
+from ccm_chat.engine.ccm.recipe import CARD, load_for_training, model_tokens
 
 TURNS = (4, 8, 16, 32)
 LONGCHAT = Path(__file__).resolve().parents[2] / "shared/data/longchat_topics/5_topics.jsonl"
@@ -151,8 +156,8 @@ def main() -> None:
 def model_tokens_of(model: str | None):
     from transformers import AutoTokenizer
 
-    from engine.hf_backend import converted_dir
-    from engine.models import model_cache_dir, resolve_model_path
+    from ccm_chat.engine.hf_backend import converted_dir
+    from ccm_chat.engine.models import model_cache_dir, resolve_model_path
 
     path = resolve_model_path(model, allow_dir=True)
     if path.is_dir():

@@ -21,15 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-from engine import Engine  # isort: skip  (llama_cpp before numpy and torch)
+from ccm_chat.engine import Engine  # isort: skip  (llama_cpp before numpy and torch)
 import numpy as np  # isort: skip
 from quality import LONGCHAT, datasets, model_tokens_of, result_row, table  # isort: skip
 from machine import describe  # isort: skip
 from scoring import mean_nll  # isort: skip
 
-from engine.ccm.data import Episode  # noqa: E402
-from engine.ccm.evaluate import Memory  # noqa: E402
-from engine.llama_backend import LlamaContext  # noqa: E402
+from ccm_chat.engine.ccm.data import Episode  # noqa: E402
+from ccm_chat.engine.ccm.evaluate import Memory  # noqa: E402
+from ccm_chat.engine.llama_backend import LlamaContext  # noqa: E402
 
 # bits a value takes in llama.cpp's cache: q8_0 is 32 int8 + an f16 scale per block
 BITS = {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5}

@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.service import ChatService
-from app.settings import Settings
-from engine import Engine, SamplingParams
-from storage import Store
+from ccm_chat.app.service import ChatService
+from ccm_chat.app.settings import Settings
+from ccm_chat.engine import Engine, SamplingParams
+from ccm_chat.storage import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine import Engine
+from ccm_chat.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_speed import engine_run as reply_speed  # noqa: E402  (sibling script modules)

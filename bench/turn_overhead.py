@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy)
+from ccm_chat.engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy)
 from length import configs  # isort: skip
 from resume import DATA, exchanges  # isort: skip
 from machine import describe  # isort: skip

@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.service import ChatService  # noqa: E402
-from storage import Store  # noqa: E402
+from ccm_chat.app.service import ChatService  # noqa: E402
+from ccm_chat.storage import Store  # noqa: E402
+from ccm_chat.ui import app as ui_app  # noqa: E402
+from ccm_chat.ui.widgets import chat_view  # noqa: E402
 from tests.conftest import scripted_factory  # noqa: E402
 from tests.scripted_engine import ScriptedEngine  # noqa: E402
-from ui import app as ui_app  # noqa: E402
-from ui.widgets import chat_view  # noqa: E402
 
 REPLY = ("Here is one way to do it, step by step:\n\n1. Read the file.\n2. Count the words.\n\n"
          "```python\nwith open(path) as f:\n    print(len(f.read().split()))\n```\n\n"

@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.service import ChatService  # noqa: E402
-from app.settings import Settings  # noqa: E402
 from bench.machine import describe  # noqa: E402
-from engine import Engine, SamplingParams  # noqa: E402
-from storage import Store  # noqa: E402
-from ui.app import ChatApp  # noqa: E402
-from ui.widgets.prompt_input import PromptInput  # noqa: E402
+from ccm_chat.app.service import ChatService  # noqa: E402
+from ccm_chat.app.settings import Settings  # noqa: E402
+from ccm_chat.engine import Engine, SamplingParams  # noqa: E402
+from ccm_chat.storage import Store  # noqa: E402
+from ccm_chat.ui.app import ChatApp  # noqa: E402
+from ccm_chat.ui.widgets.prompt_input import PromptInput  # noqa: E402
 
 PROMPTS = ["Write a short poem about the sea.", "Explain how a bicycle works.",
            "Give me three tips for better sleep.", "Describe a good morning routine."]

@@ -2,7 +2,7 @@
 
 Usable on its own, without the UI:
 
-    from engine import Engine
+    from ccm_chat.engine import Engine
     eng = Engine.load()                       # the embedded default model
     conv = eng.new_conversation(system="You are terse.")
     for piece in conv.send("What is the capital of France?", temperature=0):
@@ -17,20 +17,21 @@ from contextlib import suppress  # isort: skip
 with suppress(ImportError):  # without it, the llama.cpp back end says what to install
     import llama_cpp  # noqa: F401  isort: skip
 
-from engine.lazy import lazy_attributes
+from ccm_chat.engine.lazy import lazy_attributes
 
 _EXPORTS = {
-    "LEVELS": "engine.config", "CompressionConfig": "engine.config",
-    "SamplingParams": "engine.config",
-    "Conversation": "engine.conversation", "MemoryStats": "engine.conversation",
-    "MemoryView": "engine.kv_sequence", "Reply": "engine.reply", "ReplyStats": "engine.reply",
-    "BACKENDS": "engine.engine", "DEFAULT_SYSTEM_PROMPT": "engine.engine",
-    "Engine": "engine.engine", "EngineInfo": "engine.engine",
-    "ContextFullError": "engine.errors", "EngineError": "engine.errors",
-    "ModelError": "engine.errors", "StateError": "engine.errors",
-    "default_model_path": "engine.models", "resolve_model_path": "engine.models",
+    "LEVELS": "ccm_chat.engine.config", "CompressionConfig": "ccm_chat.engine.config",
+    "SamplingParams": "ccm_chat.engine.config",
+    "Conversation": "ccm_chat.engine.conversation", "MemoryStats": "ccm_chat.engine.conversation",
+    "MemoryView": "ccm_chat.engine.kv_sequence", "Reply": "ccm_chat.engine.reply",
+    "ReplyStats": "ccm_chat.engine.reply",
+    "BACKENDS": "ccm_chat.engine.engine", "DEFAULT_SYSTEM_PROMPT": "ccm_chat.engine.engine",
+    "Engine": "ccm_chat.engine.engine", "EngineInfo": "ccm_chat.engine.engine",
+    "ContextFullError": "ccm_chat.engine.errors", "EngineError": "ccm_chat.engine.errors",
+    "ModelError": "ccm_chat.engine.errors", "StateError": "ccm_chat.engine.errors",
+    "default_model_path": "ccm_chat.engine.models", "resolve_model_path": "ccm_chat.engine.models",
 }
 __all__ = sorted(_EXPORTS)
 
-__getattr__ = lazy_attributes("engine", _EXPORTS)
+__getattr__ = lazy_attributes("ccm_chat.engine", _EXPORTS)
 

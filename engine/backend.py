@@ -17,13 +17,14 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.chat import ChatMessage
-from engine.config import SamplingParams
-from engine.errors import EngineError
+from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.config import SamplingParams
+from ccm_chat.engine.errors import EngineError
 
 # back end name -> the module that implements it (imported on first use: transformers and
 # torch are optional, and llama.cpp must load before numpy on a CUDA host)
-BACKENDS: dict[str, str] = {"llamacpp": "engine.llama_backend", "hf": "engine.hf_backend"}
+BACKENDS: dict[str, str] = {"llamacpp": "ccm_chat.engine.llama_backend",
+                            "hf": "ccm_chat.engine.hf_backend"}
 
 
 class Model(Protocol):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.memory import MemoryPolicy, make_policy
+from ccm_chat.engine.memory import MemoryPolicy, make_policy
 
 if TYPE_CHECKING:
-    from engine.ccm.files import CompressorFiles
+    from ccm_chat.engine.ccm.files import CompressorFiles
 
 LEVELS: tuple[str, ...] = ("off", "light", "balanced", "aggressive")
 KV_TYPES: tuple[str, ...] = ("f16", "q8_0", "q4_0")

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.chat import ChatMessage
-from engine.config import CompressionConfig, SamplingParams
-from engine.errors import ContextFullError, EngineError, StateError
-from engine.kv_sequence import KVSequence, MemoryView
-from engine.memory import MemoryPolicy
-from engine.reply import Reply, ReplyStats
-from engine.state_blob import StateBlob
-from engine.stops import StopStringMatcher
+from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.config import CompressionConfig, SamplingParams
+from ccm_chat.engine.errors import ContextFullError, EngineError, StateError
+from ccm_chat.engine.kv_sequence import KVSequence, MemoryView
+from ccm_chat.engine.memory import MemoryPolicy
+from ccm_chat.engine.reply import Reply, ReplyStats
+from ccm_chat.engine.state_blob import StateBlob
+from ccm_chat.engine.stops import StopStringMatcher
 
 if TYPE_CHECKING:
-    from engine.engine import Engine
+    from ccm_chat.engine.engine import Engine
 
 ROLES = ("system", "user", "assistant")
 GENERATION_HEADROOM = 64  # cells a policy frees at once when a reply fills the context

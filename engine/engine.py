@@ -11,13 +11,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.backend import BACKENDS as BACKEND_MODULES
-from engine.backend import BackendOptions, Context, Model, open_backend, pick_backend
-from engine.ccm.files import CompressorFiles, LoadedCompressor, find_compressor
-from engine.config import CompressionConfig
-from engine.conversation import Conversation
-from engine.errors import EngineError
-from engine.models import (
+from ccm_chat.engine.backend import BACKENDS as BACKEND_MODULES
+from ccm_chat.engine.backend import BackendOptions, Context, Model, open_backend, pick_backend
+from ccm_chat.engine.ccm.files import CompressorFiles, LoadedCompressor, find_compressor
+from ccm_chat.engine.config import CompressionConfig
+from ccm_chat.engine.conversation import Conversation
+from ccm_chat.engine.errors import EngineError
+from ccm_chat.engine.models import (
     DEFAULT_MODEL_NAME,
     MODEL_ENV_VAR,
     model_fingerprint,

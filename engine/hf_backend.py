@@ -22,12 +22,12 @@ from safetensors.torch import save as save_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
-from engine.backend import BackendOptions, Opened
-from engine.chat import ChatMessage
-from engine.config import SamplingParams
-from engine.errors import EngineError, ModelError
-from engine.models import model_cache_dir, model_fingerprint
-from engine.rope import rotate_keys
+from ccm_chat.engine.backend import BackendOptions, Opened
+from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.config import SamplingParams
+from ccm_chat.engine.errors import EngineError, ModelError
+from ccm_chat.engine.models import model_cache_dir, model_fingerprint
+from ccm_chat.engine.rope import rotate_keys
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -143,7 +143,7 @@ class HFModel:
     def load_compressor(self, files) -> object:
         """Put a trained compressor's LoRA and <COMP> table on this model (it wraps q/k/v/o;
         the LoRA acts only where a <COMP> decode switches it on)."""
-        from engine.ccm.compressor import Compressor
+        from ccm_chat.engine.ccm.compressor import Compressor
 
         card = files.card
         try:

@@ -14,7 +14,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import StateError
+from ccm_chat.engine.errors import StateError
 
 
 @dataclass(frozen=True)

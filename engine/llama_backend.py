@@ -16,11 +16,11 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from engine.backend import BackendOptions, Opened
-from engine.chat import ChatMessage
-from engine.config import SamplingParams
-from engine.errors import EngineError, ModelError
-from engine.threads import resolve_threads
+from ccm_chat.engine.backend import BackendOptions, Opened
+from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.config import SamplingParams
+from ccm_chat.engine.errors import EngineError, ModelError
+from ccm_chat.engine.threads import resolve_threads
 
 SEQ = 0
 KV_TYPES = {

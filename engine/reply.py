@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.config import SamplingParams
+from ccm_chat.engine.config import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.conversation import Conversation
+    from ccm_chat.engine.conversation import Conversation
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import StateError
+from ccm_chat.engine.errors import StateError
 
 MAGIC = b"CCMSTATE"
 FORMAT_VERSION = 1

@@ -1,6 +1,6 @@
 """Persistent state of ccm-chat in SQLite. Knows bytes and rows, nothing of models or tensors."""
 
-from storage.store import (
+from ccm_chat.storage.store import (
     ConversationRecord,
     DatabaseLockedError,
     LeaseRecord,

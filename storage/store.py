@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlite_utils
 
-from storage.migrations import MIGRATIONS
+from ccm_chat.storage.migrations import MIGRATIONS
 
 Clock = Callable[[], datetime]
 WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept after a checkpoint

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from app.service import ChatService
-from app.settings import Settings
-from engine import Engine
-from storage import Store
+from ccm_chat.app.service import ChatService
+from ccm_chat.app.settings import Settings
+from ccm_chat.engine import Engine
+from ccm_chat.storage import Store
 from tests.device import TEST_DEVICE
 from tests.scripted_engine import ScriptedEngine
 

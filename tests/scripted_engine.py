@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from engine import (
+from ccm_chat.engine import (
     CompressionConfig,
     ContextFullError,
     EngineInfo,
@@ -23,7 +23,7 @@ from engine import (
     SamplingParams,
     StateError,
 )
-from engine.chat import ChatMessage
+from ccm_chat.engine.chat import ChatMessage
 
 INFO = EngineInfo("Scripted model", None, "scripted", "CPU", 4096, 0)  # type: ignore[arg-type]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.ccm import Compressor, ConditionalLoRALinear, episode_layout
+from ccm_chat.engine.ccm import Compressor, ConditionalLoRALinear, episode_layout
 from tests.device import TEST_DEVICE
 
 
@@ -117,9 +117,9 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
     import numpy as np
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from engine import Engine
-    from engine.ccm.export import export_lora_gguf
-    from engine.hf_backend import converted_dir
+    from ccm_chat.engine import Engine
+    from ccm_chat.engine.ccm.export import export_lora_gguf
+    from ccm_chat.engine.hf_backend import converted_dir
 
     source = converted_dir(hf_engine.info.model_path, hf_engine.model.cache_dir)
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -186,7 +186,7 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
 def recall_dialogue(step: int, seed: int = 0):
     """A fact (token) planted in the first exchange, asked for in the last; filler between.
     Every exchange is (user tokens, reply tokens); all replies are scored."""
-    from engine.ccm.data import Dialogue
+    from ccm_chat.engine.ccm.data import Dialogue
 
     g = torch.Generator().manual_seed(seed * 100_000 + step)
     fact = int(torch.randint(10, 97, (1,), generator=g))
@@ -195,7 +195,7 @@ def recall_dialogue(step: int, seed: int = 0):
 
 
 def tiny_config(**kw):
-    from engine.ccm.train import TrainConfig
+    from ccm_chat.engine.ccm.train import TrainConfig
 
     return TrainConfig(**{"steps": 6, "lr": 1e-2, "warmup": 2, "max_window": 1,
                           "checkpoint_every": 3, **kw})
@@ -225,7 +225,7 @@ def test_hybrid_read_blocks_match_the_turn_by_turn_hybrid_loop(method: str) -> N
 
 
 def test_a_hybrid_read_block_sits_right_after_the_slots_it_reads() -> None:
-    from engine.ccm.layout import Block, block_layout
+    from ccm_chat.engine.ccm.layout import Block, block_layout
 
     # exchanges of 3, 2, 2 tokens compressed into 2 slots each, then exchange 2 read with
     # w = 1: the slots of exchange 0, then exchanges 1 and 2 verbatim
@@ -244,7 +244,7 @@ def test_kl_to_the_full_context_model_is_zero_where_nothing_is_compressed() -> N
     """The teacher reads the whole history with the adapter off: a read block holding all
     of it verbatim is the teacher, so KL = 0 and the NLL is the base model's; through the
     slots both move."""
-    from engine.ccm.train import Plan, dialogue_loss
+    from ccm_chat.engine.ccm.train import Plan, dialogue_loss
 
     model, comp = with_active_lora(n_comp=2, std=0.2)
     dialogue = recall_dialogue(0)
@@ -263,8 +263,8 @@ def test_kl_to_the_full_context_model_is_zero_where_nothing_is_compressed() -> N
 def test_a_step_scores_every_reply_and_reads_the_planted_questions_hybrid() -> None:
     import random
 
-    from engine.ccm.data import Dialogue
-    from engine.ccm.train import plan_for
+    from ccm_chat.engine.ccm.data import Dialogue
+    from ccm_chat.engine.ccm.train import plan_for
 
     dialogue = Dialogue([[1, 2, 3]] * 30, [1] * 30, ((3, 20),))
     plan = plan_for(dialogue, tiny_config(reads=4), random.Random(0), window=3)
@@ -275,7 +275,7 @@ def test_a_step_scores_every_reply_and_reads_the_planted_questions_hybrid() -> N
 
 
 def test_training_learns_to_recall_through_the_comp_slots(tmp_path) -> None:
-    from engine.ccm.train import Plan, dialogue_loss, train
+    from ccm_chat.engine.ccm.train import Plan, dialogue_loss, train
 
     model, comp = with_active_lora(n_comp=2, std=0.0)
     held_out = [recall_dialogue(step, seed=7) for step in range(16)]  # other facts
@@ -299,7 +299,7 @@ def test_training_learns_to_recall_through_the_comp_slots(tmp_path) -> None:
 def test_training_resumes_exactly_where_it_stopped(tmp_path) -> None:
     """3 steps, stop, 3 more from the checkpoint == 6 steps straight: the same weights, the
     same AdamW moments, the same losses (the data at a step is a function of the step)."""
-    from engine.ccm.train import OPTIMIZER, STATE, train
+    from ccm_chat.engine.ccm.train import OPTIMIZER, STATE, train
 
     def run(out, stops):
         _, comp = with_active_lora(n_comp=2, std=0.0)
@@ -333,7 +333,7 @@ def test_dialogue_data_splits_three_ways_and_plants_facts(hf_engine) -> None:
     import random
     from collections import Counter
 
-    from engine.ccm.data import (
+    from ccm_chat.engine.ccm.data import (
         Corpus,
         ExchangeTokens,
         load_corpora,
@@ -342,7 +342,7 @@ def test_dialogue_data_splits_three_ways_and_plants_facts(hf_engine) -> None:
         split_of,
         training_dialogue,
     )
-    from engine.ccm.recipe import model_tokens
+    from ccm_chat.engine.ccm.recipe import model_tokens
 
     conversations = load_corpora()
     sources = Counter(k.split(":")[0] for k in conversations)
@@ -376,7 +376,7 @@ def test_dialogue_data_splits_three_ways_and_plants_facts(hf_engine) -> None:
 
 
 def test_episodes_split_and_shape(hf_engine) -> None:
-    from engine.ccm.data import (
+    from ccm_chat.engine.ccm.data import (
         POOLS,
         _held_value,
         chitchat_episodes,
@@ -385,7 +385,7 @@ def test_episodes_split_and_shape(hf_engine) -> None:
         load_chitchat,
         recall_cases,
     )
-    from engine.ccm.recipe import model_tokens
+    from ccm_chat.engine.ccm.recipe import model_tokens
 
     conversations = load_chitchat()
     held = [cid for cid in conversations if held_apart(cid)]
@@ -419,10 +419,10 @@ def test_train_compressor_command_writes_what_the_app_picks_up(tmp_path, monkeyp
                                                                hf_engine, capsys) -> None:
     import json
 
-    from app.cli import main
-    from app.service import load_engine
-    from app.settings import Settings
-    from engine.ccm.files import (
+    from ccm_chat.app.cli import main
+    from ccm_chat.app.service import load_engine
+    from ccm_chat.app.settings import Settings
+    from ccm_chat.engine.ccm.files import (
         EXTRA_DIRS_ENV,
         compressor_dirs,
         find_compressor,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import CompressionConfig, Engine
-from engine.ccm.files import compressor_dirs, find_compressor
+from ccm_chat.engine import CompressionConfig, Engine
+from ccm_chat.engine.ccm.files import compressor_dirs, find_compressor
 from tests.device import TEST_DEVICE
 
 FACT = ("I have a dog called Pixel.", "Nice, thanks for telling me!")
@@ -156,7 +156,7 @@ def merge_copy(tmp_path: Path) -> Path:
 
 
 def _fingerprint() -> str:
-    from engine.models import default_model_path, model_fingerprint
+    from ccm_chat.engine.models import default_model_path, model_fingerprint
 
     return model_fingerprint(default_model_path())
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from storage import Store
+from ccm_chat.app.cli import main
+from ccm_chat.storage import Store
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_list_into_a_closed_pipe_ends_quietly(db_path: Path) -> None:
          "updated": f"2026-01-01T{i:05d}"} for i in range(3000))
     store.close()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "list", "--db", str(db_path)],
+        [sys.executable, "-m", "ccm_chat.app.cli", "list", "--db", str(db_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
     first = proc.stdout.readline()
     proc.stdout.close()  # what `| head -1` does once it has its line
@@ -113,7 +113,7 @@ def test_paths_shows_the_database_size(db_path: Path, capsys) -> None:
 
 def test_ask_loads_the_engine_the_app_loads(db_path: Path, capsys, monkeypatch) -> None:
     """Level, GPU layers, back end and threads from the settings, with the flags on top."""
-    from app.settings import Settings
+    from ccm_chat.app.settings import Settings
     from tests.scripted_engine import ScriptedEngine
 
     store = Store(db_path)
@@ -125,7 +125,7 @@ def test_ask_loads_the_engine_the_app_loads(db_path: Path, capsys, monkeypatch) 
         loaded.append((settings, model))
         return ScriptedEngine()
 
-    monkeypatch.setattr("app.cli.load_engine", load)
+    monkeypatch.setattr("ccm_chat.app.cli.load_engine", load)
     assert main(["ask", "hello", "--db", str(db_path)]) == 0
     assert capsys.readouterr().out == "You said: hello\n"
     assert main(["ask", "hi", "--db", str(db_path), "--threads", "1", "--backend", "hf",
@@ -139,8 +139,8 @@ def test_ask_loads_the_engine_the_app_loads(db_path: Path, capsys, monkeypatch) 
 
 
 def test_chat_takes_threads_and_backend_for_the_session_only() -> None:
-    from app.cli import build_parser, session_settings
-    from app.settings import Settings
+    from ccm_chat.app.cli import build_parser, session_settings
+    from ccm_chat.app.settings import Settings
 
     saved = Settings(threads=2, backend="llamacpp", compression="light")
     args = build_parser().parse_args(["--threads", "3", "--continue"])
@@ -189,7 +189,8 @@ def test_ask_with_a_missing_model_says_what_to_do(tmp_path: Path, capsys) -> Non
 def test_installed_console_script_reads_stdin(tmp_path: Path) -> None:
     env = dict(os.environ, CCM_CHAT_DATA_DIR=str(tmp_path))
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "ask", "-", "--temperature", "0", "--max-tokens", "20"],
+        [sys.executable, "-m", "ccm_chat.app.cli", "ask", "-", "--temperature", "0",
+         "--max-tokens", "20"],
         input="What is the capital of France?", capture_output=True, text=True, env=env,
         timeout=120, check=False,
     )

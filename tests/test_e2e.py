@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.service import ChatService
-from app.settings import Settings
-from storage import Store
+from ccm_chat.app.service import ChatService
+from ccm_chat.app.settings import Settings
+from ccm_chat.storage import Store
+from ccm_chat.ui.app import ChatApp
 from tests.test_ui import SIZE, boxes, send, titles, wait_for
-from ui.app import ChatApp
 
 
 async def test_chat_quit_relaunch_and_continue(db_path: Path) -> None:

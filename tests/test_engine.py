@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import (
+from ccm_chat.engine import (
     ContextFullError,
     Engine,
     ModelError,

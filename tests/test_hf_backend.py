@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import CompressionConfig, Engine, SamplingParams, StateError
-from engine.conversation import Conversation
+from ccm_chat.engine import CompressionConfig, Engine, SamplingParams, StateError
+from ccm_chat.engine.conversation import Conversation
 from tests.test_memory import chat, next_logits, positions, window
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -22,7 +22,7 @@ def test_loads_the_default_gguf_and_answers(hf_engine: Engine) -> None:
 
 
 def test_converted_weights_are_cached(hf_engine: Engine) -> None:
-    from engine.hf_backend import converted_dir
+    from ccm_chat.engine.hf_backend import converted_dir
 
     cached = converted_dir(hf_engine.info.model_path, hf_engine.model.cache_dir)
     assert (cached / "config.json").exists() and (cached / "done").exists()

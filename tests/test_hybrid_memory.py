@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from engine import CompressionConfig, Engine
+from ccm_chat.engine import CompressionConfig, Engine
 from tests.device import TEST_DEVICE
 from tests.test_ccm_engine import ANSWERS, FACT, QUESTION, pure_ccm
 
@@ -160,8 +160,8 @@ def test_both_back_ends_keep_the_same_hybrid_memory(engine, hf_engine) -> None:
 
 def test_an_old_pure_ccm_state_is_rebuilt_under_the_hybrid_level_and_says_why(
         engine, tmp_path) -> None:
-    from app.resume import resume, save_memory
-    from storage import Store
+    from ccm_chat.app.resume import resume, save_memory
+    from ccm_chat.storage import Store
 
     store = Store(tmp_path / "chat.db")
     record = store.create_conversation(system_prompt="You are a helpful assistant.")

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from engine import CompressionConfig, ContextFullError, Engine, SamplingParams
-from engine.conversation import Conversation
-from engine.memory import WindowPolicy, make_policy
+from ccm_chat.engine import CompressionConfig, ContextFullError, Engine, SamplingParams
+from ccm_chat.engine.conversation import Conversation
+from ccm_chat.engine.memory import WindowPolicy, make_policy
 from tests.device import TEST_DEVICE
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
@@ -182,7 +182,7 @@ def test_quantized_kv_is_smaller_and_still_answers(engine_for: EngineFor) -> Non
 
 
 def test_state_from_another_kv_type_is_refused(engine_for: EngineFor) -> None:
-    from engine import StateError
+    from ccm_chat.engine import StateError
 
     conv = engine_for("q8_0").new_conversation(compression=window(4, 60, "q8_0"))
     chat(conv, 1)
@@ -202,7 +202,7 @@ def test_state_with_another_v_cache_layout_is_refused_then_rebuilt(
 ) -> None:
     """A state saved where flash attention was on (a GPU) lays out V differently: the other
     side says why, and the conversation's memory is rebuilt from its transcript."""
-    from engine import StateError
+    from ccm_chat.engine import StateError
 
     eng = engine_for()
     conv = eng.new_conversation(compression=window(4, 60))

@@ -26,8 +26,8 @@ def run(code: str) -> subprocess.CompletedProcess:
 
 def test_the_chat_runs_without_the_extras() -> None:
     done = run("""
-        from engine import Engine
-        import ui.app  # the terminal UI too
+        from ccm_chat.engine import Engine
+        import ccm_chat.ui.app  # the terminal UI too
         with Engine.load(n_ctx=256, compression="balanced", device="cpu") as eng:
             conv = eng.new_conversation()
             text = "".join(conv.send("Hi!", max_tokens=4, temperature=0))
@@ -41,7 +41,7 @@ def test_the_chat_runs_without_the_extras() -> None:
 
 def test_the_hf_back_end_without_its_extra_names_it() -> None:
     done = run("""
-        from engine import Engine, EngineError
+        from ccm_chat.engine import Engine, EngineError
         try:
             Engine.load(backend="hf", device="cpu")
         except EngineError as exc:
@@ -53,7 +53,7 @@ def test_the_hf_back_end_without_its_extra_names_it() -> None:
 
 def test_training_without_its_extra_names_it() -> None:
     done = run("""
-        from app.cli import main
+        from ccm_chat.app.cli import main
         sys.exit(main(["train-compressor", "--steps", "1", "--kl-weight", "0.5"]))
     """)
     assert done.returncode == 2, done.stdout + done.stderr
@@ -61,7 +61,7 @@ def test_training_without_its_extra_names_it() -> None:
 
 
 def test_the_training_flags_reach_its_config() -> None:
-    from app.cli import build_parser
+    from ccm_chat.app.cli import build_parser
 
     args = build_parser().parse_args(["train-compressor", "--kl-weight", "0", "--max-window",
                                       "4", "--last-reply-only", "--max-seconds", "60"])

@@ -30,7 +30,11 @@ def test_wheel_builds_without_warnings_and_ships_the_compressor(tmp_path: Path) 
     assert "warning" not in log.lower(), log
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    sources = [n for n in files if n.endswith(".py") and n.split("/")[0] in PACKAGES]
+    sources = [f"ccm_chat/{n}" for n in files
+               if n.endswith(".py") and n.split("/")[0] in PACKAGES]
     assert sources and not set(sources) - set(names)  # a new subpackage must be listed too
-    assert "assets/ccm_chat.tcss" in names
-    assert any(n.startswith("assets/compressors/") and n.endswith("/lora.gguf") for n in names)
+    assert "ccm_chat/assets/ccm_chat.tcss" in names
+    assert any(n.startswith("ccm_chat/assets/compressors/") and n.endswith("/lora.gguf")
+               for n in names)
+    # nothing generic lands in site-packages: one namespace and the dist-info
+    assert {n.split("/")[0] for n in names} == {"ccm_chat", "ccm_chat-0.1.0.dist-info"}

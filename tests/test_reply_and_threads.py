@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine import Engine, SamplingParams, StateError
-from engine.kv_sequence import KVSequence
-from engine.threads import default_threads, physical_cores, resolve_threads
+from ccm_chat.engine import Engine, SamplingParams, StateError
+from ccm_chat.engine.kv_sequence import KVSequence
+from ccm_chat.engine.threads import default_threads, physical_cores, resolve_threads
 from tests.device import TEST_DEVICE
 
 HYPERTHREADED = "".join(f"processor: {i}\nphysical id: 0\ncore id: {i // 2}\n\n"

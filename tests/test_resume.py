@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -14,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import NotSavedError, RebuildCancelled
-from app.service import ChatService
-from app.settings import Settings
-from engine import Engine
-from engine.state_blob import StateBlob
-from storage import Store
+from ccm_chat.app.errors import NotSavedError, RebuildCancelled
+from ccm_chat.app.service import ChatService
+from ccm_chat.app.settings import Settings
+from ccm_chat.engine import Engine
+from ccm_chat.engine.state_blob import StateBlob
+from ccm_chat.storage import Store
 from tests.conftest import TickingClock
 from tests.device import TEST_DEVICE
 
@@ -123,7 +122,7 @@ def test_unusable_state_is_detected_and_rebuilt(store: Store, engines, damage, r
 
 def test_blob_damaged_behind_a_valid_checksum_is_caught_by_its_own(store: Store,
                                                                    engines) -> None:
-    from storage.store import checksum
+    from ccm_chat.storage.store import checksum
 
     conv_id = two_turns(service(store, engines))
     blob = bytearray(store.latest_memory_state(conv_id).blob)
@@ -181,7 +180,7 @@ def test_long_conversation_under_window_saves_a_bounded_state(store: Store, engi
 
 WRITER = """
 import os, sys
-from storage import Store
+from ccm_chat.storage import Store
 store = Store(sys.argv[1])
 conv = store.create_conversation("crash test")
 blob = os.urandom(8 << 20)
@@ -199,8 +198,7 @@ while True:
 def test_sigkill_during_a_save_keeps_the_database_sound(tmp_path: Path) -> None:
     db = tmp_path / "crash.db"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE,
-                            text=True, cwd=Path(__file__).resolve().parent.parent,
-                            env={**os.environ, "PYTHONPATH": "."})
+                            text=True, cwd=Path(__file__).resolve().parent.parent)
     committed = []
     while len(committed) < 6:
         line = proc.stdout.readline()

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from app.errors import ChatError
-from app.levels import describe_level
-from app.service import ChatService, make_title
-from app.settings import Settings
-from engine import Engine
-from storage import Store
+from ccm_chat.app.errors import ChatError
+from ccm_chat.app.levels import describe_level
+from ccm_chat.app.service import ChatService, make_title
+from ccm_chat.app.settings import Settings
+from ccm_chat.engine import Engine
+from ccm_chat.storage import Store
 from tests.conftest import scripted_factory
 from tests.scripted_engine import ScriptedEngine
 
@@ -177,7 +177,7 @@ def test_real_engine_through_the_service(store: Store, real_engine: Engine) -> N
 
 def test_a_failed_memory_save_loses_nothing_and_is_told(service: ChatService,
                                                         monkeypatch) -> None:
-    from storage import StorageError
+    from ccm_chat.storage import StorageError
 
     def disk_full(*args, **kwargs):
         raise StorageError("database or disk is full")

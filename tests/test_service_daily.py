@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from app import export
-from app.errors import ChatError, NotSavedError, RebuildCancelled
-from app.service import ChatService, load_engine
-from app.settings import Settings
-from engine import EngineError
-from storage import ConversationRecord, MessageRecord, StorageError, Store
+from ccm_chat.app import export
+from ccm_chat.app.errors import ChatError, NotSavedError, RebuildCancelled
+from ccm_chat.app.service import ChatService, load_engine
+from ccm_chat.app.settings import Settings
+from ccm_chat.engine import EngineError
+from ccm_chat.storage import ConversationRecord, MessageRecord, StorageError, Store
 from tests.conftest import TickingClock, scripted_factory
 from tests.scripted_engine import ScriptedEngine
 
@@ -202,7 +202,7 @@ def test_no_model_refuses_before_creating_or_saving_anything(store: Store, tmp_p
 
 def test_load_engine_passes_threads_through(monkeypatch) -> None:
     seen = []
-    monkeypatch.setattr("app.service.Engine.load", lambda **kw: seen.append(kw))
+    monkeypatch.setattr("ccm_chat.app.service.Engine.load", lambda **kw: seen.append(kw))
     load_engine(Settings(threads=3, compression="balanced", n_gpu_layers=0), None)
     load_engine(Settings(), "other.gguf")
     assert seen[0]["n_threads"] == 3 and seen[1]["n_threads"] is None  # 0: the engine picks
@@ -211,8 +211,8 @@ def test_load_engine_passes_threads_through(monkeypatch) -> None:
 
 
 def test_loop_guards_are_settings_and_reach_every_reply(store: Store) -> None:
-    from app.service import sampling_params
-    from engine import SamplingParams
+    from ccm_chat.app.service import sampling_params
+    from ccm_chat.engine import SamplingParams
 
     assert Settings().repeat_penalty == SamplingParams().repeat_penalty > 1.0  # on by default
     assert Settings().dry_multiplier == SamplingParams().dry_multiplier > 0.0
@@ -467,8 +467,8 @@ def test_export_names_the_real_model_and_goes_to_the_documents_folder(
 
 OTHER_WINDOW = """
 import sys
-from app.service import ChatService
-from storage import Store
+from ccm_chat.app.service import ChatService
+from ccm_chat.storage import Store
 from tests.scripted_engine import ScriptedEngine
 store = Store(sys.argv[1])
 svc = ChatService(store, engine_factory=lambda s, m: ScriptedEngine())
@@ -517,7 +517,7 @@ def test_a_failed_read_after_a_write_makes_the_memory_re_read(service: ChatServi
 
 
 def test_a_held_chat_is_kept_alive_by_the_heartbeat(db_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("app.service.HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr("ccm_chat.app.service.HEARTBEAT_SECONDS", 0.05)
     store = Store(db_path)
     svc = scripted_service(store, ScriptedEngine())
     conv = svc.new_conversation()
@@ -546,7 +546,7 @@ def test_a_memory_saved_by_another_method_of_the_same_level_says_so(store: Store
 
 
 def test_levels_pick_the_back_end_as_the_engine_does() -> None:
-    from app.levels import compressor_for
+    from ccm_chat.app.levels import compressor_for
 
     files, on_llama = compressor_for("", "auto")  # the embedded GGUF: llama.cpp
     assert on_llama and files is not None and files.n_comp >= 1

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from app.service import ChatService
-from engine import ModelError
-from storage import Store
+from ccm_chat.app.service import ChatService
+from ccm_chat.engine import ModelError
+from ccm_chat.storage import Store
+from ccm_chat.ui.app import ChatApp
 from tests.conftest import TickingClock, scripted_factory
 from tests.scripted_engine import ScriptedEngine
-from ui.app import ChatApp
 
 SIZE = (110, 34)
 WIDE = (120, 36)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from storage import DatabaseLockedError, NotFoundError, StorageError, Store, database_size
-from storage.migrations import MIGRATIONS
+from ccm_chat.storage import DatabaseLockedError, NotFoundError, StorageError, Store, database_size
+from ccm_chat.storage.migrations import MIGRATIONS
 from tests.conftest import TickingClock
 
 

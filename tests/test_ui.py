@@ -8,21 +8,21 @@ from pathlib import Path
 
 from textual.widgets import Input, Label, Select
 
-from app.service import ChatService
-from app.settings import Settings
-from engine import ModelError
-from storage import Store
+from ccm_chat.app.service import ChatService
+from ccm_chat.app.settings import Settings
+from ccm_chat.engine import ModelError
+from ccm_chat.storage import Store
+from ccm_chat.ui.app import ChatApp
+from ccm_chat.ui.screens.confirm import ConfirmScreen
+from ccm_chat.ui.screens.export import ExportScreen
+from ccm_chat.ui.screens.help import HelpScreen
+from ccm_chat.ui.screens.settings import SettingsScreen
+from ccm_chat.ui.screens.text_prompt import TextPromptScreen
+from ccm_chat.ui.widgets.chat_view import MessageBox
+from ccm_chat.ui.widgets.prompt_input import PromptInput
+from ccm_chat.ui.widgets.sidebar import ConversationItem
 from tests.conftest import TickingClock, scripted_factory
 from tests.scripted_engine import ScriptedEngine
-from ui.app import ChatApp
-from ui.screens.confirm import ConfirmScreen
-from ui.screens.export import ExportScreen
-from ui.screens.help import HelpScreen
-from ui.screens.settings import SettingsScreen
-from ui.screens.text_prompt import TextPromptScreen
-from ui.widgets.chat_view import MessageBox
-from ui.widgets.prompt_input import PromptInput
-from ui.widgets.sidebar import ConversationItem
 
 SIZE = (110, 36)
 

@@ -13,22 +13,22 @@ from pathlib import Path
 import pytest
 from textual.widgets import Button, Input, ListView, TextArea
 
-from app.service import ChatService, Status
-from engine import ModelError
-from storage import Store
+from ccm_chat.app.service import ChatService, Status
+from ccm_chat.engine import ModelError
+from ccm_chat.storage import Store
+from ccm_chat.ui.app import ChatApp
+from ccm_chat.ui.screens.confirm import ConfirmScreen
+from ccm_chat.ui.screens.edit_message import EditMessageScreen
+from ccm_chat.ui.screens.export import ExportScreen
+from ccm_chat.ui.screens.help import HelpScreen
+from ccm_chat.ui.screens.settings import SettingsScreen
+from ccm_chat.ui.widgets.chat_view import ChatView, MessageBox
+from ccm_chat.ui.widgets.prompt_input import PromptInput
+from ccm_chat.ui.widgets.status_bar import format_status
 from tests.conftest import TickingClock, scripted_factory
 from tests.scripted_engine import ScriptedConversation, ScriptedEngine
 from tests.test_service_daily import locked
 from tests.test_ui import SIZE, boxes, make_app, notes, send, until_idle, wait_for
-from ui.app import ChatApp
-from ui.screens.confirm import ConfirmScreen
-from ui.screens.edit_message import EditMessageScreen
-from ui.screens.export import ExportScreen
-from ui.screens.help import HelpScreen
-from ui.screens.settings import SettingsScreen
-from ui.widgets.chat_view import ChatView, MessageBox
-from ui.widgets.prompt_input import PromptInput
-from ui.widgets.status_bar import format_status
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 PAGE = 40  # ui.widgets.chat_view.PAGE: the messages a chat opens with
@@ -63,13 +63,13 @@ def test_ui_imports_nothing_from_engine_or_storage() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names
-                          if n.split(".")[0] in ("engine", "storage")
+                          if n.removeprefix("ccm_chat.").split(".")[0] in ("engine", "storage")
                           or n.startswith("textual.widgets._")]
     assert offenders == []
 
 
 async def test_one_action_table_drives_keys_palette_and_help(store: Store, scripted) -> None:
-    from ui.actions import ACTIONS
+    from ccm_chat.ui.actions import ACTIONS
 
     app = make_app(store, scripted)
     async with app.run_test(size=SIZE) as pilot:
@@ -173,7 +173,7 @@ async def test_a_long_chat_opens_at_its_end_with_a_page_mounted(store: Store, sc
         await wait_for(pilot, lambda: view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y)
         await pilot.pause(0.3)
         assert len(app.query(MessageBox)) == PAGE
-        from ui.widgets.chat_view import PAGE as page
+        from ccm_chat.ui.widgets.chat_view import PAGE as page
         assert page == PAGE
         assert list(app.query(MessageBox))[-1].content.startswith("message 999 ")
         assert view.scroll_y == view.max_scroll_y
@@ -363,7 +363,7 @@ async def test_enter_in_the_export_path_exports(store: Store, scripted, tmp_path
 
 
 def test_time_left_comes_from_the_rate_so_far() -> None:
-    from ui.widgets.rebuild_bar import Eta, format_left
+    from ccm_chat.ui.widgets.rebuild_bar import Eta, format_left
 
     now = [100.0]
     eta = Eta(clock=lambda: now[0])

@@ -20,19 +20,19 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
-from app.export import default_export_path
-from app.records import ConversationRecord
-from app.service import ChatService
-from app.settings import Settings
-from ui.actions import ACTIONS, MAIN_SCREEN_ONLY, PALETTE_KEY, bindings, help_rows
-from ui.screens.confirm import ConfirmScreen
-from ui.screens.export import ExportScreen
-from ui.screens.help import HelpScreen
-from ui.screens.settings import SettingsScreen
-from ui.screens.text_prompt import TextPromptScreen
-from ui.widgets.chat_pane import ChatPane, attempt
-from ui.widgets.sidebar import Sidebar
-from ui.widgets.status_bar import StatusBar
+from ccm_chat.app.export import default_export_path
+from ccm_chat.app.records import ConversationRecord
+from ccm_chat.app.service import ChatService
+from ccm_chat.app.settings import Settings
+from ccm_chat.ui.actions import ACTIONS, MAIN_SCREEN_ONLY, PALETTE_KEY, bindings, help_rows
+from ccm_chat.ui.screens.confirm import ConfirmScreen
+from ccm_chat.ui.screens.export import ExportScreen
+from ccm_chat.ui.screens.help import HelpScreen
+from ccm_chat.ui.screens.settings import SettingsScreen
+from ccm_chat.ui.screens.text_prompt import TextPromptScreen
+from ccm_chat.ui.widgets.chat_pane import ChatPane, attempt
+from ccm_chat.ui.widgets.sidebar import Sidebar
+from ccm_chat.ui.widgets.status_bar import StatusBar
 
 CSS_FILE = Path(__file__).resolve().parent.parent / "assets" / "ccm_chat.tcss"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from app.cli import main as cli_main
-from app.service import ChatService
-from ui.app import ChatApp
+from ccm_chat.app.cli import main as cli_main
+from ccm_chat.app.service import ChatService
+from ccm_chat.ui.app import ChatApp
 
 
 def run_chat(service: ChatService, conversation_id: int | None, resume_last: bool) -> None:

@@ -6,13 +6,13 @@ match, training, and export to llama.cpp. Loaded on first use: the engine import
 `engine.ccm.files` (torch-free) at every start, and torch only when a compressor runs.
 """
 
-from engine.lazy import lazy_attributes
+from ccm_chat.engine.lazy import lazy_attributes
 
 _EXPORTS = {
-    "Compressor": "engine.ccm.compressor", "METHODS": "engine.ccm.layout",
-    "Layout": "engine.ccm.layout", "episode_layout": "engine.ccm.layout",
-    "CompGate": "engine.ccm.lora", "ConditionalLoRALinear": "engine.ccm.lora",
+    "Compressor": "ccm_chat.engine.ccm.compressor", "METHODS": "ccm_chat.engine.ccm.layout",
+    "Layout": "ccm_chat.engine.ccm.layout", "episode_layout": "ccm_chat.engine.ccm.layout",
+    "CompGate": "ccm_chat.engine.ccm.lora", "ConditionalLoRALinear": "ccm_chat.engine.ccm.lora",
 }
 __all__ = sorted(_EXPORTS)
 
-__getattr__ = lazy_attributes("engine.ccm", _EXPORTS)
+__getattr__ = lazy_attributes("ccm_chat.engine.ccm", _EXPORTS)

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
 
-from engine.rope import rotate_keys
+from ccm_chat.engine.rope import rotate_keys
 
 NAME = "ccm_episode"
 PAD = 16  # key columns padded to a multiple of this: the memory-efficient kernel's alignment

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from engine.ccm import attention
-from engine.ccm.layout import METHODS, Block, Layout, block_layout
-from engine.ccm.lora import CompGate, ConditionalLoRALinear
-from engine.rope import rotate_keys
+from ccm_chat.engine.ccm import attention
+from ccm_chat.engine.ccm.layout import METHODS, Block, Layout, block_layout
+from ccm_chat.engine.ccm.lora import CompGate, ConditionalLoRALinear
+from ccm_chat.engine.rope import rotate_keys
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import ModelError
+from ccm_chat.engine.errors import ModelError
 
 Render = Callable[[list[dict[str, str]], bool], str]  # (messages, add_assistant) -> text
 Tokenize = Callable[[str], list[int]]

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from engine.ccm.compressor import Compressor
-from engine.ccm.data import Episode, RecallCase, Tokens
-from engine.ccm.layout import Block, block_layout
+from ccm_chat.engine.ccm.compressor import Compressor
+from ccm_chat.engine.ccm.data import Episode, RecallCase, Tokens
+from ccm_chat.engine.ccm.layout import Block, block_layout
 
 SINK = 4
 

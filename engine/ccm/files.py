@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import platformdirs
 
-from engine.errors import ModelError
+from ccm_chat.engine.errors import ModelError
 
 CARD = "compressor.json"
 FILES = (CARD, "compressor.safetensors", "lora.gguf", "comp_vectors.npy")
@@ -93,7 +93,8 @@ def compressor_dirs() -> list[Path]:
     (a compressor, or a folder of them), the user's own, then the shipped ones."""
     extra = [Path(p).expanduser() for p in os.environ.get(EXTRA_DIRS_ENV, "").split(os.pathsep)
              if p]
-    return [*extra, user_compressor_dir(), Path(str(resources.files("assets"))) / "compressors"]
+    shipped = Path(str(resources.files("ccm_chat.assets"))) / "compressors"
+    return [*extra, user_compressor_dir(), shipped]
 
 
 def find_compressor(model_fingerprint: str, method: str = "concat",

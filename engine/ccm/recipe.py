@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from engine.ccm.compressor import Compressor
-from engine.ccm.data import (
+from ccm_chat.engine.ccm.compressor import Compressor
+from ccm_chat.engine.ccm.data import (
     Corpus,
     ExchangeTokens,
     Tokens,
@@ -28,10 +28,10 @@ from engine.ccm.data import (
     recall_probes,
     training_dialogue,
 )
-from engine.ccm.evaluate import Read, probe_recall
-from engine.ccm.train import TrainConfig, _trainable_state, dialogue_loss, plan_for, train
-from engine.hf_backend import load_pretrained
-from engine.models import model_cache_dir, model_fingerprint, resolve_model_path
+from ccm_chat.engine.ccm.evaluate import Read, probe_recall
+from ccm_chat.engine.ccm.train import TrainConfig, _trainable_state, dialogue_loss, plan_for, train
+from ccm_chat.engine.hf_backend import load_pretrained
+from ccm_chat.engine.models import model_cache_dir, model_fingerprint, resolve_model_path
 
 CARD = "compressor.json"
 RECALL_DISTANCES = (2, 8, 32, 128)
@@ -141,7 +141,7 @@ def train_compressor(
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     save_file(_trainable_state(compressor), out / "compressor.safetensors")
-    from engine.ccm.export import export_lora_gguf  # the gguf package: only when writing
+    from ccm_chat.engine.ccm.export import export_lora_gguf  # the gguf package: only when writing
 
     export_lora_gguf(hf, out / "lora.gguf", alpha)
     np.save(out / "comp_vectors.npy", compressor.comp.detach().float().cpu().numpy())

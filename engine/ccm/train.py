@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from engine.ccm.compressor import Compressor
-from engine.ccm.data import Dialogue, Episode
-from engine.ccm.layout import Block, block_layout
+from ccm_chat.engine.ccm.compressor import Compressor
+from ccm_chat.engine.ccm.data import Dialogue, Episode
+from ccm_chat.engine.ccm.layout import Block, block_layout
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"

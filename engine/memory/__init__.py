@@ -5,11 +5,11 @@ touches a back end directly: it edits the memory through the `KVMemory` handle t
 conversation gives it, so the same policy runs on any back end that offers those edits.
 """
 
-from engine.memory.base import KVMemory, MemoryPolicy
-from engine.memory.ccm import CCMMergePolicy, CCMPolicy
-from engine.memory.full import FullPolicy
-from engine.memory.hybrid import HybridPolicy
-from engine.memory.window import WindowPolicy
+from ccm_chat.engine.memory.base import KVMemory, MemoryPolicy
+from ccm_chat.engine.memory.ccm import CCMMergePolicy, CCMPolicy
+from ccm_chat.engine.memory.full import FullPolicy
+from ccm_chat.engine.memory.hybrid import HybridPolicy
+from ccm_chat.engine.memory.window import WindowPolicy
 
 POLICIES: dict[str, type[MemoryPolicy]] = {
     FullPolicy.name: FullPolicy,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.memory.base import KVMemory, MemoryPolicy
+from ccm_chat.engine.memory.base import KVMemory, MemoryPolicy
 
 
 class CCMPolicy(MemoryPolicy):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.memory.base import MemoryPolicy
+from ccm_chat.engine.memory.base import MemoryPolicy
 
 
 class FullPolicy(MemoryPolicy):

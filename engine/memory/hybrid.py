@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.memory.base import KVMemory, MemoryPolicy
-from engine.memory.ccm import drop_oldest_groups, slide_current_text
+from ccm_chat.engine.memory.base import KVMemory, MemoryPolicy
+from ccm_chat.engine.memory.ccm import drop_oldest_groups, slide_current_text
 
 # What an exchange of everyday chat takes in the template, for the settings screen's estimate
 # (chitchat test split: about 40 tokens; Topical-Chat: about 66).

@@ -15,9 +15,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
-from app.levels import describe_level
-from app.settings import Settings
-from app.ui_support import BACKENDS, LEVELS
+from ccm_chat.app.levels import describe_level
+from ccm_chat.app.settings import Settings
+from ccm_chat.app.ui_support import BACKENDS, LEVELS
 
 LABELS = {  # the number fields' labels; one not listed is labelled from its name
     "n_gpu_layers": "GPU layers (-1 all, 0 CPU only)",

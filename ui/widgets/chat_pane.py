@@ -21,14 +21,14 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
 
-from app.errors import ChatError, RebuildCancelled
-from app.records import MessageRecord
-from app.service import ChatService, Status
-from ui.screens.confirm import ConfirmScreen
-from ui.screens.edit_message import EditMessageScreen
-from ui.widgets.chat_view import ChatView, MessageBox
-from ui.widgets.prompt_input import PromptInput
-from ui.widgets.rebuild_bar import RebuildBar
+from ccm_chat.app.errors import ChatError, RebuildCancelled
+from ccm_chat.app.records import MessageRecord
+from ccm_chat.app.service import ChatService, Status
+from ccm_chat.ui.screens.confirm import ConfirmScreen
+from ccm_chat.ui.screens.edit_message import EditMessageScreen
+from ccm_chat.ui.widgets.chat_view import ChatView, MessageBox
+from ccm_chat.ui.widgets.prompt_input import PromptInput
+from ccm_chat.ui.widgets.rebuild_bar import RebuildBar
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 CHECK_EVERY_S = 2.0  # how often an idle pane asks whether another window changed its chat

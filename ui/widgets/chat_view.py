@@ -15,7 +15,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Markdown
 from textual.widgets.markdown import MarkdownStream
 
-from app.records import MessageRecord
+from ccm_chat.app.records import MessageRecord
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "system": "System"}
 PAGE = 40  # messages mounted at a time: more than a tall terminal shows

@@ -11,7 +11,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, Label, ListItem, ListView
 
-from app.records import ConversationRecord, SearchHit
+from ccm_chat.app.records import ConversationRecord, SearchHit
 
 
 class ConversationItem(ListItem):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from textual.widgets import Static
 
-from app.service import Status
+from ccm_chat.app.service import Status
 
 SEPARATOR = " │ "
 
