@@ -5,21 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import platformdirs
+from ccm_chat.engine.models import CACHE_DIR_ENV, DATA_DIR_ENV, model_cache_dir, user_data_dir
 
-from ccm_chat.engine.models import CACHE_DIR_ENV, model_cache_dir
+__all__ = ["CACHE_DIR_ENV", "DATA_DIR_ENV", "cache_dir", "data_dir", "db_path"]
 
-__all__ = ["CACHE_DIR_ENV", "cache_dir", "data_dir", "db_path"]
-
-APP_NAME = "ccm-chat"
-DATA_DIR_ENV = "CCM_CHAT_DATA_DIR"
 DB_ENV = "CCM_CHAT_DB"
 DB_FILENAME = "ccm-chat.db"
 
 
 def data_dir() -> Path:
-    override = os.environ.get(DATA_DIR_ENV)
-    return Path(override).expanduser() if override else Path(platformdirs.user_data_dir(APP_NAME))
+    return user_data_dir()
 
 
 def cache_dir() -> Path:

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ccm_chat.engine.ccm.compressor import Compressor
 from ccm_chat.engine.ccm.data import Dialogue
 from ccm_chat.engine.ccm.train import TrainConfig, dialogue_loss, plan_for
+from ccm_chat.engine.hf_weights import torch_placement
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -33,8 +34,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-exchange", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    placed, dtype = torch_placement("auto")
+    device = placed.type
     rows = []
     for n in args.n:
         torch.manual_seed(0)

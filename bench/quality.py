@@ -156,7 +156,7 @@ def main() -> None:
 def model_tokens_of(model: str | None):
     from transformers import AutoTokenizer
 
-    from ccm_chat.engine.hf_backend import converted_dir
+    from ccm_chat.engine.hf_weights import converted_dir
     from ccm_chat.engine.models import model_cache_dir, resolve_model_path
 
     path = resolve_model_path(model, allow_dir=True)

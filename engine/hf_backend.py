@@ -10,8 +10,6 @@ llama.cpp. Weights run in bfloat16 on CUDA and float32 on the CPU.
 from __future__ import annotations
 
 import inspect
-import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,14 +17,14 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.utils import logging as hf_logging
+from transformers import DynamicCache
 
 from ccm_chat.engine.backend import BackendOptions, Opened
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
-from ccm_chat.engine.models import model_cache_dir, model_fingerprint
+from ccm_chat.engine.hf_weights import load_pretrained, torch_placement
+from ccm_chat.engine.models import model_cache_dir
 from ccm_chat.engine.rope import rotate_keys
 
 
@@ -45,51 +43,6 @@ def _byte_decoder() -> dict[str, int]:
 
 
 BYTE_DECODER = _byte_decoder()
-
-
-def converted_dir(gguf: Path, cache_dir: Path) -> Path:
-    """Where a GGUF's weights, converted for transformers, are kept (by content hash)."""
-    return cache_dir / "hf-converted" / model_fingerprint(gguf)[:16]
-
-
-def load_pretrained(path: Path, cache_dir: Path, dtype: torch.dtype):
-    """(model, tokenizer) from a transformers folder, or from a GGUF via a converted cache.
-
-    Converting a GGUF takes over a minute on a small CPU, so the result is saved once under
-    the cache dir and loaded from there afterwards.
-    """
-    hf_logging.set_verbosity_error()  # progress bars and warnings would scribble on the UI
-    hf_logging.disable_progress_bar()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelError(
-                f"{path} is not a transformers model folder (no config.json). Pass a folder "
-                "saved with save_pretrained, or a .gguf file."
-            )
-        source, extra = path, {}
-    else:
-        cached = converted_dir(path, cache_dir)
-        if (cached / "config.json").exists() and (cached / "done").exists():
-            source, extra = cached, {}
-        else:
-            source, extra = path.parent, {"gguf_file": path.name}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"transformers could not load {path}: {exc}") from exc
-    if extra:
-        # The weights were dequantized to `dtype` on load; what is left of the GGUF
-        # "quantizer" only stops save_pretrained from writing them.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        cached = converted_dir(path, cache_dir)
-        shutil.rmtree(cached, ignore_errors=True)
-        model.save_pretrained(cached)
-        tokenizer.save_pretrained(cached)
-        (cached / "done").write_text(json.dumps({"from": str(path)}))
-    return model, tokenizer
 
 
 def open_backend(options: BackendOptions) -> Opened:
@@ -113,8 +66,7 @@ class HFModel:
     def __init__(self, path: Path, device: str, cache_dir: Path) -> None:
         self.path = path
         self.cache_dir = cache_dir
-        self.device = torch.device(device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.device, dtype = torch_placement(device)
         model, self.tokenizer = load_pretrained(path, cache_dir, dtype)
         self.torch_model = model.to(self.device).eval()
         config = model.config

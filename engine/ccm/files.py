@@ -19,9 +19,9 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import platformdirs
 
 from ccm_chat.engine.errors import ModelError
+from ccm_chat.engine.models import user_data_dir
 
 CARD = "compressor.json"
 FILES = (CARD, "compressor.safetensors", "lora.gguf", "comp_vectors.npy")
@@ -81,8 +81,7 @@ class CompressorFiles:
 
 def user_compressor_dir() -> Path:
     """Where a user's own compressors go (under the app's data dir, $CCM_CHAT_DATA_DIR wins)."""
-    data = os.environ.get("CCM_CHAT_DATA_DIR") or platformdirs.user_data_dir("ccm-chat")
-    return Path(data).expanduser() / "compressors"
+    return user_data_dir() / "compressors"
 
 
 EXTRA_DIRS_ENV = "CCM_CHAT_COMPRESSORS"

@@ -30,7 +30,7 @@ from ccm_chat.engine.ccm.data import (
 )
 from ccm_chat.engine.ccm.evaluate import Read, probe_recall
 from ccm_chat.engine.ccm.train import TrainConfig, _trainable_state, dialogue_loss, plan_for, train
-from ccm_chat.engine.hf_backend import load_pretrained
+from ccm_chat.engine.hf_weights import load_pretrained, torch_placement
 from ccm_chat.engine.models import model_cache_dir, model_fingerprint, resolve_model_path
 
 CARD = "compressor.json"
@@ -55,10 +55,9 @@ def model_tokens(tokenizer) -> Tokens:
 def load_for_training(model: str | None, device: str):
     """(path, model, tokenizer) on CUDA in bfloat16 when asked for and present, else CPU."""
     path = resolve_model_path(model, allow_dir=True)
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    dtype = torch.bfloat16 if use_cuda else torch.float32
+    placed, dtype = torch_placement(device)
     hf, tokenizer = load_pretrained(path, model_cache_dir(), dtype)
-    return path, hf.to("cuda" if use_cuda else "cpu").eval(), tokenizer
+    return path, hf.to(placed).eval(), tokenizer
 
 
 class Validation:
