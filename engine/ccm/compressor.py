@@ -66,9 +66,10 @@ class Compressor(nn.Module):
         return [self.comp, *lora]
 
     def _run(self, gate: torch.Tensor | None, layout: Layout | None = None,
-             rows: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+             rows: torch.Tensor | None = None, head: bool = True, **kwargs) -> torch.Tensor:
         """The model's logits (at the flat `rows` only, when given: an episode's vocabulary
-        logits at every position would not fit)."""
+        logits at every position would not fit); without `head`, the last hidden states
+        there (training applies the head a chunk of rows at a time)."""
         self.gate.mask, self.gate.layout, self.gate.attention_mask = gate, layout, None
         config = self.model.config
         implementation = config._attn_implementation
@@ -78,7 +79,7 @@ class Compressor(nn.Module):
             if rows is None:
                 return self.model(**kwargs).logits[0]
             hidden = self.model.model(**kwargs).last_hidden_state[0, rows]
-            return self.model.lm_head(hidden)
+            return self.model.lm_head(hidden) if head else hidden
         finally:
             self.gate.mask, self.gate.layout, self.gate.attention_mask = None, None, None
             config._attn_implementation = implementation
@@ -89,9 +90,11 @@ class Compressor(nn.Module):
         return self.block_logits([(t, b, b < last) for b, t in enumerate(turns)])
 
     def block_logits(self, blocks: list[tuple[list[int], int, bool]],
-                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, Layout]:
+                     rows: torch.Tensor | None = None, head: bool = True,
+                     ) -> tuple[torch.Tensor, Layout]:
         """One forward over blocks of (text ids, groups of memory read, slots follow), laid
-        out by `block_layout`; logits at every flat position, or at `rows` only."""
+        out by `block_layout`; logits at every flat position, or at `rows` only (their last
+        hidden states instead without `head`)."""
         layout = block_layout([Block(len(t), g, c) for t, g, c in blocks], self.n_comp,
                               self.method)
         embed = self.model.get_input_embeddings()
@@ -103,7 +106,7 @@ class Compressor(nn.Module):
         if layout.n_groups:
             embeds[is_comp] = self.comp.to(dtype).repeat(layout.n_groups, 1)
         logits = self._run(
-            is_comp[None].to(dtype), layout, rows=rows,
+            is_comp[None].to(dtype), layout, rows=rows, head=head,
             inputs_embeds=embeds[None], position_ids=layout.positions[None].to(device),
             use_cache=False,
         )

@@ -14,6 +14,7 @@ tensors, AdamW's moments, the schedule, the step, the RNG states; the data is a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -25,8 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from ccm_chat.engine.ccm import parallel
 from ccm_chat.engine.ccm.compressor import Compressor
 from ccm_chat.engine.ccm.data import Dialogue, Episode
 from ccm_chat.engine.ccm.layout import Block, block_layout
@@ -35,6 +38,7 @@ CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
 OPTIMIZER = "checkpoint_optimizer.pt"
 LOG = "train_log.jsonl"
+LOGIT_CHUNK = 1 << 26  # float32 logits held at once in the loss: 256 MB
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_every: int = 200
     seed: int = 0
+    batch: int = 1  # dialogues a step, over all processes (a multiple of their number)
 
 
 def schedule(config: TrainConfig) -> Callable[[int], float]:
@@ -124,11 +129,9 @@ def dialogue_loss(compressor: Compressor, dialogue: Dialogue, plan: Plan,
         spans.append((len(rows), len(rows) + len(ex[j]) - starts[j], j))
         rows += index[starts[j] - 1:-1]
     device = compressor.comp.device
-    logits, _ = compressor.block_logits(blocks, torch.tensor(rows, device=device))
-    logp = F.log_softmax(logits.float(), -1)
+    hidden, _ = compressor.block_logits(blocks, torch.tensor(rows, device=device), head=False)
     targets = torch.tensor([t for _, _, j in spans for t in ex[j][starts[j]:]], device=device)
-    token_nll = -logp.gather(1, targets[:, None])[:, 0]
-    token_kl = torch.zeros_like(token_nll)
+    teacher_hidden = None
     if teacher and config.kl_weight:
         full = [t for e in ex[:last + 1] for t in e]
         offset = [0]
@@ -136,23 +139,49 @@ def dialogue_loss(compressor: Compressor, dialogue: Dialogue, plan: Plan,
             offset.append(offset[-1] + len(e))
         needed = sorted({j for _, _, j in spans})
         trow = [r for j in needed for r in range(offset[j] + starts[j] - 1, offset[j + 1] - 1)]
-        with torch.no_grad():
-            hidden = compressor.model.model(
-                input_ids=torch.tensor([full], device=device)).last_hidden_state[0]
-            tlogp = F.log_softmax(compressor.model.lm_head(hidden[trow]).float(), -1)
         at, where = 0, {}
         for j in needed:
             where[j] = at
             at += len(ex[j]) - starts[j]
-        index = torch.tensor([where[j] + k for a, b, j in spans for k in range(b - a)],
-                             device=device)
-        tl = tlogp[index]
-        token_kl = (tl.exp() * (tl - logp)).sum(-1)
+        index = [trow[where[j] + k] for a, b, j in spans for k in range(b - a)]
+        with torch.no_grad():
+            teacher_hidden = compressor.model.model(
+                input_ids=torch.tensor([full], device=device)).last_hidden_state[0][index]
+    token_nll, token_kl = token_losses(compressor.model.lm_head, hidden, targets,
+                                       teacher_hidden)
     per_reply = [(token_nll[a:b].mean(), token_kl[a:b].mean()) for a, b, _ in spans]
     nll = torch.stack([n for n, _ in per_reply]).mean()
     kl = torch.stack([k for _, k in per_reply]).mean()
     return {"loss": config.nll_weight * nll + config.kl_weight * kl, "nll": nll, "kl": kl,
             "replies": torch.tensor(len(spans)), "tokens": torch.tensor(layout.length)}
+
+
+def token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                 teacher_hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored token: the NLL of its target and KL(teacher || student) from the last hidden
+    states, a chunk of rows at a time, each chunk recomputed in the backward pass: the
+    float32 log-probabilities of every scored token at once (rows x vocabulary, three times
+    over) would take gigabytes at a 128k vocabulary."""
+    chunk = max(1, LOGIT_CHUNK // head.weight.shape[0])
+    nll, kl = [], []
+    for a in range(0, hidden.shape[0], chunk):
+        th = teacher_hidden[a:a + chunk] if teacher_hidden is not None else None
+        args = (head, hidden[a:a + chunk], targets[a:a + chunk], th)
+        n, k = (checkpoint(_chunk_losses, *args, use_reentrant=False)
+                if torch.is_grad_enabled() and hidden.requires_grad else _chunk_losses(*args))
+        nll.append(n)
+        kl.append(k)
+    return torch.cat(nll), torch.cat(kl)
+
+
+def _chunk_losses(head, hidden, targets, teacher_hidden):
+    logp = F.log_softmax(head(hidden).float(), -1)
+    nll = -logp.gather(1, targets[:, None])[:, 0]
+    if teacher_hidden is None:
+        return nll, torch.zeros_like(nll)
+    with torch.no_grad():
+        tl = F.log_softmax(head(teacher_hidden).float(), -1)
+    return nll, (tl.exp() * (tl - logp)).sum(-1)
 
 
 def episode_loss(compressor: Compressor, episode: Episode) -> torch.Tensor:
@@ -185,15 +214,45 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: Path, compressor: Compressor, optimizer, scheduler,
-                    step: int, config: TrainConfig) -> None:
+                    step: int, config: TrainConfig, processes: int = 1) -> None:
     """Every piece of the run's state; written to temporary names, then moved into place."""
     save_file(_trainable_state(compressor), out_dir / (CHECKPOINT + ".tmp"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state()}, out_dir / (OPTIMIZER + ".tmp"))
     (out_dir / (STATE + ".tmp")).write_text(json.dumps(
-        {"step": step, "data_position": step, "config": asdict(config)}, indent=1))
+        {"step": step, "data_position": step * config.batch, "processes": processes,
+         "config": asdict(config)}, indent=1))
     for name in (CHECKPOINT, OPTIMIZER, STATE):
         (out_dir / (name + ".tmp")).replace(out_dir / name)
+
+
+def enable_checkpointing(compressor: Compressor) -> None:
+    """Gradient checkpointing of the base model's layers (transformers' own), keeping only
+    each layer's input and recomputing the rest in the backward pass. A layer recomputed
+    there must see what the forward saw, which lives on the gate (the <COMP> rows, the
+    episode layout and its mask) and in the attention choice; both are put back around the
+    recomputation, since the forward has cleared them by then."""
+    gate, config = compressor.gate, compressor.model.config
+
+    def context():
+        saved = (gate.mask, gate.layout, gate.attention_mask, config._attn_implementation)
+
+        @contextlib.contextmanager
+        def recompute():
+            now = (gate.mask, gate.layout, gate.attention_mask, config._attn_implementation)
+            gate.mask, gate.layout, gate.attention_mask, config._attn_implementation = saved
+            try:
+                yield
+            finally:
+                gate.mask, gate.layout, gate.attention_mask, config._attn_implementation = now
+        return contextlib.nullcontext(), recompute()
+
+    kwargs = {"use_reentrant": False, "context_fn": context}
+    model = compressor.model
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def train(
@@ -207,64 +266,119 @@ def train(
     until: int | None = None,
 ) -> list[dict]:
     """Train to `config.steps` steps in all (resuming from `out_dir` exactly where it
-    stopped), or until `max_seconds` have passed; `dialogues(step)` is the data at a step.
-    `until` stops it after that step, as running out of time would. Returns this run's log
-    rows (also appended to out_dir/train_log.jsonl, with the held-apart `evaluate()` rows
-    every `eval_every` steps)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    stopped), or until `max_seconds` have passed; `dialogues(i)` is the i-th dialogue of the
+    run (step s takes dialogues s * batch .. s * batch + batch - 1). `until` stops it after
+    that step, as running out of time would. Returns this run's log rows (also appended to
+    out_dir/train_log.jsonl, with the held-apart `evaluate()` rows every `eval_every` steps).
+
+    Under a launcher (torchrun, accelerate launch) each process takes its share of every
+    step's dialogues and the gradients are averaged (`parallel`); the first process alone
+    evaluates, logs and writes checkpoints, and every process resumes from them."""
+    params = compressor.trainable()
+    here = parallel.world("cpu" if compressor.comp.device.type == "cpu" else "auto")
+    if config.batch % here.size:
+        raise ValueError(f"a step's {config.batch} dialogues (--batch) do not split evenly "
+                         f"over {here.size} processes")
+    if here.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     for p in compressor.model.parameters():
         p.requires_grad_(False)
-    params = compressor.trainable()
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config))
-    start = 0
-    if (out_dir / STATE).exists():
-        compressor.load_state_dict(load_file(out_dir / CHECKPOINT), strict=False)
-        start = json.loads((out_dir / STATE).read_text())["step"]
-        if (out_dir / OPTIMIZER).exists():
-            state = torch.load(out_dir / OPTIMIZER, weights_only=False,
-                               map_location=compressor.comp.device)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
+    start = _resume(out_dir, compressor, optimizer, scheduler, config)
+    stepper = parallel.Step(params, here)  # after resuming: DDP starts from rank 0's tensors
     log: list[dict] = []
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
-               disable=not show_progress, desc="compressor")
+               disable=not show_progress or not here.main, desc="compressor")
     started = time.monotonic()
 
     def write(row: dict) -> None:
         log.append(row)
-        with (out_dir / LOG).open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if here.main:
+            with (out_dir / LOG).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def evaluated() -> dict:
+        row = evaluate() if evaluate is not None and here.main else {}
+        parallel.barrier(here)
+        return row
 
     if evaluate is not None and start == 0:
-        write({"step": 0, **evaluate()})
+        write({"step": 0, **evaluated()})
+    share = config.batch // here.size
     for step in bar:
-        dialogue = dialogues(step)
-        plan = plan_for(dialogue, config, random.Random(f"{config.seed}:{step}:plan"))
-        if not plan.pure and not plan.hybrid:
-            continue
-        parts = dialogue_loss(compressor, dialogue, plan, config)
+        training = compressor.model.training
+        compressor.model.train()  # transformers checkpoints layers only in training mode
         optimizer.zero_grad()
-        parts["loss"].backward()
+        totals: dict[str, float] = {}
+        first = None
+        for k in range(share):
+            index = step * config.batch + here.rank * share + k
+            dialogue = dialogues(index)
+            plan = plan_for(dialogue, config, random.Random(f"{config.seed}:{index}:plan"))
+            first = first or (plan.window, len(dialogue.exchanges))
+            parts = stepper.backward(lambda d=dialogue, p=plan: _scaled_loss(
+                compressor, d, p, config, params, share), last=k == share - 1)
+            for key, v in parts.items():
+                totals[key] = totals.get(key, 0.0) + float(v.detach()) / share
+        compressor.model.train(training)
         norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
         optimizer.step()
         scheduler.step()
-        row = {"step": step + 1, "window": plan.window, "exchanges": len(dialogue.exchanges),
+        totals = parallel.mean(totals, here)
+        totals["loss"] = totals.pop("step_loss")
+        row = {"step": step + 1, "window": first[0], "exchanges": first[1],
                "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm),
-               "seconds": round(time.monotonic() - started, 2),
-               **{k: float(v.detach()) for k, v in parts.items()}}
+               "seconds": round(time.monotonic() - started, 2), **totals}
+        if config.batch > 1:
+            row["batch"] = config.batch
         bar.set_postfix(loss=f"{row['loss']:.3f}")
-        out_of_time = (max_seconds is not None and time.monotonic() - started > max_seconds
-                       or until is not None and step + 1 >= until)
+        out_of_time = parallel.any_rank(
+            max_seconds is not None and time.monotonic() - started > max_seconds
+            or until is not None and step + 1 >= until, here)
         done = step + 1 == config.steps or out_of_time
         if evaluate is not None and ((step + 1) % config.eval_every == 0 or done):
-            row.update(evaluate())
+            row.update(evaluated())
         write(row)
-        if (step + 1) % config.checkpoint_every == 0 or done:
-            save_checkpoint(out_dir, compressor, optimizer, scheduler, step + 1, config)
+        if ((step + 1) % config.checkpoint_every == 0 or done) and here.main:
+            save_checkpoint(out_dir, compressor, optimizer, scheduler, step + 1, config,
+                            here.size)
         if out_of_time:
             break
+    parallel.barrier(here)  # the last checkpoint is on disk before any process goes on
     return log
+
+
+def _scaled_loss(compressor: Compressor, dialogue: Dialogue, plan: Plan, config: TrainConfig,
+                 params: list[torch.nn.Parameter], share: int) -> dict[str, torch.Tensor]:
+    """A dialogue's loss parts, with "loss" divided by the dialogues a process takes a step
+    (their gradients add up to the mean) and the unscaled one as "step_loss". A dialogue
+    with nothing to score still touches every trainable (a zero), as DDP wants each step."""
+    if not plan.pure and not plan.hybrid:
+        zero = sum(p.sum() for p in params) * 0.0
+        return {"loss": zero, **{k: zero.detach() for k in ("nll", "kl", "replies", "tokens",
+                                                            "step_loss")}}
+    parts = dialogue_loss(compressor, dialogue, plan, config)
+    return {**parts, "step_loss": parts["loss"].detach(), "loss": parts["loss"] / share}
+
+
+def _resume(out_dir: Path, compressor: Compressor, optimizer, scheduler,
+            config: TrainConfig) -> int:
+    """The step a run in `out_dir` stopped at (0 for a new one), with its state loaded."""
+    if not (out_dir / STATE).exists():
+        return 0
+    state = json.loads((out_dir / STATE).read_text())
+    batch = state.get("config", {}).get("batch", 1)
+    if batch != config.batch:
+        raise ValueError(f"the checkpoint in {out_dir} was made with {batch} dialogues a step "
+                         f"(--batch); resume it with the same")
+    compressor.load_state_dict(load_file(out_dir / CHECKPOINT), strict=False)
+    if (out_dir / OPTIMIZER).exists():
+        saved = torch.load(out_dir / OPTIMIZER, weights_only=False,
+                           map_location=compressor.comp.device)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+    return state["step"]
