@@ -14,6 +14,7 @@ from typing import Any
 
 from ccm_chat.app.engine_api import EngineConversation, EngineLike, Progress
 from ccm_chat.engine import CompressionConfig, EngineError, StateError
+from ccm_chat.engine.state_blob import origin_mismatch
 from ccm_chat.storage import ConversationRecord, MemoryStateRecord, MessageRecord, Store
 
 
@@ -72,10 +73,10 @@ def _unusable(state: MemoryStateRecord | None, engine: EngineLike,
         return "no saved memory yet"
     if not state.intact:
         return "the saved memory is damaged (checksum mismatch)"
-    if state.model_fingerprint != engine.fingerprint:
-        return "the saved memory was made by another model"
-    if state.backend != engine.info.backend:
-        return f"the saved memory was made by the {state.backend} back end"
+    foreign = origin_mismatch(state.model_fingerprint, state.backend, engine.fingerprint,
+                              engine.info.backend)
+    if foreign:
+        return f"the saved memory was {foreign}"
     wanted = policy_key(compression)
     if state.policy != wanted:
         if (state.policy.get("level") == wanted["level"]

@@ -27,7 +27,7 @@ from ccm_chat.engine.errors import ContextFullError, EngineError, StateError
 from ccm_chat.engine.kv_sequence import KVSequence, MemoryView
 from ccm_chat.engine.memory import MemoryPolicy
 from ccm_chat.engine.reply import Reply, ReplyStats
-from ccm_chat.engine.state_blob import StateBlob
+from ccm_chat.engine.state_blob import StateBlob, origin_mismatch
 from ccm_chat.engine.stops import StopStringMatcher
 
 if TYPE_CHECKING:
@@ -307,10 +307,10 @@ class Conversation:
     def from_state(cls, engine: Engine, data: bytes) -> Conversation:
         blob = StateBlob.from_bytes(data)
         head = blob.header
-        if head.get("backend") != engine.info.backend:
-            raise StateError(f"The memory state was made by the {head.get('backend')} back end.")
-        if head.get("model") != engine.fingerprint:
-            raise StateError("The memory state was made by another model.")
+        foreign = origin_mismatch(head.get("model"), head.get("backend"), engine.fingerprint,
+                                  engine.info.backend)
+        if foreign:
+            raise StateError(f"The memory state was {foreign}.")
         kv_type = (head.get("compression") or {}).get("kv_type")
         if kv_type != engine.kv_type:
             raise StateError(

@@ -51,3 +51,17 @@ class StateBlob:
         if header.get("format") != FORMAT_VERSION:
             raise StateError(f"Memory state format {header.get('format')} is not supported.")
         return cls(header=header, payload=payload)
+
+
+def origin_mismatch(saved_model: Any, saved_backend: Any, model: str, backend: str) -> str | None:
+    """Why a state made by `saved_model` on `saved_backend` cannot serve this engine, or None.
+
+    The one check of where a state came from: `Conversation.from_state` refuses on it, and the
+    app's resume asks it of the stored record before reading the blob at all.
+    """
+    if saved_backend != backend:
+        return f"made by the {saved_backend} back end"
+    if saved_model != model:
+        return "made by another model"
+    return None
+
