@@ -97,6 +97,6 @@ def test_no_model_notice(snap_compare, snapshot_store: Store) -> None:
     async def type_and_send(pilot) -> None:
         await _settle(pilot)
         await pilot.press(*"Hello there", "enter")
-        await pilot.pause(0.2)
+        await _settle(pilot)  # the failed engine load runs in a worker: wait for its notice
 
     assert snap_compare(app, terminal_size=SIZE, run_before=type_and_send)
