@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,10 +55,12 @@ def fill(store: Store, engine: Engine, tokens: int, pairs: list[tuple[str, str]]
     return conv.id
 
 
-def first_token(service: ChatService, conv_id: int) -> tuple[float, str, float]:
-    """(seconds from open to the first token, how the memory was made, seconds to open)."""
+def first_token(service: ChatService, conv_id: int,
+                cancel: threading.Event | None = None) -> tuple[float, str, float]:
+    """(seconds from open to the first token, how the memory was made, seconds to open);
+    setting `cancel` stops a rebuild (RebuildCancelled)."""
     start = time.perf_counter()
-    report = service.open(conv_id)
+    report = service.open(conv_id, cancel=cancel)
     opened = time.perf_counter() - start
     live = service._live[conv_id]
     pieces = live.send(QUESTION, SamplingParams(temperature=0.0, max_tokens=1))

@@ -199,6 +199,11 @@ def write_vocab_extract(out: Path, source: Path | None = None) -> Path:
 
 # ---------------------------------------------------------------- random K-quant blocks
 
+def _random_bytes(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n random bytes, writable (the bit generator's raw words: 20 times Generator.bytes)."""
+    return rng.bit_generator.random_raw(-(-n // 8)).view(np.uint8)[:n]
+
+
 def _f16_bytes(value: float) -> np.ndarray:
     return np.frombuffer(np.float16(value).tobytes(), np.uint8)
 
@@ -208,7 +213,7 @@ def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     21 (all 12 scale bytes 0x55 packs both so), dmin = 7.5 d, so w = 21 d (q - 7.5): centred,
     std WEIGHT_STD."""
     blocks = rows * cols // QK_K
-    data = np.frombuffer(rng.bytes(blocks * 144), np.uint8).reshape(blocks, 144).copy()
+    data = _random_bytes(blocks * 144, rng).reshape(blocks, 144)
     d = WEIGHT_STD / (21 * math.sqrt((16 ** 2 - 1) / 12))
     data[:, 0:2] = _f16_bytes(d)
     data[:, 2:4] = _f16_bytes(7.5 * d)
@@ -220,7 +225,7 @@ def random_q6_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Q6_K blocks (210 bytes / 256 weights): random 6-bit q, every int8 scale 8, so
     w = 8 d (q - 32): centred, std WEIGHT_STD."""
     blocks = rows * cols // QK_K
-    data = np.frombuffer(rng.bytes(blocks * 210), np.uint8).reshape(blocks, 210).copy()
+    data = _random_bytes(blocks * 210, rng).reshape(blocks, 210)
     data[:, 192:208] = 8
     data[:, 208:210] = _f16_bytes(WEIGHT_STD / (8 * math.sqrt((64 ** 2 - 1) / 12)))
     return data.reshape(rows, cols // QK_K * 210)

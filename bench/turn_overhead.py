@@ -26,6 +26,20 @@ from machine import describe  # isort: skip
 FLASH = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
 
 
+def time_after_turn(conv) -> list[float]:
+    """Time the policy's after-turn work of `conv` from now on: the list fills, a turn each."""
+    policy_s: list[float] = []
+    original = conv.policy.after_turn
+
+    def timed(memory) -> None:
+        start = time.perf_counter()
+        original(memory)
+        policy_s.append(time.perf_counter() - start)
+
+    conv.policy.after_turn = timed  # type: ignore[method-assign]
+    return policy_s
+
+
 def run(label: str, level: str, ccm: bool, users: list[str], device: str,
         max_tokens: int, flash: bool | None) -> dict:
     engine = Engine.load(compression=level, device=device, n_ctx=4096, compressor=ccm,
@@ -36,15 +50,7 @@ def run(label: str, level: str, ccm: bool, users: list[str], device: str,
         engine.close()
         raise SystemExit("no compressor for the default model: train or reinstall one")
     conv = engine.new_conversation()
-    policy_s: list[float] = []
-    original = conv.policy.after_turn
-
-    def timed(memory) -> None:
-        start = time.perf_counter()
-        original(memory)
-        policy_s.append(time.perf_counter() - start)
-
-    conv.policy.after_turn = timed  # type: ignore[method-assign]
+    policy_s = time_after_turn(conv)
     turn_s, speeds = [], []
     for user in users:
         start = time.perf_counter()
