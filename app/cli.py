@@ -122,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="farthest a planted fact sits from its question, in exchanges")
     tr.add_argument("--max-seconds", type=float, default=None,
                     help="stop (with a checkpoint) after this long; run again to resume")
+    tr.add_argument("--max-tokens", type=int, default=8192,
+                    help="longest dialogue in tokens (the full-history teacher reads it all); "
+                         "shorter takes less GPU memory")
+    tr.add_argument("--batch", type=int, default=None,
+                    help="dialogues a step, split over the processes of a data-parallel run "
+                         "(default: one per process)")
+    tr.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="the frozen model's weights (auto: bf16 on a GPU, fp32 on the CPU)")
+    tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                    default=None, help="recompute each layer in the backward pass instead "
+                    "of keeping its activations: less memory, about a third slower "
+                    "(default: on for models of 1B parameters or more on a GPU)")
+    tr.add_argument("--random-weights", action="store_true",
+                    help="build the model of a transformers folder (--model: its config.json "
+                         "and tokenizer) with random weights: to measure speed and memory")
     return parser
 
 
@@ -270,16 +285,29 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
     model = getattr(args, "model", None)
     out = args.out or user_compressor_dir() / (
         f"{resolve_model_path(model, allow_dir=True).stem}-ccm-{args.method}-n{args.n_comp}")
+    from ccm_chat.engine.ccm.parallel import world
     from ccm_chat.engine.ccm.train import TrainConfig
 
+    processes = world(args.device).size
+    batch = processes if args.batch is None else args.batch
+    if batch < 1 or batch % processes:
+        raise ValueError(f"--batch {batch} does not split over {processes} processes: give "
+                         "a multiple of their number")
+    if args.max_tokens < 256:
+        raise ValueError("--max-tokens below 256 leaves no room for a dialogue")
     config = TrainConfig(kl_weight=args.kl_weight, every_reply=not args.last_reply_only,
                          max_window=args.max_window, max_exchanges=args.max_exchanges,
-                         max_distance=args.max_distance)
+                         max_distance=args.max_distance, max_tokens=args.max_tokens,
+                         batch=batch)
     card = train_compressor(
         model, out, steps=args.steps, n_comp=args.n_comp,
         rank=args.rank, lr=args.lr, device=args.device, eval_episodes=args.eval_episodes,
-        method=args.method, max_seconds=args.max_seconds, config=config,
+        method=args.method, max_seconds=args.max_seconds, config=config, dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        random_weights=args.random_weights,
     )
+    if not card:  # a data-parallel run's other processes: the first one reports
+        return 0
     print(f"held-apart reply NLL: {card['held_apart_reply_nll_before']:.3f} -> "
           f"{card['held_apart_reply_nll_after']:.3f}; written to {out}")
     if out.resolve().parent != user_compressor_dir().resolve():

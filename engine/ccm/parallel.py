@@ -69,15 +69,14 @@ class Step:
     through DDP when there is more than one process, directly otherwise."""
 
     def __init__(self, params: list[nn.Parameter], here: World) -> None:
-        self.here = here
+        self.here, self.params = here, params
         holder = _Trainables(params)
         self.ddp = None
         if here.size > 1:
             on_cuda = params[0].device.type == "cuda"
             # DDP broadcasts rank 0's trainables: every process starts from the same ones
             self.ddp = DistributedDataParallel(
-                holder, device_ids=[params[0].device.index] if on_cuda else None,
-                broadcast_buffers=False)
+                holder, device_ids=[params[0].device.index] if on_cuda else None)
 
     def backward(self, loss, last: bool):
         """Run `loss()` (a dict with "loss") and its backward; the gradients are averaged

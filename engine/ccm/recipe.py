@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ccm_chat.engine.ccm import parallel
 from ccm_chat.engine.ccm.compressor import Compressor
 from ccm_chat.engine.ccm.data import (
     Corpus,
@@ -29,7 +30,14 @@ from ccm_chat.engine.ccm.data import (
     training_dialogue,
 )
 from ccm_chat.engine.ccm.evaluate import Read, probe_recall
-from ccm_chat.engine.ccm.train import TrainConfig, _trainable_state, dialogue_loss, plan_for, train
+from ccm_chat.engine.ccm.train import (
+    TrainConfig,
+    _trainable_state,
+    dialogue_loss,
+    enable_checkpointing,
+    plan_for,
+    train,
+)
 from ccm_chat.engine.hf_weights import load_pretrained, torch_placement
 from ccm_chat.engine.models import model_cache_dir, model_fingerprint, resolve_model_path
 
@@ -52,12 +60,44 @@ def model_tokens(tokenizer) -> Tokens:
     return Tokens(render, tokenize)
 
 
-def load_for_training(model: str | None, device: str):
-    """(path, model, tokenizer) on CUDA in bfloat16 when asked for and present, else CPU."""
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def load_for_training(model: str | None, device: str, dtype: str = "auto",
+                      random_weights: bool = False, seed: int = 0):
+    """(path, model, tokenizer): on CUDA in bfloat16 when asked for and present, else the CPU
+    in float32, unless `dtype` says ("bf16" or "fp32"). With `random_weights` the model is
+    built from a transformers folder's config.json with random weights, directly on the
+    device and the same in every process (speed and memory only: what it trains is of no
+    use)."""
+    from ccm_chat.engine.errors import ModelError
+
     path = resolve_model_path(model, allow_dir=True)
-    placed, dtype = torch_placement(device)
-    hf, tokenizer = load_pretrained(path, model_cache_dir(), dtype)
-    return path, hf.to(placed).eval(), tokenizer
+    placed, default = torch_placement(device)
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"unknown dtype {dtype!r}; one of auto, {', '.join(DTYPES)}")
+    chosen = default if dtype == "auto" else DTYPES[dtype]
+    if not random_weights:
+        if path.is_dir() and not any(next(path.glob(g), None) for g in WEIGHT_FILES):
+            raise ModelError(f"{path} holds a config but no weights; --random-weights trains "
+                             "on random weights of its shape (to measure speed and memory)")
+        hf, tokenizer = load_pretrained(path, model_cache_dir(), chosen)
+        return path, hf.to(placed).eval(), tokenizer
+    if not path.is_dir():
+        raise ModelError("--random-weights needs a transformers model folder (its config.json "
+                         f"and tokenizer) as --model, not {path}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} has no tokenizer transformers can load ({exc}); training "
+                         "needs one for the data, even on random weights") from exc
+    torch.manual_seed(seed)
+    with torch.device(placed):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=chosen)
+    return path, hf.eval(), tokenizer
 
 
 class Validation:
@@ -112,23 +152,36 @@ def train_compressor(
     data_dir: Path | None = None,
     show_progress: bool = True,
     recall_distances: tuple[int, ...] = RECALL_DISTANCES,
+    dtype: str = "auto",
+    gradient_checkpointing: bool | None = None,
+    random_weights: bool = False,
 ) -> dict:
     """Train (or resume) a compressor into `out` and write the files the app loads. The
-    keyword arguments the CLI passes win over `config`'s."""
+    keyword arguments the CLI passes win over `config`'s. `gradient_checkpointing` None: on
+    for models of a billion parameters or more on CUDA. Under a launcher (torchrun,
+    accelerate launch) every process trains its share of each step and the first one
+    evaluates and writes the files; the others return an empty card."""
     config = replace(config or TrainConfig(), steps=steps, lr=lr, seed=seed)
-    path, hf, tokenizer = load_for_training(model, device)
+    here = parallel.world(device)  # before loading: each process takes its own GPU
+    path, hf, tokenizer = load_for_training(model, device, dtype, random_weights, seed)
     if hf.device.type != "cuda":
         config = config.for_cpu()
         recall_distances = tuple(d for d in recall_distances if d < config.max_exchanges)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = (hf.device.type == "cuda"
+                                  and sum(p.numel() for p in hf.parameters()) >= 1e9)
     torch.manual_seed(seed)
     compressor = Compressor(hf, n_comp=n_comp, rank=rank, alpha=alpha,
                             method=method).to(hf.device)
+    if gradient_checkpointing:
+        enable_checkpointing(compressor)
     tokens = ExchangeTokens(model_tokens(tokenizer))
     conversations = load_corpora(data_dir)
     train_side = Corpus(conversations, "train", tokens)
     validation = Validation(Corpus(conversations, "validation", tokens), config,
                             eval_episodes, recall_per_distance if recall_per_distance
-                            is not None else eval_episodes // 4, recall_distances)
+                            is not None else eval_episodes // 4, recall_distances
+                            ) if here.main else None
 
     def dialogues(step: int):
         return training_dialogue(train_side, random.Random(f"{config.seed}:{step}:data"),
@@ -137,6 +190,8 @@ def train_compressor(
 
     log = train(compressor, dialogues, config, out, lambda: validation(compressor),
                 show_progress=show_progress, max_seconds=max_seconds)
+    if not here.main:
+        return {}
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     save_file(_trainable_state(compressor), out / "compressor.safetensors")
@@ -149,6 +204,9 @@ def train_compressor(
         "base_model": path.name, "base_fingerprint": model_fingerprint(path),
         "method": method, "n_comp": n_comp, "rank": rank, "alpha": alpha, "lr": lr,
         "steps": step, "device": str(hf.device), "dtype": str(hf.dtype).removeprefix("torch."),
+        "processes": here.size, "gradient_checkpointing": gradient_checkpointing,
+        **({"random_weights": "random base weights: speed and memory only, of no use to "
+            "chat with"} if random_weights else {}),
         "objective": (f"per reply: NLL x {config.nll_weight} + KL(frozen model reading the "
                       f"whole history || memory-conditioned model) x {config.kl_weight}, "
                       f"{'every reply' if config.every_reply else 'the last reply'} of each "

@@ -111,16 +111,27 @@ def plan_for(dialogue: Dialogue, config: TrainConfig, rng: random.Random,
     return Plan(window, pure, hybrid)
 
 
+def step_blocks(dialogue: Dialogue, plan: Plan) -> tuple[list[tuple[list[int], int, bool]],
+                                                         list[tuple[int, int]]]:
+    """The blocks of a step's forward (every exchange up to the last scored one as a
+    compression block, then one read block per hybrid reply) and, for each scored reply,
+    the block it is read in."""
+    ex, w = dialogue.exchanges, plan.window
+    last = max([*plan.pure, *plan.hybrid])
+    blocks = [(ex[i], i, i < last) for i in range(last + 1)]
+    blocks += [([t for e in ex[j - w:j + 1] for t in e], j - w, False) for j in plan.hybrid]
+    block_of = [(j, j) for j in plan.pure] + [(j, last + 1 + k) for k, j in enumerate(plan.hybrid)]
+    return blocks, block_of
+
+
 def dialogue_loss(compressor: Compressor, dialogue: Dialogue, plan: Plan,
                   config: TrainConfig, teacher: bool = True) -> dict[str, torch.Tensor]:
     """Mean over the scored replies of (NLL + kl_weight x KL to the full-context model), each
     reply's terms a mean over its tokens; and the parts. One student forward (compression
     blocks, then the hybrid read blocks), one teacher forward."""
-    ex, starts, w = dialogue.exchanges, dialogue.reply_starts, plan.window
+    ex, starts = dialogue.exchanges, dialogue.reply_starts
+    blocks, block_of = step_blocks(dialogue, plan)
     last = max([*plan.pure, *plan.hybrid])
-    blocks = [(ex[i], i, i < last) for i in range(last + 1)]
-    blocks += [([t for e in ex[j - w:j + 1] for t in e], j - w, False) for j in plan.hybrid]
-    block_of = [(j, j) for j in plan.pure] + [(j, last + 1 + k) for k, j in enumerate(plan.hybrid)]
     layout = block_layout([Block(len(t), g, c) for t, g, c in blocks], compressor.n_comp,
                           compressor.method)
     rows, spans = [], []
@@ -309,28 +320,16 @@ def train(
         write({"step": 0, **evaluated()})
     share = config.batch // here.size
     for step in bar:
-        training = compressor.model.training
-        compressor.model.train()  # transformers checkpoints layers only in training mode
-        optimizer.zero_grad()
-        totals: dict[str, float] = {}
-        first = None
+        items = []
         for k in range(share):
             index = step * config.batch + here.rank * share + k
             dialogue = dialogues(index)
-            plan = plan_for(dialogue, config, random.Random(f"{config.seed}:{index}:plan"))
-            first = first or (plan.window, len(dialogue.exchanges))
-            parts = stepper.backward(lambda d=dialogue, p=plan: _scaled_loss(
-                compressor, d, p, config, params, share), last=k == share - 1)
-            for key, v in parts.items():
-                totals[key] = totals.get(key, 0.0) + float(v.detach()) / share
-        compressor.model.train(training)
-        norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
-        optimizer.step()
-        scheduler.step()
-        totals = parallel.mean(totals, here)
-        totals["loss"] = totals.pop("step_loss")
+            items.append((dialogue, plan_for(dialogue, config,
+                                             random.Random(f"{config.seed}:{index}:plan"))))
+        totals, norm = train_step(stepper, compressor, items, config, optimizer, scheduler)
+        first = (items[0][1].window, len(items[0][0].exchanges))
         row = {"step": step + 1, "window": first[0], "exchanges": first[1],
-               "lr": scheduler.get_last_lr()[0], "grad_norm": float(norm),
+               "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
                "seconds": round(time.monotonic() - started, 2), **totals}
         if config.batch > 1:
             row["batch"] = config.batch
@@ -349,6 +348,30 @@ def train(
             break
     parallel.barrier(here)  # the last checkpoint is on disk before any process goes on
     return log
+
+
+def train_step(stepper: parallel.Step, compressor: Compressor,
+               items: list[tuple[Dialogue, Plan]], config: TrainConfig, optimizer,
+               scheduler) -> tuple[dict[str, float], float]:
+    """One optimizer step over this process's (dialogue, plan) items, the gradients averaged
+    over every process's: (the loss parts' means over the whole batch, the gradient norm)."""
+    params = stepper.params
+    training = compressor.model.training
+    compressor.model.train()  # transformers checkpoints layers only in training mode
+    optimizer.zero_grad()
+    totals: dict[str, float] = {}
+    for k, (dialogue, plan) in enumerate(items):
+        parts = stepper.backward(lambda d=dialogue, p=plan: _scaled_loss(
+            compressor, d, p, config, params, len(items)), last=k == len(items) - 1)
+        for key, v in parts.items():
+            totals[key] = totals.get(key, 0.0) + float(v.detach()) / len(items)
+    compressor.model.train(training)
+    norm = torch.nn.utils.clip_grad_norm_(params, config.clip)
+    optimizer.step()
+    scheduler.step()
+    totals = parallel.mean(totals, stepper.here)
+    totals["loss"] = totals.pop("step_loss")
+    return totals, float(norm)
 
 
 def _scaled_loss(compressor: Compressor, dialogue: Dialogue, plan: Plan, config: TrainConfig,
