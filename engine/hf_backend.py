@@ -4,12 +4,14 @@
 remove, shift, get/set state), so memory policies, save/restore and streaming are shared.
 The KV cache is transformers' DynamicCache; positions of its cells are tracked here so cells
 can be evicted from the middle and the rest shifted down (their keys re-rotated), as in
-llama.cpp. Weights run in bfloat16 on CUDA and float32 on the CPU.
+llama.cpp. Weights run in bfloat16 on CUDA and float32 on the CPU. On CUDA the context is
+engine.hf_fast's (a static cache and CUDA-graph decoding) unless CCM_CHAT_HF_FAST=0.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,8 +57,14 @@ def open_backend(options: BackendOptions) -> Opened:
     use_cuda = options.device != "cpu" and torch.cuda.is_available()
     model = HFModel(options.path, "cuda" if use_cuda else "cpu",
                     options.cache_dir or model_cache_dir())
-    ctx = HFContext(model, options.n_ctx)
-    label = "GPU (CUDA, bfloat16)" if use_cuda else "CPU (float32)"
+    if use_cuda and os.environ.get("CCM_CHAT_HF_FAST", "1") != "0":
+        from ccm_chat.engine.hf_fast import FastHFContext  # it builds on this module
+
+        ctx: HFContext = FastHFContext(model, options.n_ctx)
+        label = "GPU (CUDA, bfloat16, CUDA graphs)"
+    else:  # the CPU path, and CUDA with CCM_CHAT_HF_FAST=0: eager on a DynamicCache
+        ctx = HFContext(model, options.n_ctx)
+        label = "GPU (CUDA, bfloat16)" if use_cuda else "CPU (float32)"
     return Opened(model, ctx, label, -1 if use_cuda else 0)
 
 
@@ -179,21 +187,26 @@ class HFContext:
         comp = self.model.compressor
         if comp is None:
             raise EngineError("No compressor is installed on this model.")
-        if start_pos != len(self.positions):
-            raise EngineError(f"decode at {start_pos}, but the cache holds {len(self.positions)}.")
         n = len(vectors)
+        self._check_room(start_pos, n)
         device = self.model.device
-        pos = torch.arange(start_pos, start_pos + n)
         embeds = torch.as_tensor(vectors, device=device).to(comp.comp.dtype)[None]
         comp.gate.mask = torch.full((1, n), float(self._adapter_on), device=device,
                                     dtype=comp.comp.dtype)
         try:
-            self.model.torch_model(inputs_embeds=embeds, position_ids=pos[None].to(device),
-                                   use_cache=True, logits_to_keep=1,
-                                   **{self._cache_arg: self.cache})
+            self._forward_embeddings(embeds, start_pos)
         finally:
             comp.gate.mask = None
-        self.positions = torch.cat([self.positions, pos])
+        self.positions = torch.cat([self.positions, torch.arange(start_pos, start_pos + n)])
+
+    def _check_room(self, start_pos: int, n: int) -> None:
+        if start_pos != len(self.positions):
+            raise EngineError(f"decode at {start_pos}, but the cache holds {len(self.positions)}.")
+
+    def _forward_embeddings(self, embeds: torch.Tensor, start_pos: int) -> None:
+        pos = torch.arange(start_pos, start_pos + embeds.shape[1], device=self.model.device)
+        self.model.torch_model(inputs_embeds=embeds, position_ids=pos[None], use_cache=True,
+                               logits_to_keep=1, **{self._cache_arg: self.cache})
 
     @torch.inference_mode()
     def merge_slots(self, n: int, weight: float) -> None:
@@ -215,28 +228,33 @@ class HFContext:
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], start_pos: int, want: Sequence[int] = ()) -> dict:
-        if start_pos != len(self.positions):
-            raise EngineError(f"decode at {start_pos}, but the cache holds {len(self.positions)}.")
+        self._check_room(start_pos, len(tokens))
         wanted = set(want) | {len(tokens) - 1}
         rows: dict[int, np.ndarray] = {}
-        device = self.model.device
         for offset in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[offset: offset + self.n_batch])
             keep = [i for i in range(len(chunk)) if offset + i in wanted]
-            pos = torch.arange(start_pos + offset, start_pos + offset + len(chunk))
-            out = self.model.torch_model(
-                input_ids=torch.tensor([chunk], device=device),
-                position_ids=pos[None].to(device),
-                **{self._cache_arg: self.cache},
-                use_cache=True,
-                logits_to_keep=torch.tensor(keep, device=device),
-            )
-            logits = out.logits[0].float().cpu().numpy()
+            logits = self._forward_tokens(chunk, start_pos + offset, keep)
             for j, i in enumerate(keep):
-                rows[offset + i] = logits[j]
-            self.positions = torch.cat([self.positions, pos])
-        self._last = rows.pop(len(tokens) - 1)
+                if offset + i != len(tokens) - 1:
+                    rows[offset + i] = logits[j].float().cpu().numpy()
+            self._keep_last(logits[-1])
+            self.positions = torch.cat([self.positions, torch.arange(
+                start_pos + offset, start_pos + offset + len(chunk))])
         return rows
+
+    def _forward_tokens(self, chunk: list[int], start: int, keep: list[int]) -> torch.Tensor:
+        """Logits rows (at `keep`) of a chunk decoded at positions start.."""
+        device = self.model.device
+        pos = torch.arange(start, start + len(chunk), device=device)
+        out = self.model.torch_model(
+            input_ids=torch.tensor([chunk], device=device), position_ids=pos[None],
+            **{self._cache_arg: self.cache}, use_cache=True,
+            logits_to_keep=torch.tensor(keep, device=device))
+        return out.logits[0]
+
+    def _keep_last(self, row: torch.Tensor) -> None:
+        self._last = row.float().cpu().numpy()
 
     def logits(self, i: int = -1) -> np.ndarray:
         return self._last.copy()
@@ -248,33 +266,41 @@ class HFContext:
         self.remove(pos)
         self.decode([token], pos)
 
-    def remove(self, p0: int, p1: int = -1) -> None:
+    def _in_range(self, p0: int, p1: int) -> torch.Tensor:
         hi = p1 if p1 >= 0 else np.iinfo(np.int64).max
-        keep = ~((self.positions >= p0) & (self.positions < hi))
+        return (self.positions >= p0) & (self.positions < hi)
+
+    @torch.inference_mode()
+    def remove(self, p0: int, p1: int = -1) -> None:
+        keep = ~self._in_range(p0, p1)
         if bool(keep.all()):
             return
-        index = keep.nonzero().flatten()
+        self._keep_cells(keep.nonzero().flatten())
+        self.positions = self.positions[keep]
+
+    def _keep_cells(self, index: torch.Tensor) -> None:
         for layer in self._layers():
             idx = index.to(layer.keys.device)
             layer.keys = layer.keys.index_select(2, idx)
             layer.values = layer.values.index_select(2, idx)
-        self.positions = self.positions[keep]
 
     @torch.inference_mode()
     def shift(self, p0: int, p1: int, delta: int) -> None:
         """Move cells at positions [p0, p1) by delta, re-rotating their keys now."""
         if self._rotary is None:
             raise EngineError("This model has no rotary position embedding to shift.")
-        hi = p1 if p1 >= 0 else np.iinfo(np.int64).max
-        sel = ((self.positions >= p0) & (self.positions < hi)).nonzero().flatten()
+        sel = self._in_range(p0, p1).nonzero().flatten()
         if len(sel) == 0 or delta == 0:
             return
+        self._rotate_cells(sel, delta)
+        self.positions[sel] += delta
+
+    def _rotate_cells(self, sel: torch.Tensor, delta: int) -> None:
         step = torch.full((len(sel),), delta)
         for layer in self._layers():
             idx = sel.to(layer.keys.device)
             moved = rotate_keys(self._rotary, layer.keys.index_select(2, idx), step)
             layer.keys.index_copy_(2, idx, moved)
-        self.positions[sel] += delta
 
     def pos_max(self) -> int:
         return int(self.positions.max()) if len(self.positions) else -1
@@ -287,12 +313,17 @@ class HFContext:
                    for layer in self._layers() for t in (layer.keys, layer.values))
 
     def get_state(self) -> bytes:
-        tensors = {"positions": self.positions.clone()}
-        for i, layer in enumerate(self._layers()):
-            tensors[f"k.{i}"] = layer.keys.contiguous().cpu()
-            tensors[f"v.{i}"] = layer.values.contiguous().cpu()
-        return save_tensors(tensors, metadata={"layers": str(len(self._layers()))})
+        tensors = {"positions": self.positions.clone(), **self._cells_on_cpu()}
+        return save_tensors(tensors, metadata={"layers": str(self.model.config.num_hidden_layers)})
 
+    def _cells_on_cpu(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, layer in enumerate(self._layers()):
+            out[f"k.{i}"] = layer.keys.contiguous().cpu()
+            out[f"v.{i}"] = layer.values.contiguous().cpu()
+        return out
+
+    @torch.inference_mode()
     def set_state(self, data: bytes) -> None:
         self.clear()
         try:
@@ -300,15 +331,21 @@ class HFContext:
             n_layers = self.model.config.num_hidden_layers
             if any(f"k.{i}" not in tensors for i in range(n_layers)):
                 raise ValueError("layers missing")
-            cache = DynamicCache(config=self.model.config)
-            for i in range(n_layers):
-                cache.update(tensors[f"k.{i}"].to(self.model.device),
-                             tensors[f"v.{i}"].to(self.model.device), i)
             positions = tensors["positions"].long()
+            keys = [tensors[f"k.{i}"] for i in range(n_layers)]
+            if any(k.shape[2] != len(positions) for k in keys):
+                raise ValueError("positions do not match the cells")
+            self._load_cells(keys, [tensors[f"v.{i}"] for i in range(n_layers)])
         except Exception as exc:  # safetensors raises its own error types
             self.clear()
             raise EngineError(f"The saved memory state could not be read ({exc}).") from exc
-        self.cache, self.positions = cache, positions
+        self.positions = positions
+
+    def _load_cells(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.update(k.to(self.model.device), v.to(self.model.device), i)
+        self.cache = cache
 
     def sampler(self, params: SamplingParams) -> NumpySampler:
         return NumpySampler(params)
