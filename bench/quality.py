@@ -34,6 +34,7 @@ from ccm_chat.engine.ccm.data import (
     recall_cases,
 )
 from ccm_chat.engine.ccm.evaluate import Memory, longchat_cases, perplexity, recall_accuracy
+from ccm_chat.engine.ccm.files import CompressorFiles
 from ccm_chat.engine.ccm.recipe import CARD, load_for_training, model_tokens
 
 TURNS = (4, 8, 16, 32)
@@ -95,7 +96,7 @@ def load_compressor(folder: Path | None, device: str, model: str | None) -> Comp
         return Compressor(hf, n_comp=1).to(hf.device)
     card = json.loads((folder / CARD).read_text())
     comp = Compressor(hf, card["n_comp"], card["rank"], card["alpha"], card["method"])
-    comp.load_trainable(folder / "compressor.safetensors")
+    comp.load_trainable(CompressorFiles.open(folder).weights)
     return comp.to(hf.device)
 
 

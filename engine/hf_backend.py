@@ -109,7 +109,7 @@ class HFModel:
         try:
             comp = Compressor(self.torch_model, card["n_comp"], card["rank"], card["alpha"],
                               card["method"])
-            comp.load_trainable(files.folder / "compressor.safetensors")
+            comp.load_trainable(files.weights)
         except (RuntimeError, OSError, ValueError, AttributeError) as exc:
             raise ModelError(f"The compressor in {files.folder} does not fit this model "
                              f"({exc}).") from exc

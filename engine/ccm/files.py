@@ -23,8 +23,12 @@ import numpy as np
 from ccm_chat.engine.errors import ModelError
 from ccm_chat.engine.models import user_data_dir
 
+# The one place the folder's file names are spelled (training writes them, back ends read them)
 CARD = "compressor.json"
-FILES = (CARD, "compressor.safetensors", "lora.gguf", "comp_vectors.npy")
+WEIGHTS = "compressor.safetensors"  # the <COMP> table and the LoRA, for transformers
+ADAPTER = "lora.gguf"  # the LoRA as a llama.cpp adapter
+VECTORS = "comp_vectors.npy"  # the <COMP> table in float32, for llama.cpp's embedding batches
+FILES = (CARD, WEIGHTS, ADAPTER, VECTORS)
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,16 @@ class CompressorFiles:
             digest.update((self.folder / name).read_bytes())
         return digest.hexdigest()[:16]
 
+    @property
+    def weights(self) -> Path:
+        return self.folder / WEIGHTS
+
+    @property
+    def adapter(self) -> Path:
+        return self.folder / ADAPTER
+
     def vectors(self) -> np.ndarray:
-        return np.load(self.folder / "comp_vectors.npy").astype(np.float32)
+        return np.load(self.folder / VECTORS).astype(np.float32)
 
     @classmethod
     def open(cls, folder: str | Path) -> CompressorFiles:
