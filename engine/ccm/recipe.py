@@ -87,17 +87,24 @@ def load_for_training(model: str | None, device: str, dtype: str = "auto",
     if not path.is_dir():
         raise ModelError("--random-weights needs a transformers model folder (its config.json "
                          f"and tokenizer) as --model, not {path}")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path} has no tokenizer transformers can load ({exc}); training "
                          "needs one for the data, even on random weights") from exc
+    return path, random_model(AutoConfig.from_pretrained(path), placed, chosen, seed), tokenizer
+
+
+def random_model(config, device: torch.device | str, dtype: torch.dtype, seed: int = 0):
+    """A causal LM of `config`'s shape with random weights, made on `device` (an 8B model
+    never passes through host memory), the same for the same seed."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
-    with torch.device(placed):
-        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=chosen)
-    return path, hf.eval(), tokenizer
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 class Validation:
