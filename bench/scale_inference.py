@@ -287,6 +287,7 @@ def resume_rows(engine: Engine, level: str, lengths: tuple[int, ...], deadline: 
         try:
             row["rebuild_first_token_s"], kind, _ = first_token(service, conv_id, cancel)
             row["rebuilt_as"] = kind
+            row["rebuild_reason"] = service._reports[conv_id].reason
         except Exception as exc:  # noqa: BLE001  (a cancelled or failed rebuild is the row)
             row["note"] = f"rebuild not finished: {type(exc).__name__}: {exc}"[:300]
             store.close()
@@ -310,9 +311,11 @@ def resume_rows(engine: Engine, level: str, lengths: tuple[int, ...], deadline: 
             engine.release(copy)
             del blob
         else:
-            seconds, kind, opened = first_token(fresh(store, settings, engine), conv_id)
+            again = fresh(store, settings, engine)
+            seconds, kind, opened = first_token(again, conv_id)
             state = store.latest_memory_state(conv_id)
             row.update(restore_first_token_s=seconds, restored_as=kind, restore_open_s=opened,
+                       restore_reason=again._reports[conv_id].reason,
                        state_bytes=state.size, tokens_held=state.tokens_held,
                        tokens_seen=state.tokens_seen)
         engine.release(service._live[conv_id])
@@ -336,12 +339,21 @@ def run(args: argparse.Namespace) -> dict:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
+    parts = set(args.parts.split(","))
+    if "walks" not in parts:  # the time goes to what runs
+        clock.weights = {k: v for k, v in clock.weights.items() if k.startswith("resume")}
+    if "resume" not in parts:
+        clock.weights = {k: v for k, v in clock.weights.items() if not k.startswith("resume")}
     sizes = [s for s in (4096, 16384, 32768, 65536, 131072) if s <= shape.context]
-    result["fit"] = fit(args.model, shape, args.device, gpu, sizes)
+    result["fit"] = fit(args.model, shape, args.device, gpu, sizes) if "fit" in parts else []
     save()
     off_ctx = min(args.off_ctx, shape.context)
     for level in ("off", *LEVELS):
         for with_ccm in ((False,) if level == "off" else (True, False)):
+            resume_tag = "resume " + ("off" if level == "off" else f"{level}: hybrid")
+            resumes = with_ccm or level == "off"
+            if "walks" not in parts and not (resumes and resume_tag in clock.weights):
+                continue
             gpu.reset()
             start = time.perf_counter()
             engine = Engine.load(args.model, compression=level, device=args.device,
@@ -350,16 +362,16 @@ def run(args: argparse.Namespace) -> dict:
             load_s = round(time.perf_counter() - start, 2)
             walks = ({"off": engine.compression} if level == "off" else
                      configs(engine, level) if with_ccm else {"window": engine.compression})
-            for name, compression in walks.items():
+            for name, compression in walks.items() if "walks" in parts else ():
                 tag = "off" if level == "off" else f"{level}: {name}"
                 row = walk(engine, compression, pairs[:max(CHECKPOINTS)], clock.deadline(tag),
                            gpu, tag)
                 result["walks"].append({**row, "load_s": load_s})
                 save()
-            tag = "off" if level == "off" else f"{level}: hybrid"
-            if f"resume {tag}" in clock.weights:
+            if resumes and resume_tag in clock.weights:
                 result["resume"] += resume_rows(engine, level, RESUME_LENGTHS,
-                                                clock.deadline(f"resume {tag}"), pairs, tag)
+                                                clock.deadline(resume_tag), pairs,
+                                                resume_tag.removeprefix("resume "))
                 save()
             engine.close()
     result["seconds_left"] = round(clock.left(), 1)
@@ -368,6 +380,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- report
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
 
 def fmt_gb(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
@@ -431,16 +447,18 @@ def report(paths: list[Path], out_dir: Path) -> None:
             print(f"| {r['shape']} | {w['config']} | {fmt_gb(w['peak_bytes'])} | {work} | "
                   f"{w['exchange_ms_median'] or 0:.1f} | {w['exchanges']} | {w['stopped']} |")
     print("\n| shape | level | transcript tokens | rebuild -> 1st token s | restore -> 1st "
-          "token s | state MB | note |")
-    print("|---|---|---|---|---|---|---|")
+          "token s (made as) | engine restore s | state MB | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         for row in r["resume"]:
-            rb, rs = row.get("rebuild_first_token_s"), row.get("restore_first_token_s")
+            state = row.get("state_bytes")
             print(f"| {r['shape']} | {row['level']} | {row['transcript_tokens']:,} | "
-                  f"{'-' if rb is None else f'{rb:.2f}'} | {'-' if rs is None else f'{rs:.3f}'}"
-                  f" | {row['state_bytes'] / 1e6:,.1f} |" if "state_bytes" in row else
-                  f"| {r['shape']} | {row['level']} | {row['transcript_tokens']:,} | "
-                  f"{'-' if rb is None else f'{rb:.2f}'} | - | - |", row.get("note", ""), "|")
+                  f"{_num(row.get('rebuild_first_token_s'), '.2f')} | "
+                  f"{_num(row.get('restore_first_token_s'), '.3f')} "
+                  f"({row.get('restored_as', '-')}) | "
+                  f"{_num(row.get('engine_restore_first_token_s'), '.2f')} | "
+                  f"{_num(state and state / 1e6, ',.1f')} | "
+                  f"{row.get('note', '') or row.get('restore_reason', '')} |")
     guide = [cards(r) for r in results]
     (out_dir / "scale_cards.json").write_text(json.dumps(guide, indent=1))
     print("\n| card | shape | off: longest chat (tokens / exchanges) | levels |")
@@ -499,6 +517,7 @@ def main() -> None:
     r.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     r.add_argument("--seconds", type=float, default=170.0, help="the shape's time in all")
     r.add_argument("--off-ctx", type=int, default=131072)
+    r.add_argument("--parts", default="fit,walks,resume", help="which parts to run")
     r.add_argument("--data", type=Path, default=DATA, help="the MemoryBank folder")
     r.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("report", help="tables, card guide and plots from the shapes' JSON")
