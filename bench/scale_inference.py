@@ -389,33 +389,42 @@ def fmt_gb(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
-def cards(result: dict) -> dict:
-    """For each card, the longest conversation the shape holds at each level: off from the
-    measured peaks of the fit contexts (a line through them: KV grows linearly with n_ctx),
-    the levels from their walks' measured peaks (flat: the memory never grows past the
-    level's budget, so a conversation of any length fits once the context does)."""
+def cards(result: dict, per_exchange: float | None = None) -> dict:
+    """For each card, the longest conversation the shape holds: off from the measured peaks
+    of its fit contexts (a least-squares line through them: the KV cache and llama.cpp's
+    buffers grow linearly with n_ctx; capped at the model's trained length), the levels from
+    the largest measured peak of their walks (flat: the memory never grows past the level's
+    budget, so once the 4,096-token context fits, a chat of any length does), or, without
+    walks, from off's measured 4,096-token context (the same f16 cache; on the shapes with
+    walks the levels' peaks were within 0.2 GiB of it). `per_exchange`: tokens an exchange
+    takes, when the shape has no off walk to say."""
     fit_rows = [r for r in result["fit"] if r.get("peak_bytes")]
     if not fit_rows:
         return {"shape": result["shape"], "cards": {}, "note": "no GPU memory measured"}
     xs = [r["n_ctx"] for r in fit_rows]
     ys = [r["peak_bytes"] for r in fit_rows]
     slope, base = statistics.linear_regression(xs, ys) if len(xs) > 1 else (0.0, 0.0)
-    walks = {w["config"]: w for w in result["walks"]}
-    off = walks.get("off", {})
+    walks = [w for w in result["walks"] if w["config"] != "off"]
+    off = next((w for w in result["walks"] if w["config"] == "off"), {})
     points = [p for p in off.get("points", []) if p.get("full_tokens")]
-    per_exchange = (points[-1]["full_tokens"] / points[-1]["exchange"]) if points else None
+    if points:
+        per_exchange = points[-1]["full_tokens"] / points[-1]["exchange"]
+    measured = [w["peak_bytes"] for w in walks if w.get("peak_bytes")]
+    levels_peak = max(measured) if measured else next(
+        (r["peak_bytes"] for r in fit_rows if r["n_ctx"] == COMPRESSED_CTX), None)
     out = {"shape": result["shape"], "off_peak_bytes_per_token": slope,
-           "off_peak_bytes_at_zero": base, "tokens_per_exchange": per_exchange, "cards": {}}
+           "off_peak_bytes_at_zero": base, "tokens_per_exchange": per_exchange,
+           "levels_peak_bytes": levels_peak,
+           "levels_peak_from": "walks" if measured else f"off at n_ctx {COMPRESSED_CTX}",
+           "card_reserve_bytes": CARD_RESERVE, "cards": {}}
     for gb in CARDS_GB:
         room = gb * 2**30 - CARD_RESERVE
-        tokens = min(int((room - base) / slope), max(xs)) if slope else 0
-        row = {"off_tokens": max(0, tokens),
-               "off_exchanges": int(max(0, tokens) / per_exchange) if per_exchange else None,
-               "off_capped_by_model": tokens >= max(xs)}
-        for label, w in walks.items():
-            if label != "off" and w.get("peak_bytes"):
-                row[label] = "any length" if w["peak_bytes"] <= room else "does not fit"
-        out["cards"][gb] = row
+        tokens = max(0, min(int((room - base) / slope), max(xs))) if slope else 0
+        out["cards"][gb] = {
+            "off_tokens": tokens,
+            "off_exchanges": int(tokens / per_exchange) if per_exchange else None,
+            "off_capped_by_model": tokens >= max(xs),
+            "levels_fit": levels_peak is not None and levels_peak <= room}
     return out
 
 
@@ -445,7 +454,7 @@ def report(paths: list[Path], out_dir: Path) -> None:
                     f"{w['after_turn_ms_max']:.1f}" if w["after_turn_ms_median"] is not None
                     else "-")
             print(f"| {r['shape']} | {w['config']} | {fmt_gb(w['peak_bytes'])} | {work} | "
-                  f"{w['exchange_ms_median'] or 0:.1f} | {w['exchanges']} | {w['stopped']} |")
+                  f"{_num(w['exchange_ms_median'], '.1f')} | {w['exchanges']} | {w['stopped']} |")
     print("\n| shape | level | transcript tokens | rebuild -> 1st token s | restore -> 1st "
           "token s (made as) | engine restore s | state MB | note |")
     print("|---|---|---|---|---|---|---|---|")
@@ -459,20 +468,25 @@ def report(paths: list[Path], out_dir: Path) -> None:
                   f"{_num(row.get('engine_restore_first_token_s'), '.2f')} | "
                   f"{_num(state and state / 1e6, ',.1f')} | "
                   f"{row.get('note', '') or row.get('restore_reason', '')} |")
-    guide = [cards(r) for r in results]
+    known = [c["tokens_per_exchange"] for c in (cards(r) for r in results)
+             if c.get("tokens_per_exchange")]
+    guide = [cards(r, statistics.fmean(known) if known else None) for r in results]
     (out_dir / "scale_cards.json").write_text(json.dumps(guide, indent=1))
-    print("\n| card | shape | off: longest chat (tokens / exchanges) | levels |")
-    print("|---|---|---|---|")
-    for gb in CARDS_GB:
-        for g in guide:
+    print("\n| model | " + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |")
+    print("|---|" + "---|" * len(CARDS_GB))
+    for g in guide:
+        cells = []
+        for gb in CARDS_GB:
             row = g["cards"].get(gb)
             if row is None:
+                cells.append("-")
                 continue
-            levels = ", ".join(f"{k}: {v}" for k, v in row.items() if not k.startswith("off"))
-            off = (f"{row['off_tokens']:,} / {row['off_exchanges']:,}"
-                   + (" (the model's limit)" if row["off_capped_by_model"] else "")
-                   if row["off_tokens"] else "does not fit")
-            print(f"| {gb} GB | {g['shape']} | {off} | {levels} |")
+            off = (f"{row['off_tokens'] // 1000}k tokens (~{row['off_exchanges']:,} exch.)"
+                   + (", the model's limit" if row["off_capped_by_model"] else "")
+                   if row["off_tokens"] >= COMPRESSED_CTX else "does not fit")
+            levels = "any length" if row["levels_fit"] else "does not fit"
+            cells.append(f"off: {off}; every level: {levels}")
+        print(f"| {g['shape']} | " + " | ".join(cells) + " |")
     for path in plot(results, out_dir):
         print("plot:", path)
 

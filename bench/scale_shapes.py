@@ -368,6 +368,8 @@ def write_compressor(shape: Shape, model_path: Path, folder: Path, fingerprint: 
     import gguf
     from safetensors.numpy import save_file
 
+    from ccm_chat.engine.ccm.files import ADAPTER, CARD, VECTORS, WEIGHTS
+
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     comp = (rng.standard_normal((n_comp, shape.hidden)) * WEIGHT_STD).astype(np.float32)
@@ -377,7 +379,7 @@ def write_compressor(shape: Shape, model_path: Path, folder: Path, fingerprint: 
     gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
                   "o_proj": "attn_output"}
     tensors = {"comp": comp}
-    writer = gguf.GGUFWriter(str(folder / "lora.gguf"), arch=shape.arch)
+    writer = gguf.GGUFWriter(str(folder / ADAPTER), arch=shape.arch)
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(alpha))
@@ -393,14 +395,14 @@ def write_compressor(shape: Shape, model_path: Path, folder: Path, fingerprint: 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    save_file(tensors, str(folder / "compressor.safetensors"))
-    np.save(folder / "comp_vectors.npy", comp)
+    save_file(tensors, str(folder / WEIGHTS))
+    np.save(folder / VECTORS, comp)
     card = {"base_model": f"{model_path.name} ({shape.name}, random weights)",
             "base_fingerprint": fingerprint, "method": "concat", "n_comp": n_comp,
             "rank": rank, "alpha": alpha, "steps": 0,
             "note": "random weights of the right shape: speed and memory only "
                     "(bench/scale_shapes.py)"}
-    (folder / "compressor.json").write_text(json.dumps(card, indent=1))
+    (folder / CARD).write_text(json.dumps(card, indent=1))
     return folder
 
 
