@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -210,10 +211,14 @@ class Bench:
         self._free()
 
 
-def plan_runs(shapes: list[str], caps: list[int], fit: str) -> list[tuple]:
+def plan_runs(shapes: list[str], caps: list[int], fit: str,
+              card: float | None = None) -> list[tuple]:
     """(shape, cap, checkpointing, limit, steps) in the order they run: the `fit` shape at
     every cap, then on the emulated card (the cap decided from its measured peaks, in
-    `main`), then the others at the two longest caps; each once without checkpointing."""
+    `main`), then the others at the two longest caps; each once without checkpointing.
+    With `card`: only the `fit` shape on the card, at every cap."""
+    if card:
+        return [(fit, cap, True, card, "all") for cap in caps]
     runs = []
     for shape in shapes:
         if shape == fit:
@@ -254,6 +259,8 @@ def main() -> None:
                    help="allocator limit of the emulated 24 GB card (24 GiB less ~1 GiB for "
                         "the CUDA context and a desktop)")
     r.add_argument("--budget-s", type=float, default=1e9, help="start no run after this")
+    r.add_argument("--card-only", action="store_true",
+                   help="only the --fit shape on the emulated card, at every cap")
     r.add_argument("--fit", default="llama-3.1-8b", help="the shape fitted to the card")
     r.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
     args = parser.parse_args()
@@ -265,13 +272,15 @@ def main() -> None:
     caps = sorted((int(c) for c in prof["caps"]), reverse=True)
     result = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "torch": torch.__version__,
+              "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
               "note": "random weights: speed and memory only", "profile": str(args.profile),
               "rows": []}
     import transformers
 
     result["transformers"] = transformers.__version__
     bench = None
-    for shape, cap, ckpt, limit, which in plan_runs(args.shapes, caps, args.fit):
+    runs = plan_runs(args.shapes, caps, args.fit, args.card_gib if args.card_only else None)
+    for shape, cap, ckpt, limit, which in runs:
         if time.monotonic() - started > args.budget_s:
             print(f"budget spent: not run {shape} {cap} {ckpt}", flush=True)
             continue
