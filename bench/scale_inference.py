@@ -468,9 +468,12 @@ def report(paths: list[Path], out_dir: Path) -> None:
                   f"{_num(row.get('engine_restore_first_token_s'), '.2f')} | "
                   f"{_num(state and state / 1e6, ',.1f')} | "
                   f"{row.get('note', '') or row.get('restore_reason', '')} |")
-    known = [c["tokens_per_exchange"] for c in (cards(r) for r in results)
-             if c.get("tokens_per_exchange")]
-    guide = [cards(r, statistics.fmean(known) if known else None) for r in results]
+    known: dict[str, list[float]] = {}  # tokens an exchange, by architecture (template)
+    for r in results:
+        if (c := cards(r)).get("tokens_per_exchange"):
+            known.setdefault(r["shape_table"]["arch"], []).append(c["tokens_per_exchange"])
+    guide = [cards(r, statistics.fmean(known.get(r["shape_table"]["arch"], [0.0])) or None)
+             for r in results]
     (out_dir / "scale_cards.json").write_text(json.dumps(guide, indent=1))
     print("\n| model | " + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |")
     print("|---|" + "---|" * len(CARDS_GB))
