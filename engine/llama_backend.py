@@ -365,7 +365,9 @@ class LlamaContext:
         size = self.state_size()
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self.ptr, buf, size, SEQ)
-        return ctypes.string_at(buf, written)  # not bytes(buf[:n]): that builds a list of ints
+        # a copy through the buffer protocol: ctypes.string_at takes a C int length and
+        # returns the wrong size past 2 GiB (an 8B model's KV at 32k tokens is 4.3 GB)
+        return bytes(memoryview(buf)[:written])
 
     def set_state(self, data: bytes) -> None:
         self.clear()

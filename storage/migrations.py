@@ -121,3 +121,19 @@ def m006_incremental_vacuum(db: sqlite_utils.Database) -> None:
     """
     db.execute("PRAGMA auto_vacuum = INCREMENTAL")
     db.execute("VACUUM")
+
+
+@migration
+def m007_memory_state_chunks(db: sqlite_utils.Database) -> None:
+    """The rest of a memory state too big for one SQLite value (over 1e9 bytes, e.g. an 8B
+    model's uncompressed KV past ~7k tokens): memory_states.blob holds its first chunk."""
+    db.execute(
+        """
+        CREATE TABLE memory_state_chunks (
+            state_id INTEGER NOT NULL REFERENCES memory_states(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (state_id, seq)
+        )
+        """
+    )

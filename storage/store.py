@@ -32,6 +32,9 @@ WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept after a checkpoint
 WRITE_WAIT_SECONDS = 8.0  # how long a write waits for another program's lock
 BUSY_TIMEOUT_SECONDS = 0.2  # SQLite's own wait, each try
 RETRY_PAUSE_SECONDS = 0.05
+# SQLite refuses a value over 1e9 bytes (SQLITE_MAX_LENGTH): a bigger memory state is saved
+# in chunks of this size, the first in memory_states.blob, the rest in memory_state_chunks
+STATE_CHUNK = 256 << 20
 
 
 class StorageError(RuntimeError):
@@ -516,10 +519,14 @@ class Store:
             "tokens_seen": tokens_seen,
             "size": len(blob),
             "checksum": checksum(blob),
-            "blob": blob,
+            "blob": blob[:STATE_CHUNK],
         }
+        view = memoryview(blob)
         with self._tx() as db:
             state_id = db["memory_states"].insert(row).last_pk
+            for seq, start in enumerate(range(STATE_CHUNK, len(blob), STATE_CHUNK), 1):
+                db.execute("INSERT INTO memory_state_chunks VALUES (?, ?, ?)",
+                           (state_id, seq, view[start:start + STATE_CHUNK]))
             db.execute(
                 "DELETE FROM memory_states WHERE conversation_id = ? AND id != ?",
                 (conversation_id, state_id),
@@ -536,7 +543,9 @@ class Store:
             return None
         row = dict(rows[0])
         row["policy"] = json.loads(row["policy"])
-        row["blob"] = bytes(row["blob"])
+        rest = self._read("SELECT data FROM memory_state_chunks WHERE state_id = ? ORDER BY seq",
+                          (row["id"],))
+        row["blob"] = b"".join([bytes(row["blob"]), *(bytes(r["data"]) for r in rest)])
         return MemoryStateRecord(**row)
 
     def delete_memory_states(self, conversation_id: int) -> None:

@@ -279,6 +279,39 @@ def test_pruned_memory_states_give_their_space_back(db_path: Path) -> None:
     assert on_disk < held
 
 
+def test_a_state_bigger_than_one_sqlite_value_is_saved_in_chunks(
+        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An 8B model's uncompressed KV passes SQLite's 1e9-byte value limit past ~7k tokens:
+    such a state is split into chunks (made small here), read back whole, pruned whole."""
+    import ccm_chat.storage.store as store_module
+
+    monkeypatch.setattr(store_module, "STATE_CHUNK", 1000)
+    store = Store(db_path)
+    conv = store.create_conversation("Big")
+    msg = store.add_message(conv.id, "user", "hi")
+    blob = os.urandom(4321)
+
+    def save(data: bytes) -> int:
+        return store.save_memory_state(conv.id, msg.id, data, backend="llamacpp",
+                                       model_fingerprint="x", policy={}, position=1,
+                                       tokens_held=1, tokens_seen=1)
+
+    def chunks() -> int:
+        with sqlite3.connect(db_path) as db:
+            return db.execute("SELECT count(*) FROM memory_state_chunks").fetchone()[0]
+
+    save(blob)
+    assert chunks() == 4  # 1,000 bytes in the row, 4 more chunks
+    state = store.latest_memory_state(conv.id)
+    assert state.blob == blob and state.intact
+    save(b"small")  # replacing it drops its chunks too
+    assert chunks() == 0
+    assert store.latest_memory_state(conv.id).blob == b"small"
+    save(blob)
+    store.delete_conversation(conv.id)
+    assert chunks() == 0
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
