@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the frozen model's weights (auto: bf16 on a GPU, fp32 on the CPU)")
     tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                     default=None, help="recompute each layer in the backward pass instead "
-                    "of keeping its activations: much less memory, 30-50 % slower a step "
+                    "of keeping its activations: much less memory, 30-50 %% slower a step "
                     "(default: on for models of 1B parameters or more on a GPU)")
     tr.add_argument("--random-weights", action="store_true",
                     help="build the model of a transformers folder (--model: its config.json "
