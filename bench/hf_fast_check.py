@@ -121,9 +121,11 @@ def speed(model, n_ctx: int, lengths: list[int], steps: int, compiled: list[int]
     rows = []
     gen = torch.Generator().manual_seed(2)
     paths = [("eager (DynamicCache)", lambda: HFContext(model, n_ctx), 12, lengths),
-             ("fast, split attention",
+             ("fast: split attention, fused norms (default)",
               lambda: FastHFContext(model, n_ctx, attention="split"), steps, lengths),
-             ("fast, sdpa attention",
+             ("fast: split attention, transformers' norms", lambda: FastHFContext(
+                 model, n_ctx, attention="split", fuse_norms=False), steps, lengths),
+             ("fast: sdpa attention, fused norms",
               lambda: FastHFContext(model, n_ctx, attention="sdpa"), steps, lengths)]
     if compiled:
         paths.append(("fast, split, torch.compile", lambda: FastHFContext(
@@ -151,7 +153,7 @@ def speed(model, n_ctx: int, lengths: list[int], steps: int, compiled: list[int]
             tok_s = n / (time.perf_counter() - start)
             rows.append({"path": label, "cells": length, "decode_tok_s": tok_s,
                          "prefill_s": prefill, "first_3_steps_s": first})
-            print(f"{label:26} {length:>6} cells: decode {tok_s:8.1f} tok/s, prefill "
+            print(f"{label:46} {length:>6} cells: decode {tok_s:8.1f} tok/s, prefill "
                   f"{prefill * 1000:7.1f} ms, first 3 steps (capture) {first:.2f} s", flush=True)
         ctx.close()
     return rows
@@ -192,6 +194,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="100,1000,4000,7600")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--n-ctx", type=int, default=8192)
+    parser.add_argument("--sections", default="exactness,edits,speed")
     parser.add_argument("--compiled", default="1000",
                         help="lengths to time with torch.compile too ('' for none)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/hf_fast_check_gpu.json"))
@@ -204,12 +207,14 @@ def main() -> None:
               "model": "random weights, SmolLM2-135M shape, bfloat16"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
-        result["exactness"] = exactness(model, args.n_ctx)
-        print(json.dumps(result["exactness"], indent=1), flush=True)
-        result["edits_ms"] = edits(model, args.n_ctx)
-        print(json.dumps(result["edits_ms"], indent=1), flush=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        for name, fn in (("exactness", exactness), ("edits_ms", edits)):
+            if name.split("_")[0] in args.sections:
+                result[name] = fn(model, args.n_ctx)
+                print(json.dumps(result[name], indent=1), flush=True)
+                args.out.write_text(json.dumps(result, indent=1))
         compiled = [int(x) for x in args.compiled.split(",") if x]
+        if "speed" not in args.sections:
+            return
         rows = result["speed"] = speed(model, args.n_ctx,
                                        [int(x) for x in args.lengths.split(",")], args.steps,
                                        compiled)

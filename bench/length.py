@@ -8,8 +8,13 @@ compressor. After every exchange the KV bytes held are recorded; at exchanges 1,
 time to its first token and its decode speed are measured, next to llama-cpp-python's own
 `Llama.eval` + `Llama.sample` loop on the same tokens the uncompressed conversation holds
 (the reference decode speed at that length). Prints tables, writes JSON, draws two plots.
+`--backend both` runs llama.cpp and then transformers, each in its own process (on a CUDA
+host torch must load before llama_cpp, see the README's host notes), and puts their decode
+speeds side by side in one table and JSON.
 
     python bench/length.py --device cpu --out bench/results/length_cpu.json
+    python bench/length.py --backend both --device gpu --configs "off,balanced: window" \
+        --out bench/results/length_gpu_fast.json
 """
 
 from __future__ import annotations
@@ -18,13 +23,28 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccm_chat.engine import ContextFullError, Engine, SamplingParams
-from ccm_chat.engine.ccm.data import chitchat_pool, load_chitchat
+
+def _backend_arg() -> str:
+    for i, arg in enumerate(sys.argv):
+        if arg == "--backend" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+if _backend_arg() == "hf":  # torch before llama_cpp, which the engine imports first
+    import torch  # noqa: F401
+
+from ccm_chat.engine import ContextFullError, Engine, SamplingParams  # noqa: E402
+from ccm_chat.engine.ccm.data import CHITCHAT_ENV, chitchat_pool, load_chitchat  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
@@ -39,9 +59,19 @@ REPLY_TOKENS = 32
 REPEATS = 3
 
 
+def chitchat() -> dict[str, list[str]]:
+    """The chitchat conversations: the package's, or a dataset.json named by CCM_CHAT_CHITCHAT
+    (a GPU host without the package)."""
+    path = os.environ.get(CHITCHAT_ENV)
+    if not path:
+        return load_chitchat()
+    return {cid: [" ".join(u["text"] for u in turn) for turn in conv["messages"]]
+            for cid, conv in json.loads(Path(path).read_text()).items()}
+
+
 def exchanges(n: int) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
-    for conv in chitchat_pool(load_chitchat(), held_out=True):
+    for conv in chitchat_pool(chitchat(), held_out=True):
         pairs += conv
         if len(pairs) >= n:
             return pairs[:n]
@@ -93,7 +123,11 @@ def run(args: argparse.Namespace) -> dict:
     pairs = exchanges(args.exchanges)
     threads = os.cpu_count() or 1
     curves, probes, engine_info = {}, [], ""
+    result: dict = {}
+    wanted = [c.strip() for c in args.configs.split(",")] if args.configs else None
     for label, level, ccm in configs():
+        if wanted is not None and label not in wanted:
+            continue
         engine = Engine.load(n_ctx=args.n_ctx, compression=level, device=args.device,
                              backend=args.backend, compressor=ccm, n_threads=threads)
         if ccm and engine.compression.method == "window":
@@ -132,10 +166,13 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{label:>20}: {len(curve)} exchanges in {time.perf_counter() - started:.0f} s, "
               f"{curve[-1]['bytes'] / 1e6:.1f} MB held at the end", flush=True)
         engine.close()
-    return {"command": " ".join(sys.argv), "machine": describe(args.device),
-            "cpus": threads,
-            "device": args.device, "backend": args.backend, "engine": engine_info,
-            "n_ctx": args.n_ctx, "curves": curves, "probes": probes}
+        result = {"command": " ".join(sys.argv), "machine": describe(args.device),
+                  "cpus": threads, "device": args.device, "backend": args.backend,
+                  "engine": engine_info, "n_ctx": args.n_ctx, "curves": curves,
+                  "probes": probes}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))  # so far: a cut run keeps it
+    return result
 
 
 _REF: dict[bool, Llama] = {}
@@ -173,15 +210,82 @@ def plot(result: dict, out: Path) -> list[Path]:
     ]
 
 
+def both(args: argparse.Namespace) -> dict:
+    """Each back end in its own process, then their probes side by side."""
+    runs = {}
+    parts = Path(tempfile.mkdtemp(prefix="ccm-length-"))  # only the merged JSON is kept
+    for backend in ("llamacpp", "hf"):
+        part = parts / f"{args.out.stem}_{backend}.json"
+        command = [sys.executable, __file__, "--backend", backend, "--device", args.device,
+                   "--n-ctx", str(args.n_ctx), "--exchanges", str(args.exchanges),
+                   "--configs", args.configs, "--out", str(part)]
+        try:
+            subprocess.run(command, check=True, timeout=args.child_seconds)
+        except (subprocess.SubprocessError, OSError) as exc:
+            print(f"{backend}: {exc}", flush=True)  # keep what it wrote so far
+        if part.exists():
+            runs[backend] = json.loads(part.read_text())
+    if len(runs) < 2:
+        return {"command": " ".join(sys.argv), "side_by_side": [], "runs": runs}
+    rows = []
+    hf_probes = {(p["config"], p["turn"]): p for p in runs["hf"]["probes"]}
+    for p in runs["llamacpp"]["probes"]:
+        other = hf_probes.get((p["config"], p["turn"]))
+        if other is None:
+            continue
+        rows.append({"config": p["config"], "turn": p["turn"], "held": p["held"],
+                     "llamacpp_tok_s": p["decode_tok_s"], "hf_tok_s": other["decode_tok_s"],
+                     "hf_share": other["decode_tok_s"] / p["decode_tok_s"],
+                     "llamacpp_ttft_s": p["ttft_s"], "hf_ttft_s": other["ttft_s"],
+                     "reference_tok_s": p.get("reference_tok_s")})
+    return {"command": " ".join(sys.argv), "machine": runs["hf"]["machine"],
+            "engines": {b: r["engine"] for b, r in runs.items()}, "n_ctx": args.n_ctx,
+            "side_by_side": rows, "runs": runs}
+
+
+def plot_side_by_side(result: dict, out: Path) -> Path:
+    series = {}
+    for label in dict.fromkeys(r["config"] for r in result["side_by_side"]):
+        rows = [r for r in result["side_by_side"] if r["config"] == label]
+        for key, name, style in (("llamacpp_tok_s", "llama.cpp", "o-"), ("hf_tok_s", "hf", "s--")):
+            series[f"{label}: {name}"] = ([r["turn"] for r in rows], [r[key] for r in rows], style)
+    engines = ", ".join(result.get("engines", {}).values())
+    return line_chart(out.with_name(out.stem + "_speed.png"), series, "exchanges",
+                      "decode tokens/s", f"Decode speed, both back ends ({engines})")
+
+
+def print_side_by_side(result: dict) -> None:
+    print("| config | exchange | held | llama.cpp tok/s | hf tok/s | hf / llama.cpp | "
+          "TTFT llama.cpp / hf | llama-cpp-python loop tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["side_by_side"]:
+        ref = f"{r['reference_tok_s']:.1f}" if r.get("reference_tok_s") else ""
+        print(f"| {r['config']} | {r['turn']} | {r['held']} | {r['llamacpp_tok_s']:.1f} | "
+              f"{r['hf_tok_s']:.1f} | {100 * r['hf_share']:.0f} % | "
+              f"{r['llamacpp_ttft_s']:.3f} / {r['hf_ttft_s']:.3f} s | {ref} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--backend", choices=("llamacpp", "hf"), default="llamacpp")
+    parser.add_argument("--backend", choices=("llamacpp", "hf", "both"), default="llamacpp")
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--exchanges", type=int, default=max(CHECKPOINTS))
+    parser.add_argument("--configs", default="",
+                        help="comma-separated config labels to run (default: all)")
+    parser.add_argument("--child-seconds", type=float, default=None,
+                        help="with --backend both: each back end's run stops after this")
     parser.add_argument("--out", type=Path, default=Path("bench/results/length_cpu.json"))
     parser.add_argument("--replot", action="store_true", help="only redraw from --out's JSON")
     args = parser.parse_args()
+    if args.backend == "both":
+        result = json.loads(args.out.read_text()) if args.replot else both(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print_side_by_side(result)
+        if result["side_by_side"]:
+            print("plot:", plot_side_by_side(result, args.out))
+        return
     if args.replot:
         result = json.loads(args.out.read_text())
     else:

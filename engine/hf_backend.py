@@ -233,11 +233,14 @@ class HFContext:
         rows: dict[int, np.ndarray] = {}
         for offset in range(0, len(tokens), self.n_batch):
             chunk = list(tokens[offset: offset + self.n_batch])
-            keep = [i for i in range(len(chunk)) if offset + i in wanted]
-            logits = self._forward_tokens(chunk, start_pos + offset, keep)
+            # the chunk's last row too: a chunk with no wanted row still gives a tensor
+            keep = [i for i in range(len(chunk) - 1) if offset + i in wanted]
+            logits = self._forward_tokens(chunk, start_pos + offset, [*keep, len(chunk) - 1])
             for j, i in enumerate(keep):
-                if offset + i != len(tokens) - 1:
-                    rows[offset + i] = logits[j].float().cpu().numpy()
+                rows[offset + i] = logits[j].float().cpu().numpy()
+            end = offset + len(chunk) - 1
+            if end in wanted and end != len(tokens) - 1:
+                rows[end] = logits[-1].float().cpu().numpy()
             self._keep_last(logits[-1])
             self.positions = torch.cat([self.positions, torch.arange(
                 start_pos + offset, start_pos + offset + len(chunk))])
@@ -250,7 +253,7 @@ class HFContext:
         out = self.model.torch_model(
             input_ids=torch.tensor([chunk], device=device), position_ids=pos[None],
             **{self._cache_arg: self.cache}, use_cache=True,
-            logits_to_keep=torch.tensor(keep, device=device))
+            logits_to_keep=torch.tensor(keep, device=device, dtype=torch.long))
         return out.logits[0]
 
     def _keep_last(self, row: torch.Tensor) -> None:
