@@ -110,7 +110,7 @@ class LlamaModel:
 
     def load_compressor(self, files) -> object:
         """The compressor's LoRA as a llama.cpp adapter (files: CompressorFiles)."""
-        return self.load_adapter(files.folder / "lora.gguf")
+        return self.load_adapter(files.adapter)
 
     def load_adapter(self, path: Path) -> object:
         """A GGUF LoRA adapter for this model (freed with the model)."""
@@ -243,6 +243,9 @@ class LlamaContext:
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._scratch: ctypes.Array | None = None  # the compaction round trip's buffer
+        self._holes = False  # cells were removed from before others since the last compaction
+        self._shifted = False  # positions were moved (applied lazily) since then
 
     def close(self) -> None:
         if self.ptr:
@@ -307,16 +310,34 @@ class LlamaContext:
         text, so no logits are needed). Decoding where cells of higher positions, or holes,
         sat before the new ones in the buffer also gave wrong logits (off by up to 24), so
         whatever decodes after an edit comes after a compaction.
+
+        Nothing is done when the edits since the last compaction left no hole and shifted
+        nothing (only the tail was removed): the cache is then already what a restore
+        gives, and on a GPU the round trip is most of the memory work of a turn.
         """
+        if not (self._holes or self._shifted):
+            return
         last = self.pos_max()
         if last_token < 0:
             self.decode([max(self.model.bos, 0)], last + 1)
             self.remove(last + 1)
-            self.set_state(self.get_state())
+            self._round_trip()
             return
         self.redecode(last_token, last)
-        self.set_state(self.get_state())
+        self._round_trip()
         self.redecode(last_token, last)
+
+    def _round_trip(self) -> None:
+        """Save the sequence and load it back (it lands compacted), through one buffer kept
+        for the purpose: no bytes object, no copies of the state in Python."""
+        size = self.state_size()
+        if self._scratch is None or len(self._scratch) < size:
+            self._scratch = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, self._scratch, size, SEQ)
+        self.clear()
+        if llama_cpp.llama_state_seq_set_data(self.ptr, self._scratch, written, SEQ) == 0:
+            self.clear()
+            raise EngineError("llama.cpp rejected its own memory state while compacting.")
 
     def redecode(self, token: int, pos: int) -> None:
         """Decode the last cell again: logits are only current after a decode."""
@@ -340,10 +361,14 @@ class LlamaContext:
     # -- KV cache --------------------------------------------------------------------------------
 
     def remove(self, p0: int, p1: int = -1) -> None:
+        if 0 <= p1 <= self.pos_max():  # cells stay behind the removed ones: a hole
+            self._holes = True
         llama_cpp.llama_memory_seq_rm(self.memory, SEQ, p0, p1)
 
     def shift(self, p0: int, p1: int, delta: int) -> None:
         """Move cells at positions [p0, p1) by delta (applied lazily, at the next decode)."""
+        if delta and p0 <= self.pos_max() and (p1 < 0 or p1 > p0):
+            self._shifted = True
         llama_cpp.llama_memory_seq_add(self.memory, SEQ, p0, p1, delta)
 
     def sampler(self, params: SamplingParams) -> Sampler:
@@ -351,6 +376,7 @@ class LlamaContext:
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
+        self._holes = self._shifted = False
 
     def pos_max(self) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self.memory, SEQ)
