@@ -24,3 +24,20 @@ stage_rest() {
     || return 1
   xz -dc $S/chitchat.json.xz > $S/dataset.json && tar -C $S -xJf $S/shared_data.tar.xz
 }
+
+# llama-cpp-python with CUDA, built on the host from the stripped sdist in .dev/llama (carry
+# it; see ../shared/GPU.md) about 4 minutes, once per machine: a warm machine keeps the wheel
+# in /root/whl and the install in /tmp/site. Needs .whl (gguf, platformdirs, diskcache).
+build_llama() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    || return 1
+  if ! ls /root/whl/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    mkdir -p /root/src && tar -C /root/src -xzf .dev/llama/llama-src.tar.gz || return 1
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90-real -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+      CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip wheel -q --no-deps --no-build-isolation \
+      -w /root/whl /root/src/llama_cpp_python-0.3.36 || return 1
+  fi
+  [ -d /tmp/site/llama_cpp ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/site /root/whl/llama_cpp_python-*.whl || return 1
+  PYTHONPATH=/tmp/site python3 -c "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload()"
+}
