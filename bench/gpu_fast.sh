@@ -13,6 +13,23 @@
 set -u
 . "$(dirname "$0")/gpu_stage.sh"
 case "$1" in
+stage)  # carry [".dev/xa", ".dev/pack"]: part 1 of the model and the data only
+  mkdir -p $S && cp .dev/xa/* $S/ && cp -r .dev/pack/* $S/ && ls $S ;;
+fused)  # carry [".dev/xb", ".whl"], after stage: the hf fast path with torch's fused
+  # rms_norm off and on, side by side on the real model (no llama.cpp build)
+  cat $S/model.xz.a .dev/xb/* | xz -dc > $S/model.gguf || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  source_tree
+  export CCM_CHAT_MODEL=$S/model.gguf CCM_CHAT_CACHE_DIR=/root/cache \
+    CCM_CHAT_CHITCHAT=$S/dataset.json PYTHONPATH=/tmp/site:/tmp/ns PYTHONUNBUFFERED=1
+  python3 -c "from ccm_chat.engine import Engine; Engine.load(backend='hf', device='gpu', n_ctx=256).close()" \
+    || exit 1  # converts the GGUF once, outside the timed runs
+  for fused in 0 1; do
+    CCM_CHAT_HF_FUSED_NORMS=$fused timeout "${FUSED_SECONDS:-75}" python3 bench/length.py \
+      --backend hf --device gpu --configs off --exchanges "${EXCHANGES:-50}" \
+      --out $OUT/length_gpu_hf_fused$fused.json > $OUT/fused$fused.log 2>&1
+    tail -n 8 $OUT/fused$fused.log
+  done ;;
 first)
   mkdir -p $S && cp .dev/xa/* $S/ && cp -r .dev/pack/* $S/ || exit 1
   (build_llama > $OUT/build.log 2>&1; echo "build rc $?" >> $OUT/build.log) &
