@@ -81,6 +81,21 @@ def test_lora_is_active_only_at_comp_positions() -> None:
     assert (gated_on[:, 2:] - plain[:, 2:]).abs().max() > 1e-3
 
 
+def test_the_lora_gives_the_same_rows_with_and_without_grad() -> None:
+    """Inference runs the LoRA on every row under the mask (no host sync on a GPU), training
+    on the <COMP> rows alone: the same logits either way."""
+    model, comp = with_active_lora(n_comp=2, std=0.5)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    comp.gate.mask = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]])
+    try:
+        trained = model(input_ids=ids).logits.detach()
+        with torch.no_grad():
+            inferred = model(input_ids=ids).logits
+    finally:
+        comp.gate.mask = None
+    torch.testing.assert_close(inferred, trained, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["concat", "merge"])
 def test_parallel_and_recursive_paths_give_the_same_logits(method: str) -> None:
     model, comp = with_active_lora(n_comp=3, std=0.2, method=method)

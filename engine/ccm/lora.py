@@ -35,7 +35,13 @@ class ConditionalLoRALinear(nn.Module):
         mask = self.gate.mask
         if mask is None:
             return out
-        rows = mask.reshape(-1).nonzero().flatten()  # only the <COMP> rows: few of them
+        if not torch.is_grad_enabled():
+            # inference: the <COMP> batch is a few rows, so the LoRA runs on all of them under
+            # the mask; selecting rows would sync the host with the GPU in every projection
+            delta = (x @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
+            return out + delta * (self.scale * mask[..., None].to(x.dtype))
+        # training: long forwards with few <COMP> rows, so only those rows run the LoRA
+        rows = mask.reshape(-1).nonzero().flatten()
         if not rows.numel():
             return out
         flat = x.reshape(-1, x.shape[-1])[rows]
