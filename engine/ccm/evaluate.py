@@ -25,8 +25,6 @@ from ccm_chat.engine.ccm.data import Episode, RecallCase, Tokens
 from ccm_chat.engine.ccm.layout import Block, block_layout
 from ccm_chat.engine.config import SINK_TOKENS
 
-SINK = SINK_TOKENS  # the window's attention sinks, as the engine's window levels keep them
-
 
 @dataclass(frozen=True)
 class Memory:
@@ -37,13 +35,13 @@ class Memory:
     per_turn: int = 0
 
     def budget(self, episode: Episode) -> int:
-        return max(SINK + 1, self.per_turn * len(episode.context))
+        return max(SINK_TOKENS + 1, self.per_turn * len(episode.context))
 
     def held(self, episode: Episode) -> list[int]:
         """The context tokens kept in the cache (none, all, or the sink and the window)."""
         held = [t for c in episode.context for t in c] if self.method != "none" else []
         if self.method == "window" and len(held) > self.budget(episode):
-            held = held[:SINK] + held[len(held) - (self.budget(episode) - SINK):]
+            held = held[:SINK_TOKENS] + held[len(held) - (self.budget(episode) - SINK_TOKENS):]
         return held
 
     def slots(self, episode: Episode, n_comp: int = 0, merge: bool = False) -> int:
@@ -156,10 +154,10 @@ def _held(read: Read, context: list[list[int]], n: int, merge: bool) -> tuple[in
     if read.method == "ccm":
         return groups, verbatim
     n = read.per_exchange or n  # a window at the budget of that many slots an exchange
-    budget = max(SINK + 1, (min(groups, 1) * n if merge else groups * n) + len(verbatim))
+    budget = max(SINK_TOKENS + 1, (min(groups, 1) * n if merge else groups * n) + len(verbatim))
     held = [t for c in context for t in c]
     if len(held) > budget:
-        held = held[:SINK] + held[len(held) - (budget - SINK):]
+        held = held[:SINK_TOKENS] + held[len(held) - (budget - SINK_TOKENS):]
     return 0, held
 
 
