@@ -31,6 +31,7 @@ from ccm_chat.engine.ccm.data import (
     recall_probes,
 )
 from ccm_chat.engine.ccm.evaluate import Read, longchat_cases, probe_cells, probe_nll
+from ccm_chat.engine.ccm.files import CARD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
@@ -156,7 +157,7 @@ def main() -> None:
     corpus = Corpus(load_corpora(args.data_dir), args.split, tokens)
     sets = probe_sets(corpus, tokens, args.limit, args.longchat, args.ppl_at, args.recall_at,
                       args.shuffled)
-    cards = [(f, json.loads((f / "compressor.json").read_text())) for f in args.compressor]
+    cards = [(f, json.loads((f / CARD).read_text())) for f in args.compressor]
     rows = []
     if not args.no_baselines:
         base = load_compressor(None, args.device, args.model)

@@ -34,8 +34,8 @@ from ccm_chat.engine.ccm.data import (
     recall_cases,
 )
 from ccm_chat.engine.ccm.evaluate import Memory, longchat_cases, perplexity, recall_accuracy
-from ccm_chat.engine.ccm.files import CompressorFiles
-from ccm_chat.engine.ccm.recipe import CARD, load_for_training, model_tokens
+from ccm_chat.engine.ccm.files import CARD, CompressorFiles
+from ccm_chat.engine.ccm.recipe import load_for_training, model_tokens
 
 TURNS = (4, 8, 16, 32)
 LONGCHAT = Path(__file__).resolve().parents[2] / "shared/data/longchat_topics/5_topics.jsonl"

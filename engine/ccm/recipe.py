@@ -31,6 +31,7 @@ from ccm_chat.engine.ccm.data import (
     training_dialogue,
 )
 from ccm_chat.engine.ccm.evaluate import Read, probe_recall
+from ccm_chat.engine.ccm.files import ADAPTER, CARD, VECTORS, WEIGHTS
 from ccm_chat.engine.ccm.train import (
     TrainConfig,
     _trainable_state,
@@ -42,7 +43,6 @@ from ccm_chat.engine.ccm.train import (
 from ccm_chat.engine.hf_weights import load_pretrained, torch_placement
 from ccm_chat.engine.models import model_cache_dir, model_fingerprint, resolve_model_path
 
-CARD = "compressor.json"
 RECALL_DISTANCES = (2, 8, 32, 128)
 
 
@@ -205,11 +205,11 @@ def train_compressor(
         return {}
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
-    save_file(_trainable_state(compressor), out / "compressor.safetensors")
+    save_file(_trainable_state(compressor), out / WEIGHTS)
     from ccm_chat.engine.ccm.export import export_lora_gguf  # the gguf package: only when writing
 
-    export_lora_gguf(hf, out / "lora.gguf", alpha)
-    np.save(out / "comp_vectors.npy", compressor.comp.detach().float().cpu().numpy())
+    export_lora_gguf(hf, out / ADAPTER, alpha)
+    np.save(out / VECTORS, compressor.comp.detach().float().cpu().numpy())
     step = json.loads((out / "checkpoint.json").read_text())["step"]
     card = {
         "base_model": path.name, "base_fingerprint": model_fingerprint(path),
