@@ -54,9 +54,8 @@ def open_backend(options: BackendOptions) -> Opened:
                           "is for llama.cpp.")
     if options.device == "gpu" and not torch.cuda.is_available():
         raise EngineError("--device gpu was asked for, but torch sees no CUDA device.")
-    use_cuda = options.device != "cpu" and torch.cuda.is_available()
-    model = HFModel(options.path, "cuda" if use_cuda else "cpu",
-                    options.cache_dir or model_cache_dir())
+    model = HFModel(options.path, options.device, options.cache_dir or model_cache_dir())
+    use_cuda = model.device.type == "cuda"
     if use_cuda and os.environ.get("CCM_CHAT_HF_FAST", "1") != "0":
         from ccm_chat.engine.hf_fast import FastHFContext  # it builds on this module
 
