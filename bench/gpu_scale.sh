@@ -17,11 +17,7 @@ mkdir -p /tmp/hide $W
 echo 'raise ImportError("hidden on the GPU host: pyarrow aborts after llama_cpp")' > /tmp/hide/pandas.py
 export PYTHONPATH=/tmp/hide:/tmp/site:/tmp/ns PYTHONUNBUFFERED=1 CCM_CHAT_CACHE_DIR=/root/cache \
   CCM_CHAT_DATA_DIR=/root/data
-(for item in $1; do
-  s=${item%%:*}
-  [ -f $W/$s.json ] || { python3 bench/scale_shapes.py gguf "$s" $W/$s.gguf \
-    --vocab .dev/scale/vocab.json.xz --compressor $W/$s-ccm > $W/$s.tmp && mv $W/$s.tmp $W/$s.json; }
-done) > $OUT/write.log 2>&1 &
+(for item in $1; do write_shapes "${item%%:*}"; done) > $OUT/write.log 2>&1 &
 writer=$!
 for item in $1; do
   IFS=: read -r s secs parts <<< "$item"

@@ -25,6 +25,18 @@ stage_rest() {
   xz -dc $S/chitchat.json.xz > $S/dataset.json && tar -C $S -xJf $S/shared_data.tar.xz
 }
 
+# The random-weight GGUF and compressor of each shape named in $1 (bench/scale_shapes.py),
+# under /root/scale, once per warm machine; needs .dev/scale (`scale_shapes.py vocab`).
+write_shapes() {
+  mkdir -p /root/scale
+  for s in $1; do
+    [ -f /root/scale/$s.json ] || { PYTHONPATH=/tmp/site:/tmp/ns python3 bench/scale_shapes.py \
+      gguf "$s" /root/scale/$s.gguf --vocab .dev/scale/vocab.json.xz \
+      --compressor /root/scale/$s-ccm > /root/scale/$s.tmp \
+      && mv /root/scale/$s.tmp /root/scale/$s.json; } || return 1
+  done
+}
+
 # llama-cpp-python with CUDA, built on the host from the stripped sdist in .dev/llama (carry
 # it; see ../shared/GPU.md) about 4 minutes, once per machine: a warm machine keeps the wheel
 # in /root/whl and the install in /tmp/site. Needs .whl (gguf, platformdirs, diskcache).

@@ -61,11 +61,7 @@ def slots_over_text(ctx: HFContext, vectors: np.ndarray, start: int) -> None:
     """<COMP> slots (adapter on) after the text from `start`; the text goes and the slots
     take its place, as a CCM compression does."""
     end = len(ctx.positions)
-    ctx.set_adapter(object())
-    try:
-        ctx.decode_embeddings(vectors, end)
-    finally:
-        ctx.set_adapter(None)
+    ctx.decode_embeddings(vectors, end, adapter=object())
     ctx.remove(start, end)
     ctx.shift(end, -1, start - end)
 
@@ -180,8 +176,7 @@ def edits(model, n_ctx: int) -> dict:
         out[name] = 1000 * float(np.median(times))
 
     timed("evict_64_and_shift_ms", lambda: (ctx.remove(4, 68), ctx.shift(68, -1, -64)))
-    timed("comp_slots_ms", lambda: (ctx.set_adapter(object()),
-                                    ctx.decode_embeddings(vectors, 512), ctx.set_adapter(None)))
+    timed("comp_slots_ms", lambda: ctx.decode_embeddings(vectors, 512, adapter=object()))
     timed("decode_40_tokens_ms", lambda: ctx.decode(prompt[:40], 512))
     timed("get_state_ms", ctx.get_state)
     blob = ctx.get_state()

@@ -4,13 +4,16 @@ Each level chats the same MemoryBank user turns (greedy replies) as bench/turn_o
 does; during the policy's after-turn work every call on the back end's context (decode,
 <COMP> embeddings, adapter toggles, remove, shift, compaction, the state round trip, merge)
 is timed exclusively (a nested call's time is its own, not its caller's), with the device
-synchronized at each call's end so GPU time lands on the call that queued it. With
-`--variants both` (llama.cpp) each level also runs with the compaction as it was before
-issue 16 (a round trip through Python bytes after every edit, holes or not), side by side.
+synchronized at each call's end so GPU time lands on the call that queued it. Variants
+(llama.cpp), side by side in one run: `before`, the compaction as it was before issue 16 (a
+round trip through Python bytes after every edit, holes or not) with the adapter toggled in
+place; `toggle`, today's compaction with the adapter toggled in place (each toggle makes
+llama.cpp re-reserve its scheduler); `after`, the code as it is (the <COMP> slots decoded in
+a second context that keeps the adapter on).
 Each run ends with save -> restore checked exact (next-token logits of the live and the
 restored conversation). Prints a table and writes JSON.
 
-    python bench/turn_profile.py --backend llamacpp --device gpu --variants both \\
+    python bench/turn_profile.py --backend llamacpp --device gpu --variants before,toggle,after \\
         --out bench/results/turn_profile_gpu_fast.json
 """
 
@@ -44,8 +47,9 @@ from machine import describe  # noqa: E402  isort: skip
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
 
-CALLS = ("decode", "decode_embeddings", "set_adapter", "remove", "shift", "compact",
-         "_round_trip", "redecode", "merge_slots", "get_state", "set_state")
+CALLS = ("decode", "decode_embeddings", "slots_over_text", "_copy_state", "_use_adapter",
+         "remove", "shift", "compact", "_round_trip", "redecode", "merge_slots", "get_state",
+         "set_state")
 
 
 def user_turns(data: Path) -> list[str]:
@@ -110,14 +114,17 @@ def device_sync(engine: Engine):
 
 
 def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str) -> dict:
-    engine = Engine.load(compression=level, device=args.device, n_ctx=4096, compressor=ccm,
-                         backend=args.backend)
+    compressor = (args.compressor or True) if ccm else False
+    engine = Engine.load(args.model, compression=level, device=args.device, n_ctx=4096,
+                         compressor=compressor, backend=args.backend)
     if ccm and engine.compression.method == "window":
         engine.close()
         raise SystemExit("no compressor for the default model: train or reinstall one")
     ctx = engine.ctx
     if variant == "before":
         ctx.compact = lambda last_token: legacy_compact(ctx, last_token)
+    if variant in ("before", "toggle"):
+        ctx.adapter_beside = False
     prof = Profiler(ctx, device_sync(engine))
     conv = engine.new_conversation()
     original = conv.policy.after_turn
@@ -167,18 +174,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("llamacpp", "hf"), default="llamacpp")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a GGUF or model folder (default: the embedded default model)")
+    parser.add_argument("--compressor", type=Path, default=None,
+                        help="the model's compressor folder (default: the one found for it)")
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--configs", default="", help="comma-separated labels (default: all)")
-    parser.add_argument("--variants", choices=("after", "both"), default="after",
-                        help="both: the compaction before issue 16 too (llama.cpp)")
+    parser.add_argument("--variants", default="after",
+                        help="comma-separated, of before, toggle, after (llama.cpp; see above)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "CCM_CHAT_MEMORYBANK", DATA)), help="the MemoryBank folder")
     parser.add_argument("--out", type=Path, default=Path("bench/results/turn_profile.json"))
     args = parser.parse_args()
     users = user_turns(args.data)[: args.turns]
     wanted = [c.strip() for c in args.configs.split(",")] if args.configs else None
-    variants = ["before", "after"] if args.variants == "both" else ["after"]
+    variants = [v.strip() for v in args.variants.split(",")]
+    if not set(variants) <= {"before", "toggle", "after"}:
+        parser.error("--variants takes before, toggle and after")
     rows = []
     for label, level, ccm in configs():
         if wanted is not None and label not in wanted:
@@ -192,9 +205,9 @@ def main() -> None:
                   f"({100 * row['share_median']:.1f} % / {100 * row['share_max']:.1f} %), "
                   f"restore diff {row['restore_max_abs']:.2g}; {calls}", flush=True)
     for label in dict.fromkeys(r["level"] for r in rows):
-        pair = [r for r in rows if r["level"] == label]
-        if len(pair) == 2:  # the two variants keep the same memory
-            pair[1]["same_memory_as_before"] = pair[0]["memory_tokens"] == pair[1]["memory_tokens"]
+        same = [r for r in rows if r["level"] == label]
+        for r in same[1:]:  # the variants keep the same memory
+            r["same_memory_as_first"] = r["memory_tokens"] == same[0]["memory_tokens"]
     for r in rows:
         del r["memory_tokens"]
     print("| level | variant | turn ms | after-turn ms (median / max) | share (median / max) | "

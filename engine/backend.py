@@ -65,10 +65,14 @@ class Context(Protocol):
     def logits(self, i: int = -1) -> np.ndarray: ...
     def redecode(self, token: int, pos: int) -> None:
         """Decode the last cell again, so its logits are current."""
-    def set_adapter(self, adapter: object | None, scale: float = 1.0) -> None:
-        """The compressor's LoRA on (or off: None) for the next decodes."""
-    def decode_embeddings(self, vectors: np.ndarray, start_pos: int) -> None:
-        """Decode rows of input embeddings (the <COMP> vectors) at start_pos.."""
+    def decode_embeddings(self, vectors: np.ndarray, start_pos: int,
+                          adapter: object | None = None) -> None:
+        """Decode rows of input embeddings (the <COMP> vectors) at start_pos.., with the
+        compressor's LoRA `adapter` (Model.load_compressor's) on for these rows only."""
+    def slots_over_text(self, vectors: np.ndarray, start: int, end: int,
+                        adapter: object) -> None:
+        """A CCM step on a cache that ends at `end`: the <COMP> rows decoded after it with
+        `adapter` on, then the text [start, end) dropped so the slots take its place."""
     def merge_slots(self, n: int, weight: float) -> None: ...
     def remove(self, p0: int, p1: int = -1) -> None: ...
     def shift(self, p0: int, p1: int, delta: int) -> None: ...
@@ -81,6 +85,17 @@ class Context(Protocol):
     def set_state(self, data: bytes) -> None: ...
     def sampler(self, params: SamplingParams) -> Sampler: ...
     def close(self) -> None: ...
+
+
+def slots_in_place(ctx: Context, vectors: np.ndarray, start: int, end: int,
+                   adapter: object) -> None:
+    """Context.slots_over_text out of a context's own calls (what a back end does unless it
+    has a cheaper way)."""
+    ctx.decode_embeddings(vectors, end, adapter)
+    ctx.remove(start, end)
+    ctx.shift(end, -1, start - end)
+    if ctx.needs_compaction:
+        ctx.compact(-1)
 
 
 @dataclass(frozen=True)

@@ -398,7 +398,7 @@ class Conversation:
         if not merge:
             self._compress_span(ctx, start, end)
             return
-        self._decode_slots(ctx, end)
+        ctx.decode_embeddings(ccm.vectors, end, ccm.adapter)
         self.kv.add_slots(end, n)
         ctx.remove(start, end)  # the text goes; the new slots move onto the held ones' places
         ctx.shift(end, -1, -end)
@@ -418,30 +418,19 @@ class Conversation:
         decoded after the memory as it is now. Left as decoded beside the text since
         compressed, it cost 0.6-1.2 nats of next-reply NLL (default model, CPU).
         """
-        n = len(self.engine.ccm.vectors)  # type: ignore[union-attr]
+        ccm = self.engine.ccm
+        n = len(ccm.vectors)  # type: ignore[union-attr]
         rest = list(self.kv.tokens[end:])
         if rest:
             ctx.remove(end)
             if ctx.needs_compaction:
                 ctx.compact(-1)  # no holes where the slots go
-        self._decode_slots(ctx, end)
-        ctx.remove(start, end)
-        ctx.shift(end, -1, start - end)
-        if ctx.needs_compaction:
-            ctx.compact(-1)
+        ctx.slots_over_text(ccm.vectors, start, end, ccm.adapter)  # type: ignore[union-attr]
         if rest:
             ctx.decode(rest, start + n)
         self.kv.add_slots(end, n)
         self.kv.forget(start, end)
         self.kv.slots_joined(n)
-
-    def _decode_slots(self, ctx, at: int) -> None:
-        ccm = self.engine.ccm
-        ctx.set_adapter(ccm.adapter)  # type: ignore[union-attr]
-        try:
-            ctx.decode_embeddings(ccm.vectors, at)  # type: ignore[union-attr]
-        finally:
-            ctx.set_adapter(None)
 
     # -- internals -------------------------------------------------------------------------------
 

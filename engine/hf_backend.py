@@ -21,7 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from transformers import DynamicCache
 
-from ccm_chat.engine.backend import BackendOptions, Opened
+from ccm_chat.engine.backend import BackendOptions, Opened, slots_in_place
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
@@ -166,7 +166,6 @@ class HFContext:
         # capabilities (engine.backend.Context)
         self.merges = True  # merge_slots averages cells (CCM-merge)
         self.needs_compaction = False  # shift() re-rotates keys at once; no holes are left
-        self._adapter_on = False
         self._rotary = getattr(model.torch_model.model, "rotary_emb", None)
         forward = inspect.signature(model.torch_model.forward).parameters
         # transformers renamed past_key_values to cache (5.2x); take whichever this one has
@@ -176,13 +175,11 @@ class HFContext:
     def close(self) -> None:
         self.cache = None
 
-    def set_adapter(self, adapter: object | None, scale: float = 1.0) -> None:
-        """The compressor's LoRA is on only for the <COMP> decodes that follow."""
-        self._adapter_on = adapter is not None
-
     @torch.inference_mode()
-    def decode_embeddings(self, vectors: np.ndarray, start_pos: int) -> None:
-        """Decode the <COMP> vectors at start_pos.. (the compressor's own table)."""
+    def decode_embeddings(self, vectors: np.ndarray, start_pos: int,
+                          adapter: object | None = None) -> None:
+        """Decode the <COMP> vectors at start_pos.. (the compressor's own table), its LoRA on
+        for them when `adapter` is given (the model holds the LoRA; the mask gates it)."""
         comp = self.model.compressor
         if comp is None:
             raise EngineError("No compressor is installed on this model.")
@@ -190,13 +187,17 @@ class HFContext:
         self._check_room(start_pos, n)
         device = self.model.device
         embeds = torch.as_tensor(vectors, device=device).to(comp.comp.dtype)[None]
-        comp.gate.mask = torch.full((1, n), float(self._adapter_on), device=device,
+        comp.gate.mask = torch.full((1, n), float(adapter is not None), device=device,
                                     dtype=comp.comp.dtype)
         try:
             self._forward_embeddings(embeds, start_pos)
         finally:
             comp.gate.mask = None
         self.positions = torch.cat([self.positions, torch.arange(start_pos, start_pos + n)])
+
+    def slots_over_text(self, vectors: np.ndarray, start: int, end: int,
+                        adapter: object) -> None:
+        slots_in_place(self, vectors, start, end, adapter)
 
     def _check_room(self, start_pos: int, n: int) -> None:
         if start_pos != len(self.positions):

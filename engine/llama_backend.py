@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from ccm_chat.engine.backend import BackendOptions, Opened
+from ccm_chat.engine.backend import BackendOptions, Opened, slots_in_place
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
@@ -243,11 +243,19 @@ class LlamaContext:
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._scratch: ctypes.Array | None = None  # the compaction round trip's buffer
+        self._scratch: ctypes.Array | None = None  # the buffer states are copied through
         self._holes = False  # cells were removed from before others since the last compaction
         self._shifted = False  # positions were moved (applied lazily) since then
+        self._n_threads = n_threads
+        self._adapter: object | None = None  # the LoRA adapter this context decodes with
+        self._beside: LlamaContext | None = None  # see decode_embeddings
+        self._keeps_adapter = False  # True for the context beside: it leaves it on
+        self.adapter_beside = True  # False: toggle the adapter here (bench/turn_profile.py)
 
     def close(self) -> None:
+        if self._beside is not None:
+            self._beside.close()
+            self._beside = None
         if self.ptr:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ptr)
@@ -278,10 +286,13 @@ class LlamaContext:
                     rows[offset + i] = self.logits(i)
         return rows
 
-    def decode_embeddings(self, vectors: np.ndarray, start_pos: int) -> None:
-        """Decode rows of input embeddings (the <COMP> vectors) at start_pos.. ."""
-        n, n_embd = vectors.shape
-        batch = llama_cpp.llama_batch_init(n, n_embd, 1)
+    def decode_embeddings(self, vectors: np.ndarray, start_pos: int,
+                          adapter: object | None = None) -> None:
+        """Decode rows of input embeddings (the <COMP> vectors) at start_pos.., with the LoRA
+        `adapter` on for them only (here in this context: see slots_over_text)."""
+        n = len(vectors)
+        self._use_adapter(adapter)
+        batch = llama_cpp.llama_batch_init(n, vectors.shape[1], 1)
         try:
             flat = np.ascontiguousarray(vectors, dtype=np.float32).ravel()
             ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
@@ -294,8 +305,68 @@ class LlamaContext:
             rc = llama_cpp.llama_decode(self.ptr, batch)
         finally:
             llama_cpp.llama_batch_free(batch)
+            if not self._keeps_adapter:
+                self._use_adapter(None)
         if rc != 0:
             raise EngineError(f"llama_decode of {n} embeddings failed (code {rc}).")
+
+    def slots_over_text(self, vectors: np.ndarray, start: int, end: int,
+                        adapter: object) -> None:
+        """A CCM step (engine.backend.Context's), in a second context that keeps the adapter.
+
+        Any change of a context's adapters makes llama.cpp re-reserve its scheduler (a new
+        one, with the graphs and compute buffers of a worst-case batch) before the next
+        decode: turning the adapter on for the slots and off after them cost 13-14 ms of
+        the <COMP> decode and 16-18 ms of the text decoded after it on an H200, most of a CCM
+        level's after-turn work. So a second context of the same model, its adapter left on,
+        gets a copy of this cache (which ends at `end`), decodes the slots, drops the text
+        and moves them into its place; this cache takes the result back, compacted. The two
+        copies replace the compaction round trip the step needs here anyway. That context
+        holds as many cells as its biggest use so far (it grows in steps). With a position
+        shift pending (which a copy would lose) the step runs here, as it did before.
+        """
+        if not self.adapter_beside or self._shifted or self.pos_max() != end - 1:
+            slots_in_place(self, vectors, start, end, adapter)
+            return
+        n = len(vectors)
+        beside = self._beside_for(end + n, n, adapter)
+        self._copy_state(self, beside)
+        beside.decode_embeddings(vectors, end, adapter)
+        beside.remove(start, end)
+        beside.shift(end, -1, start - end)
+        beside._apply_shift()
+        self._copy_state(beside, self)
+
+    def _beside_for(self, cells: int, n: int, adapter: object) -> LlamaContext:
+        """The context beside this one, with room for `cells` and `adapter` on."""
+        beside = self._beside
+        if beside is None or beside.n_ctx < cells:
+            room = min(self.n_ctx, max(512, 1 << (cells - 1).bit_length()))
+            if beside is not None:
+                beside.close()
+            self._beside = None
+            beside = LlamaContext(self.model, n_ctx=room, n_batch=max(n, 32),
+                                  n_threads=self._n_threads, kv_type=self.kv_type,
+                                  flash_attn=self.flash_attn)
+            beside._keeps_adapter = True
+            beside.adapter_beside = False
+            self._beside = beside
+        beside._use_adapter(adapter)
+        return beside
+
+    def _use_adapter(self, adapter: object | None) -> None:
+        """Decode with this LoRA adapter from now on (None: none); a change costs llama.cpp
+        a scheduler re-reserve, so an unchanged one is left alone."""
+        if adapter is self._adapter:
+            return
+        if adapter is None:
+            llama_cpp.llama_set_adapters_lora(self.ptr, None, 0, None)
+        else:
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if llama_cpp.llama_set_adapters_lora(self.ptr, arr, 1, scales) != 0:
+                raise EngineError("llama.cpp refused the LoRA adapter.")
+        self._adapter = adapter
 
     def compact(self, last_token: int) -> None:
         """Make the cache after an eviction exactly what a save of it would restore.
@@ -319,40 +390,40 @@ class LlamaContext:
             return
         last = self.pos_max()
         if last_token < 0:
-            self.decode([max(self.model.bos, 0)], last + 1)
-            self.remove(last + 1)
+            self._apply_shift()
             self._round_trip()
             return
         self.redecode(last_token, last)
         self._round_trip()
         self.redecode(last_token, last)
 
+    def _apply_shift(self) -> None:
+        """Apply a pending position shift with a throwaway token, decoded after the last cell
+        and removed again (llama.cpp applies shifts at a decode)."""
+        last = self.pos_max()
+        self.decode([max(self.model.bos, 0)], last + 1)
+        self.remove(last + 1)
+
     def _round_trip(self) -> None:
-        """Save the sequence and load it back (it lands compacted), through one buffer kept
-        for the purpose: no bytes object, no copies of the state in Python."""
-        size = self.state_size()
+        """Save the sequence and load it back: it lands compacted."""
+        self._copy_state(self, self)
+
+    def _copy_state(self, source: LlamaContext, target: LlamaContext) -> None:
+        """Make target's cache a copy of source's (compacted), through one buffer kept for
+        the purpose: no bytes object, no copies of the state in Python."""
+        size = source.state_size()
         if self._scratch is None or len(self._scratch) < size:
             self._scratch = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ptr, self._scratch, size, SEQ)
-        self.clear()
-        if llama_cpp.llama_state_seq_set_data(self.ptr, self._scratch, written, SEQ) == 0:
-            self.clear()
-            raise EngineError("llama.cpp rejected its own memory state while compacting.")
+        written = llama_cpp.llama_state_seq_get_data(source.ptr, self._scratch, size, SEQ)
+        target.clear()
+        if llama_cpp.llama_state_seq_set_data(target.ptr, self._scratch, written, SEQ) == 0:
+            target.clear()
+            raise EngineError("llama.cpp rejected its own memory state while copying it.")
 
     def redecode(self, token: int, pos: int) -> None:
         """Decode the last cell again: logits are only current after a decode."""
         self.remove(pos)
         self.decode([token], pos)
-
-    def set_adapter(self, adapter: object | None, scale: float = 1.0) -> None:
-        """Turn a LoRA adapter on for the next decodes (None: off)."""
-        if adapter is None:
-            llama_cpp.llama_set_adapters_lora(self.ptr, None, 0, None)
-            return
-        arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-        scales = (ctypes.c_float * 1)(scale)
-        if llama_cpp.llama_set_adapters_lora(self.ptr, arr, 1, scales) != 0:
-            raise EngineError("llama.cpp refused the LoRA adapter.")
 
     def logits(self, i: int = -1) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)

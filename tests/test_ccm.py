@@ -179,9 +179,8 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
         def through_llama_cpp(lora: bool) -> float:
             ctx.clear()
             ctx.decode(turn, 0)
-            ctx.set_adapter(adapter if lora else None)
-            ctx.decode_embeddings(comp.comp.detach().numpy(), len(turn))
-            ctx.set_adapter(None)
+            ctx.decode_embeddings(comp.comp.detach().numpy(), len(turn),
+                                  adapter if lora else None)
             ctx.remove(0, len(turn))
             rows = ctx.decode(reply, start, want=range(len(reply) - 1))
             return nll(np.stack([rows[i] for i in range(len(reply) - 1)]))

@@ -188,3 +188,31 @@ def test_a_reply_that_fills_the_context_is_kept_and_compressed() -> None:
         assert conv.stats().memory_tokens == n_comp(eng)
         assert "".join(conv.send("Thanks!", max_tokens=5, temperature=0))
         assert conv.stats().memory_tokens <= 2 * n_comp(eng)
+
+
+@pytest.mark.parametrize("level", ["pure", "aggressive"])
+def test_slots_decoded_beside_keep_the_memory_toggling_the_adapter_keeps(ccm_llama, level,
+                                                                          monkeypatch) -> None:
+    """llama.cpp runs a CCM step in a second context that keeps the adapter on (an adapter
+    change re-reserves a context's scheduler); the memory is the one toggling the adapter in
+    the chat's own context gives, and that context's adapter is never set."""
+    config = pure_ccm(ccm_llama) if level == "pure" else ccm_llama.compression_for(level)
+    ctx = ccm_llama.ctx
+    exchanges = (FACT, FILLER, FILLER, ("And tomorrow?", "Maybe a curry with rice."))
+    toggled: list[object] = []
+    original = ctx._use_adapter
+    monkeypatch.setattr(ctx, "_use_adapter", lambda a: (toggled.append(a), original(a))[1])
+    memories = {}
+    for beside in (False, True):
+        toggled.clear()
+        monkeypatch.setattr(ctx, "adapter_beside", beside)
+        conv = chat(ccm_llama, *exchanges, config=config)
+        memories[beside] = (conv.memory_view().tokens, scores(conv), conv.stats())
+        assert any(a is not None for a in toggled) is not beside, toggled
+    (toks_in, scores_in, stats_in), (toks_beside, scores_beside, stats_beside) = (
+        memories[False], memories[True])
+    assert stats_beside.method == config.method and stats_beside.memory_tokens > 0
+    assert stats_beside.memory_tokens < stats_beside.full_context_tokens  # it compressed
+    assert toks_beside == toks_in and stats_beside == stats_in
+    assert scores_beside == pytest.approx(scores_in, abs=1e-3), (scores_beside, scores_in)
+    assert ctx._beside is not None and ctx._beside.n_ctx < ctx.n_ctx  # sized to its use

@@ -65,9 +65,7 @@ def test_every_policy_edit_matches_the_dynamic_cache(tiny) -> None:
     vectors = tiny.compressor.comp.detach().numpy()
     for c in both:  # <COMP> slots with the adapter on, then the text goes under them
         end = len(c.positions)
-        c.set_adapter(object())
-        c.decode_embeddings(vectors, end)
-        c.set_adapter(None)
+        c.decode_embeddings(vectors, end, adapter=object())
         c.remove(4, end)
         c.shift(end, -1, 4 - end)
         c.decode(text[48:56], len(c.positions))
