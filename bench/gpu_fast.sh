@@ -3,8 +3,8 @@
 # machine warm between them (files outside the repo last only while it is warm). The default
 # model travels xz-compressed in three parts of about 29 MB (.dev/xa, .dev/xb, .dev/xc:
 # `xz -6 -c MODEL > m.xz && split -n 3 -d m.xz`; the tree, the llama.cpp sources and a third
-# fill a call's 64 MiB), the data as .dev/pack (chitchat.json.xz and shared_data.tar.xz of
-# .dev/c1, .dev/c2).
+# fill a call's 64 MiB), the data as .dev/pack (dataset.json: the held-out chitchat
+# conversations bench/length.py reads; memorybank_en: MemoryBank's turns).
 #   first:  carry [".dev/xa", ".dev/pack", ".whl", ".dev/scale"]: stages part 1 and the data,
 #           checks the hf fast path on random weights of the default model's shape
 #           (bench/hf_fast_check.py), writes the scale shapes in $2 (gpu_stage.sh write_shapes)
@@ -22,8 +22,7 @@ hide_pandas() {  # sqlite-utils' optional pandas import pulls in pyarrow, which 
 }
 case "$1" in
 first)
-  mkdir -p $S && cp .dev/xa/* $S/ && cp .dev/pack/* $S/ || exit 1
-  xz -dc $S/chitchat.json.xz > $S/dataset.json && tar -C $S -xJf $S/shared_data.tar.xz || exit 1
+  mkdir -p $S && cp .dev/xa/* $S/ && cp -r .dev/pack/* $S/ || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   source_tree
   (time write_shapes "${2:-}") > $OUT/write.log 2>&1 &
@@ -43,7 +42,7 @@ third)
   build_llama > /tmp/build.log 2>&1 || { tail /tmp/build.log; exit 1; }
   source_tree && hide_pandas
   export CCM_CHAT_MODEL=$S/model.gguf CCM_CHAT_CACHE_DIR=/root/cache \
-    CCM_CHAT_CHITCHAT=$S/dataset.json CCM_CHAT_MEMORYBANK=$S/data/memorybank_en \
+    CCM_CHAT_CHITCHAT=$S/dataset.json CCM_CHAT_MEMORYBANK=$S/memorybank_en \
     PYTHONPATH=/tmp/nopandas:/tmp/site:/tmp/ns PYTHONUNBUFFERED=1
   timeout "${PROFILE_SECONDS:-130}" python3 bench/turn_profile.py --backend llamacpp \
     --device gpu --variants before,toggle,after --turns "${TURNS:-12}" \

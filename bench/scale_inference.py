@@ -17,6 +17,10 @@ Peak GPU memory is NVML's device memory in use, sampled every 5 ms, less what wa
 before this process touched the GPU (nothing else runs there). Every section has its share
 of `--seconds`; what did not fit is written down as not run. Writes JSON after each part.
 
+`merge SHAPE_JSON PART_JSON...` folds later runs of some parts (`--parts walks`, ...) into a
+shape's JSON: their walks replace the walks of the same config, their resume rows the rows of
+the same level and length, and each run's command is kept under "runs".
+
 `report FILE...` prints the README tables from the shapes' JSON, writes the card-by-card
 guide (bench/results/scale_cards.json) and the plots.
 
@@ -524,6 +528,30 @@ def plot(results: list[dict], out_dir: Path) -> list[Path]:
     ]
 
 
+def merge(base: Path, parts: list[Path]) -> None:
+    result = json.loads(base.read_text())
+    result.setdefault("runs", [{"command": result["command"], "machine": result["machine"]}])
+    for path in parts:
+        part = json.loads(path.read_text())
+        if part["shape"] != result["shape"]:
+            raise SystemExit(f"{path} measured {part['shape']}, not {result['shape']}")
+        new = {w["config"] for w in part["walks"]}
+        result["walks"] = [w for w in result["walks"] if w["config"] not in new] + part["walks"]
+        rows = {(r["level"], r["transcript_tokens"]) for r in part["resume"]
+                if "not run" not in r.get("note", "")}
+        result["resume"] = [r for r in result["resume"]
+                            if (r["level"], r["transcript_tokens"]) not in rows]
+        result["resume"] += [r for r in part["resume"]
+                             if (r["level"], r["transcript_tokens"]) in rows]
+        if part.get("fit"):
+            result["fit"] = part["fit"]
+        measured = [name for name in ("walks", "resume") if part[name]]
+        result["runs"].append({"command": part["command"], "machine": part["machine"],
+                               "parts": measured})
+    base.write_text(json.dumps(result, indent=1, default=str))
+    print(f"merged {len(parts)} run(s) into {base}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -540,9 +568,14 @@ def main() -> None:
     p = sub.add_parser("report", help="tables, card guide and plots from the shapes' JSON")
     p.add_argument("paths", type=Path, nargs="+")
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    m = sub.add_parser("merge", help="fold later runs of some parts into a shape's JSON")
+    m.add_argument("base", type=Path)
+    m.add_argument("parts", type=Path, nargs="+")
     args = parser.parse_args()
     if args.cmd == "run":
         run(args)
+    elif args.cmd == "merge":
+        merge(args.base, args.parts)
     else:
         report(args.paths, args.out_dir)
 
