@@ -86,7 +86,7 @@ class Conversation:
         self._last_reply: ReplyStats | None = None
         self._pending: Reply | None = None  # a reply not finished yet
         self.kv = KVSequence()  # what the cells in the back end's context stand for
-        self._parked: bytes | None = b""
+        self._parked: bytes | memoryview | None = b""
 
     @property
     def compression(self) -> CompressionConfig:

@@ -327,10 +327,10 @@ class HFContext:
         return out
 
     @torch.inference_mode()
-    def set_state(self, data: bytes) -> None:
+    def set_state(self, data: bytes | memoryview) -> None:
         self.clear()
         try:
-            tensors = load_tensors(data)
+            tensors = load_tensors(bytes(data))  # safetensors reads bytes only
             n_layers = self.model.config.num_hidden_layers
             if any(f"k.{i}" not in tensors for i in range(n_layers)):
                 raise ValueError("layers missing")

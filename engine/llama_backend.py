@@ -466,10 +466,11 @@ class LlamaContext:
         # returns the wrong size past 2 GiB (an 8B model's KV at 32k tokens is 4.3 GB)
         return bytes(memoryview(buf)[:written])
 
-    def set_state(self, data: bytes) -> None:
+    def set_state(self, data: bytes | memoryview) -> None:
         self.clear()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(data), SEQ) == 0:
+        buf = np.frombuffer(data, dtype=np.uint8)  # llama.cpp reads the caller's bytes: no copy
+        src = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        if llama_cpp.llama_state_seq_set_data(self.ptr, src, buf.size, SEQ) == 0:
             self.clear()
             raise EngineError("llama.cpp rejected the saved memory state.")
 

@@ -21,26 +21,34 @@ _DIGEST = 32
 
 @dataclass(frozen=True)
 class StateBlob:
+    """A state's header and KV payload. The payload read back is a view into the bytes it
+    came from, not a copy: an 8B model's cache at 32k tokens is 4.3 GB, and each copy of it
+    on the way to the context was seconds of a resume."""
+
     header: dict[str, Any]
-    payload: bytes
+    payload: bytes | memoryview
 
     def to_bytes(self) -> bytes:
         header = dict(self.header, format=FORMAT_VERSION, payload_len=len(self.payload))
         head = json.dumps(header, separators=(",", ":")).encode()
-        body = MAGIC + struct.pack("<I", len(head)) + head + self.payload
-        return body + hashlib.sha256(body).digest()
+        parts = [MAGIC, struct.pack("<I", len(head)), head, self.payload]
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        return b"".join([*parts, digest.digest()])  # one copy of the payload
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> StateBlob:
-        if not data.startswith(MAGIC):
+    def from_bytes(cls, data: bytes | memoryview) -> StateBlob:
+        view = memoryview(data).cast("B")
+        if bytes(view[: len(MAGIC)]) != MAGIC:
             raise StateError("Not a ccm-chat memory state (wrong magic bytes).")
-        if len(data) < len(MAGIC) + 4 + _DIGEST:
+        if len(view) < len(MAGIC) + 4 + _DIGEST:
             raise StateError("The memory state is truncated.")
-        body, digest = data[:-_DIGEST], data[-_DIGEST:]
+        body, digest = view[:-_DIGEST], view[-_DIGEST:]
         (head_len,) = struct.unpack_from("<I", body, len(MAGIC))
         start = len(MAGIC) + 4
         try:
-            header = json.loads(body[start : start + head_len])
+            header = json.loads(bytes(body[start : start + head_len]))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StateError("The memory state is truncated or corrupt (bad header).") from exc
         payload = body[start + head_len :]
