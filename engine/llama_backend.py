@@ -323,13 +323,19 @@ class LlamaContext:
         and moves them into its place; this cache takes the result back, compacted. The two
         copies replace the compaction round trip the step needs here anyway. That context
         holds as many cells as its biggest use so far (it grows in steps). With a position
-        shift pending (which a copy would lose) the step runs here, as it did before.
+        shift pending (which a copy would lose), or with no memory for the second context, the
+        step runs here, as it did before.
         """
-        if not self.adapter_beside or self._shifted or self.pos_max() != end - 1:
+        n = len(vectors)
+        beside = None
+        if self.adapter_beside and not self._shifted and self.pos_max() == end - 1:
+            try:
+                beside = self._beside_for(end + n, n, adapter)
+            except EngineError:  # no memory for it: toggle here from now on
+                self.adapter_beside = False
+        if beside is None:
             slots_in_place(self, vectors, start, end, adapter)
             return
-        n = len(vectors)
-        beside = self._beside_for(end + n, n, adapter)
         self._copy_state(self, beside)
         beside.decode_embeddings(vectors, end, adapter)
         beside.remove(start, end)

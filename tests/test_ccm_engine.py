@@ -15,6 +15,7 @@ import pytest
 
 from ccm_chat.engine import CompressionConfig, Engine
 from ccm_chat.engine.ccm.files import compressor_dirs, find_compressor
+from ccm_chat.engine.errors import EngineError
 from tests.device import TEST_DEVICE
 
 FACT = ("I have a dog called Pixel.", "Nice, thanks for telling me!")
@@ -216,3 +217,22 @@ def test_slots_decoded_beside_keep_the_memory_toggling_the_adapter_keeps(ccm_lla
     assert toks_beside == toks_in and stats_beside == stats_in
     assert scores_beside == pytest.approx(scores_in, abs=1e-3), (scores_beside, scores_in)
     assert ctx._beside is not None and ctx._beside.n_ctx < ctx.n_ctx  # sized to its use
+
+
+def test_with_no_room_for_the_second_context_the_step_runs_in_place(ccm_llama,
+                                                                    monkeypatch) -> None:
+    ctx = ccm_llama.ctx
+
+    def refuse(*args):
+        raise EngineError("llama.cpp could not create a context (out of memory?).")
+
+    monkeypatch.setattr(ctx, "_beside_for", refuse)
+    monkeypatch.setattr(ctx, "adapter_beside", True)
+    in_place = chat(ccm_llama, FACT, FILLER)
+    assert not ctx.adapter_beside  # it said so once, and toggles in place from then on
+    assert in_place.stats().memory_tokens == 2 * n_comp(ccm_llama)
+    reference = scores(in_place)
+    monkeypatch.undo()
+    conv = chat(ccm_llama, FACT, FILLER)
+    assert conv.stats().memory_tokens == 2 * n_comp(ccm_llama)
+    assert scores(conv) == pytest.approx(reference, abs=1e-3)
