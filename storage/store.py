@@ -28,6 +28,7 @@ import sqlite_utils
 from ccm_chat.storage.migrations import MIGRATIONS
 
 Clock = Callable[[], datetime]
+PAGE_SIZE = 16 << 10  # bytes a page of a new database holds
 WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept after a checkpoint
 WRITE_WAIT_SECONDS = 8.0  # how long a write waits for another program's lock
 BUSY_TIMEOUT_SECONDS = 0.2  # SQLite's own wait, each try
@@ -192,6 +193,9 @@ class Store:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS,
                                    check_same_thread=False)
             self.db = sqlite_utils.Database(conn)
+            # a new file only (an existing one keeps its own): memory states are large BLOBs,
+            # written and freed whole, and 16 KiB pages move them in a quarter of the pages
+            self.db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.enable_wal()
             # the WAL file shrinks back after a checkpoint instead of staying at its peak
@@ -531,7 +535,7 @@ class Store:
                 "DELETE FROM memory_states WHERE conversation_id = ? AND id != ?",
                 (conversation_id, state_id),
             )
-        self._reclaim()
+        self._reclaim(keep=len(blob))
         return state_id
 
     def latest_memory_state(self, conversation_id: int) -> MemoryStateRecord | None:
@@ -553,17 +557,24 @@ class Store:
             db.execute("DELETE FROM memory_states WHERE conversation_id = ?", (conversation_id,))
         self._reclaim()
 
-    def _reclaim(self) -> None:
-        """Give the pages of deleted rows back to the file system (auto_vacuum=INCREMENTAL).
+    def _reclaim(self, keep: int = 0) -> None:
+        """Give the pages of deleted rows back to the file system (auto_vacuum=INCREMENTAL),
+        all but `keep` bytes of them.
 
         The memory states are the big rows, and each save prunes the one before: without
-        this the file keeps its largest size forever. Best effort: a busy database is left
-        for the next save.
+        this the file keeps its largest size forever. A save keeps as many free pages as the
+        state it wrote: the chat's next state, about as big, fills them, where giving them
+        back first moved the new state's pages down and grew the file again at the next
+        save (a 140 MB state, dev CPU: 0.6-0.7 s of a 2.3 s save). Best effort: a busy
+        database is left for the next save.
         """
         with self._lock:
             try:
-                # executescript steps it to the end (execute() frees one page a call)
-                self.db.conn.executescript("PRAGMA incremental_vacuum;")
+                page = self.db.execute("PRAGMA page_size").fetchone()[0]
+                free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+                excess = free - keep // page
+                if excess > 0:  # executescript steps it to the end (execute() frees one page)
+                    self.db.conn.executescript(f"PRAGMA incremental_vacuum({excess});")
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass

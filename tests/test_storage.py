@@ -255,28 +255,51 @@ def test_search_takes_any_text_literally(store: Store) -> None:
 
 
 def test_pruned_memory_states_give_their_space_back(db_path: Path) -> None:
-    """Saves of growing memories, then small ones: the file follows the live data down."""
+    """Saves of growing memories, then small ones: the file follows the live data down,
+    keeping free only as many pages as the last state took (the next save fills them)."""
     store = Store(db_path)
     convs = [store.create_conversation(f"C{i}") for i in range(3)]
     for i in range(30):
         conv = convs[i % 3]
         msg = store.add_message(conv.id, "user", f"message {i}")
-        store.save_memory_state(conv.id, msg.id, os.urandom((100 + 60 * i) << 10),
+        size = (100 + 60 * i) << 10
+        store.save_memory_state(conv.id, msg.id, os.urandom(size),
                                 backend="llamacpp", model_fingerprint="x", policy={},
                                 position=i, tokens_held=i, tokens_seen=i)
         held = sum(s.size for s in map(store.latest_memory_state, (c.id for c in convs)) if s)
-        assert database_size(db_path) < held * 1.05 + (256 << 10)  # the live states, no more
+        assert store.size_on_disk()[1] <= size
+        assert database_size(db_path) < held * 1.05 + size + (512 << 10)
     for conv in convs:
         msg = store.add_message(conv.id, "user", "small")
         store.save_memory_state(conv.id, msg.id, b"x" * 1000, backend="llamacpp",
                                 model_fingerprint="x", policy={}, position=1,
                                 tokens_held=1, tokens_seen=1)
     on_disk, free = store.size_on_disk()
-    assert free == 0
+    assert free < 16 << 10  # the small states keep no more than a page of theirs free
     assert db_path.stat().st_size < 1 << 20  # the main file holds only what is live
     store.close()
     assert database_size(db_path) < 1 << 20  # and the WAL is gone with the last connection
     assert on_disk < held
+
+
+def test_a_chats_next_state_fills_the_pages_its_last_one_left(db_path: Path) -> None:
+    """Saves of about the same size (one chat, turn after turn) reuse the pages the pruned
+    state freed: the file stops growing at two states, and a new database has big pages."""
+    store = Store(db_path)
+    assert store.db.execute("PRAGMA page_size").fetchone()[0] == 16 << 10
+    conv = store.create_conversation("Steady")
+    sizes = []
+    for i in range(6):
+        msg = store.add_message(conv.id, "user", f"turn {i}")
+        store.save_memory_state(conv.id, msg.id, os.urandom(3 << 20), backend="llamacpp",
+                                model_fingerprint="x", policy={}, position=i, tokens_held=i,
+                                tokens_seen=i)
+        sizes.append(db_path.stat().st_size)
+        if i:  # the pruned state's pages wait, free, for the next save
+            assert store.size_on_disk()[1] > (3 << 20) - (64 << 10)
+    assert sizes[2:] == [sizes[2]] * 4 and sizes[2] < 2 * (3 << 20) + (1 << 20)
+    assert store.latest_memory_state(conv.id).intact
+    store.close()
 
 
 def test_a_state_bigger_than_one_sqlite_value_is_saved_in_chunks(
