@@ -337,7 +337,12 @@ class Conversation:
             raise StateError(f"The memory state header is malformed ({exc}).") from exc
         conv.kv = KVSequence.from_header(head, engine.n_ctx)
         conv._parked = blob.payload
-        conv._ctx()  # load it now, so a bad payload fails here and not mid-reply
+        try:
+            conv._ctx()  # load it now, so a bad payload fails here and not mid-reply
+        except StateError:
+            raise
+        except EngineError as exc:
+            raise StateError(f"The memory state's KV payload was refused ({exc})") from exc
         if conv.kv.tokens and conv.engine.ctx.pos_max() != len(conv.kv.tokens) - 1:
             engine.release(conv)
             raise StateError("The memory state's KV payload does not match its header.")

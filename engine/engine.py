@@ -140,6 +140,7 @@ class Engine:
             if self._active is not conv:
                 if self._active is not None:
                     self._active.park()
+                    self._active = None  # parked: an unpark that fails leaves no one active
                 conv.unpark()
                 self._active = conv
             return self.ctx

@@ -23,6 +23,9 @@ from ccm_chat.engine.errors import EngineError, ModelError
 from ccm_chat.engine.threads import resolve_threads
 
 SEQ = 0
+# The largest CCM step run in the second context (LlamaContext.slots_over_text): its cache
+# stays allocated at its biggest use, and an 8B model's 4,096 cells take 512 MB.
+BESIDE_MAX_CELLS = 4096
 KV_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
@@ -253,9 +256,7 @@ class LlamaContext:
         self.adapter_beside = True  # False: toggle the adapter here (bench/turn_profile.py)
 
     def close(self) -> None:
-        if self._beside is not None:
-            self._beside.close()
-            self._beside = None
+        self._close_beside()
         if self.ptr:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ptr)
@@ -291,9 +292,9 @@ class LlamaContext:
         """Decode rows of input embeddings (the <COMP> vectors) at start_pos.., with the LoRA
         `adapter` on for them only (here in this context: see slots_over_text)."""
         n = len(vectors)
-        self._use_adapter(adapter)
         batch = llama_cpp.llama_batch_init(n, vectors.shape[1], 1)
         try:
+            self._use_adapter(adapter)
             flat = np.ascontiguousarray(vectors, dtype=np.float32).ravel()
             ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
             batch.n_tokens = n
@@ -322,35 +323,40 @@ class LlamaContext:
         gets a copy of this cache (which ends at `end`), decodes the slots, drops the text
         and moves them into its place; this cache takes the result back, compacted. The two
         copies replace the compaction round trip the step needs here anyway. That context
-        holds as many cells as its biggest use so far (it grows in steps). With a position
-        shift pending (which a copy would lose), or with no memory for the second context, the
-        step runs here, as it did before.
+        holds as many cells as its biggest use so far (it grows in steps), at most
+        BESIDE_MAX_CELLS: a longer step runs here, as does one with a position shift pending
+        (which a copy would lose); and if the second context fails (no memory for it), every
+        step runs here from then on, as before.
         """
         n = len(vectors)
-        beside = None
-        if self.adapter_beside and not self._shifted and self.pos_max() == end - 1:
+        if (self.adapter_beside and not self._shifted and self.pos_max() == end - 1
+                and end + n <= BESIDE_MAX_CELLS):
             try:
                 beside = self._beside_for(end + n, n, adapter)
-            except EngineError:  # no memory for it: toggle here from now on
+                self._copy_state(self, beside)
+                beside.decode_embeddings(vectors, end, adapter)
+                beside.remove(start, end)
+                beside.shift(end, -1, start - end)
+                beside._apply_shift()
+            except EngineError:  # this cache is untouched so far
+                self._close_beside()
                 self.adapter_beside = False
-        if beside is None:
-            slots_in_place(self, vectors, start, end, adapter)
-            return
-        self._copy_state(self, beside)
-        beside.decode_embeddings(vectors, end, adapter)
-        beside.remove(start, end)
-        beside.shift(end, -1, start - end)
-        beside._apply_shift()
-        self._copy_state(beside, self)
+            else:
+                self._copy_state(beside, self)
+                return
+        slots_in_place(self, vectors, start, end, adapter)
+
+    def _close_beside(self) -> None:
+        if self._beside is not None:
+            self._beside.close()
+            self._beside = None
 
     def _beside_for(self, cells: int, n: int, adapter: object) -> LlamaContext:
         """The context beside this one, with room for `cells` and `adapter` on."""
         beside = self._beside
         if beside is None or beside.n_ctx < cells:
-            room = min(self.n_ctx, max(512, 1 << (cells - 1).bit_length()))
-            if beside is not None:
-                beside.close()
-            self._beside = None
+            room = min(self.n_ctx, BESIDE_MAX_CELLS, max(512, 1 << (cells - 1).bit_length()))
+            self._close_beside()
             beside = LlamaContext(self.model, n_ctx=room, n_batch=max(n, 32),
                                   n_threads=self._n_threads, kv_type=self.kv_type,
                                   flash_attn=self.flash_attn)

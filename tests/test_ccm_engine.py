@@ -217,22 +217,39 @@ def test_slots_decoded_beside_keep_the_memory_toggling_the_adapter_keeps(ccm_lla
     assert toks_beside == toks_in and stats_beside == stats_in
     assert scores_beside == pytest.approx(scores_in, abs=1e-3), (scores_beside, scores_in)
     assert ctx._beside is not None and ctx._beside.n_ctx < ctx.n_ctx  # sized to its use
+    assert ctx._adapter is None  # the chat's context decodes text without the LoRA
 
 
-def test_with_no_room_for_the_second_context_the_step_runs_in_place(ccm_llama,
-                                                                    monkeypatch) -> None:
+@pytest.mark.parametrize("where", ["making it", "decoding there"])
+def test_when_the_second_context_fails_the_step_runs_in_place(ccm_llama, where,
+                                                              monkeypatch) -> None:
     ctx = ccm_llama.ctx
+    chat(ccm_llama, FACT, FILLER)  # the second context exists now
 
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise EngineError("llama.cpp could not create a context (out of memory?).")
 
-    monkeypatch.setattr(ctx, "_beside_for", refuse)
+    if where == "making it":
+        monkeypatch.setattr(ctx, "_beside_for", refuse)
+    else:
+        monkeypatch.setattr(ctx._beside, "decode_embeddings", refuse)
     monkeypatch.setattr(ctx, "adapter_beside", True)
     in_place = chat(ccm_llama, FACT, FILLER)
-    assert not ctx.adapter_beside  # it said so once, and toggles in place from then on
+    assert not ctx.adapter_beside and ctx._beside is None  # said once, kept; its memory freed
     assert in_place.stats().memory_tokens == 2 * n_comp(ccm_llama)
+    assert ctx._adapter is None  # toggled off again after each step
     reference = scores(in_place)
     monkeypatch.undo()
     conv = chat(ccm_llama, FACT, FILLER)
-    assert conv.stats().memory_tokens == 2 * n_comp(ccm_llama)
+    assert ctx._beside is not None and conv.stats().memory_tokens == 2 * n_comp(ccm_llama)
     assert scores(conv) == pytest.approx(reference, abs=1e-3)
+
+
+def test_the_second_context_grows_for_a_long_exchange(ccm_llama) -> None:
+    ctx = ccm_llama.ctx
+    long_reply = " ".join([FILLER[1]] * 60)  # about 700 tokens: past 512 cells
+    conv = chat(ccm_llama, FACT, (FILLER[0], long_reply))
+    assert ctx._beside is not None and ctx._beside.n_ctx >= 1024 > 512
+    assert conv.stats().memory_tokens == 2 * n_comp(ccm_llama)
+    right, *wrong = scores(conv)
+    assert right < min(wrong), (right, wrong)

@@ -235,6 +235,22 @@ def test_damaged_state_is_refused(real_engine: Engine, damage, message) -> None:
         real_engine.restore_conversation(damage(conv.save_state()))
 
 
+def test_a_payload_the_context_rejects_leaves_the_live_chat_whole(real_engine: Engine) -> None:
+    """A state whose envelope checks out but whose KV bytes llama.cpp refuses: the restore
+    fails, and the conversation that held the context (parked for it) still has its memory."""
+    from ccm_chat.engine.state_blob import StateBlob
+
+    live = real_engine.new_conversation()
+    reply(live, "Hello!")
+    before = live.next_token_logits()
+    blob = StateBlob.from_bytes(live.save_state())
+    header = {k: v for k, v in blob.header.items() if k not in ("format", "payload_len")}
+    garbage = StateBlob(header, b"\x07" * len(blob.payload)).to_bytes()
+    with pytest.raises(StateError):
+        real_engine.restore_conversation(garbage)
+    np.testing.assert_allclose(live.next_token_logits(), before, atol=1e-4)
+
+
 def test_state_from_another_model_is_refused(real_engine: Engine) -> None:
     conv = real_engine.new_conversation()
     reply(conv, "Hello!")
