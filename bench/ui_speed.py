@@ -3,7 +3,9 @@
 The UI streams each piece into a Markdown widget on its own thread while the engine decodes
 in a worker; this measures what that costs: the same greedy replies, first from the engine
 with nothing else running, then typed into the real Textual app (headless, its test pilot)
-with the same engine behind it. The speed is the engine's own decode clock
+with the same engine behind it, once with every piece posted to the screen as it comes
+("per piece", as before) and once in batches at most ChatPane.reply_flush_s apart (the app
+as it is), then from the engine alone again. The speed is the engine's own decode clock
 (ReplyStats.tokens_per_second, what the status bar shows). Target: the UI at 90 % or more.
 
     python bench/ui_speed.py --out bench/results/ui_speed_cpu.json
@@ -28,6 +30,7 @@ from ccm_chat.app.settings import Settings  # noqa: E402
 from ccm_chat.engine import Engine, SamplingParams  # noqa: E402
 from ccm_chat.storage import Store  # noqa: E402
 from ccm_chat.ui.app import ChatApp  # noqa: E402
+from ccm_chat.ui.widgets.chat_pane import ChatPane  # noqa: E402
 from ccm_chat.ui.widgets.prompt_input import PromptInput  # noqa: E402
 
 PROMPTS = ["Write a short poem about the sea.", "Explain how a bicycle works.",
@@ -44,7 +47,8 @@ def alone(engine: Engine, max_tokens: int) -> list[float]:
     return out
 
 
-async def in_ui(engine: Engine, max_tokens: int, db: Path) -> list[float]:
+async def in_ui(engine: Engine, max_tokens: int, db: Path, flush_s: float) -> list[float]:
+    ChatPane.reply_flush_s = flush_s
     store = Store(db)
     Settings(temperature=0.0, max_tokens=max_tokens, context_size=engine.n_ctx).save(store)
     service = ChatService(store, engine_factory=lambda settings, model: engine)
@@ -73,22 +77,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--flush", type=float, default=ChatPane.reply_flush_s,
+                    help="the batched run's seconds between screen updates")
     ap.add_argument("--out", type=Path, default=Path("bench/results/ui_speed.json"))
     args = ap.parse_args()
     with Engine.load(n_ctx=2048, device=args.device) as engine, \
             tempfile.TemporaryDirectory() as tmp:
+        batched = args.flush
         engine_alone = alone(engine, args.max_tokens)
-        ui = asyncio.run(in_ui(engine, args.max_tokens, Path(tmp) / "chat.db"))
-        engine_again = alone(engine, args.max_tokens)  # bracket the UI run: load drifts
+        per_piece = asyncio.run(in_ui(engine, args.max_tokens, Path(tmp) / "a.db", 0.0))
+        ui = asyncio.run(in_ui(engine, args.max_tokens, Path(tmp) / "b.db", batched))
+        engine_again = alone(engine, args.max_tokens)  # bracket the UI runs: load drifts
     ref = statistics.median(engine_alone + engine_again)
     row = {"engine_alone_tok_s": [round(x, 1) for x in engine_alone + engine_again],
-           "ui_tok_s": [round(x, 1) for x in ui], "engine_median": round(ref, 1),
+           "ui_per_piece_tok_s": [round(x, 1) for x in per_piece],
+           "ui_tok_s": [round(x, 1) for x in ui], "flush_s": batched,
+           "engine_median": round(ref, 1),
+           "ui_per_piece_median": round(statistics.median(per_piece), 1),
            "ui_median": round(statistics.median(ui), 1),
+           "ui_per_piece_over_engine": round(statistics.median(per_piece) / ref, 3),
            "ui_over_engine": round(statistics.median(ui) / ref, 3)}
-    print("| where | median tok/s | runs |\n|---|---|---|")
-    print(f"| engine alone | {row['engine_median']} | {row['engine_alone_tok_s']} |")
-    print(f"| in the UI | {row['ui_median']} | {row['ui_tok_s']} |")
-    print(f"UI / engine: {row['ui_over_engine']:.0%}")
+    print("| where | median tok/s | of the engine's | runs |\n|---|---|---|---|")
+    print(f"| engine alone | {row['engine_median']} | | {row['engine_alone_tok_s']} |")
+    print(f"| in the UI, per piece | {row['ui_per_piece_median']} | "
+          f"{row['ui_per_piece_over_engine']:.0%} | {row['ui_per_piece_tok_s']} |")
+    print(f"| in the UI, batched ({batched:g} s) | {row['ui_median']} | "
+          f"{row['ui_over_engine']:.0%} | {row['ui_tok_s']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": describe(args.device), "command": " ".join(
         sys.argv), "max_tokens": args.max_tokens, **row}, indent=1))

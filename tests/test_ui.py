@@ -89,6 +89,32 @@ async def test_reply_streams_in_before_it_ends(store: Store) -> None:
         assert reply_box.content.endswith("w299")
 
 
+async def test_a_fast_reply_reaches_the_screen_whole_in_batches(store: Store,
+                                                                 monkeypatch) -> None:
+    """Pieces are posted to the screen at most every reply_flush_s (a message a token held
+    the GIL the decode needs): 400 words 2 ms apart arrive in far fewer updates, the first
+    one at once, and none is lost."""
+    from ccm_chat.ui.widgets.chat_pane import ChatPane
+
+    words = " ".join(f"w{i}" for i in range(400))
+    engine = ScriptedEngine(delay=0.002, replies={"go": words})
+    posted: list[str] = []
+    original = ChatPane.on_chat_pane_reply_piece
+
+    async def spy(self, event) -> None:
+        posted.append(event.text)
+        await original(self, event)
+
+    monkeypatch.setattr(ChatPane, "on_chat_pane_reply_piece", spy)
+    app = make_app(store, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "go")
+        await until_idle(pilot)
+        reply_box = list(app.query(MessageBox))[-1]
+        assert reply_box.content == words and "".join(posted) == words
+        assert posted[0] == "w0" and 2 <= len(posted) < 100, len(posted)
+
+
 async def test_escape_stops_the_reply_and_keeps_it(store: Store) -> None:
     engine = ScriptedEngine(delay=0.05, replies={"go": " ".join(f"w{i}" for i in range(200))})
     app = make_app(store, engine)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,11 @@ def attempt(call: Callable[[], Any]) -> tuple[Any, str | None]:
 
 class ChatPane(Vertical):
     """The open conversation. It tells the app what to show in the status bar and sidebar."""
+
+    # A reply reaches the screen in batches at most this often (its first piece at once):
+    # a message and a Markdown update a token held the GIL the decode thread needs, and the
+    # UI decoded at 60 % of the engine's speed on a 2-core CPU (bench/ui_speed.py)
+    reply_flush_s = 0.2
 
     class StatusChanged(Message):
         """Show this in the status bar: a Status, or a line of text; and a flag, or none."""
@@ -362,6 +368,8 @@ class ChatPane(Vertical):
         self, conversation_id: int | None, text: str | None, cancel: threading.Event
     ) -> None:
         cid, error, saved = conversation_id, None, text is None
+        pending: list[str] = []  # pieces not on screen yet
+        last_post = 0.0
 
         def on_saved(message: MessageRecord) -> None:
             nonlocal cid, saved
@@ -374,10 +382,16 @@ class ChatPane(Vertical):
             else:  # a new chat (None) is made by the service with its first message
                 pieces = self.service.send(conversation_id, text, cancel, on_saved=on_saved)
             for piece in pieces:
-                self.post_message(self.ReplyPiece(piece))
+                pending.append(piece)
+                if time.monotonic() - last_post >= self.reply_flush_s:
+                    self.post_message(self.ReplyPiece("".join(pending)))
+                    pending.clear()
+                    last_post = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - said in a notice, the app goes on
             error = fault(exc)
         finally:
+            if pending:
+                self.post_message(self.ReplyPiece("".join(pending)))
             self._reply_done.set()
         status, _ = attempt(lambda: self.service.status(cid))
         notice, _ = attempt(lambda: self.service.reply_notice(cid)) if cid else (None, None)
