@@ -192,3 +192,23 @@ def test_a_failed_memory_save_loses_nothing_and_is_told(service: ChatService,
     "".join(service.send(conv.id, "again"))
     assert service.reply_notice(conv.id) is None
     assert service.store.latest_memory_state(conv.id) is not None
+
+
+def test_closing_saves_the_large_memory_a_reply_left_unsaved(service: ChatService,
+                                                            store: Store,
+                                                            monkeypatch) -> None:
+    import ccm_chat.app.service as service_module
+
+    monkeypatch.setattr(service_module, "LARGE_STATE_BYTES", 0)
+    conv = service.new_conversation()
+    for text in ("one", "two", "three"):
+        "".join(service.send(conv.id, text))
+    messages = store.messages(conv.id)
+    assert store.latest_memory_state(conv.id).message_id == messages[1].id
+    service.close()
+    assert store.latest_memory_state(conv.id).message_id == messages[-1].id
+    monkeypatch.setattr(service_module, "LARGE_STATE_SAVE_S", 0.0)  # no wait: each is saved
+    again = ChatService(store, engine_factory=service._engine_factory)
+    "".join(again.send(conv.id, "four"))
+    assert store.latest_memory_state(conv.id).message_id == store.messages(conv.id)[-1].id
+
