@@ -3,9 +3,13 @@ the same machine and card (an H100 and an H200 can both answer for "gpu")."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 
 def describe(device: str) -> str:
@@ -19,3 +23,11 @@ def describe(device: str) -> str:
         except (OSError, subprocess.SubprocessError):
             text += ", GPU unknown (no nvidia-smi)"
     return text
+
+
+def write_result(path: Path, device: str, result: dict[str, Any]) -> None:
+    """A benchmark's JSON, led by the command that made it and the machine it ran on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": " ".join(sys.argv), "machine": describe(device),
+                                **result}, indent=1, default=str))
+    print(f"wrote {path}")

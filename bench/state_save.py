@@ -15,7 +15,6 @@ restore) `--opens` times. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from ccm_chat.storage import Store
 from ccm_chat.storage.store import database_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import write_result  # noqa: E402
 from resume import DATA, exchanges, fill  # noqa: E402
 
 VARIANTS = {"before": (4 << 10, False), "after": (16 << 10, True)}  # page size, keep pages
@@ -108,10 +107,7 @@ def main() -> None:
         print(f"| {r['transcript_tokens']:,} | {r['state_bytes'] / 1e6:,.1f} | {r['variant']} | "
               f"{r['page_size'] >> 10} KiB | {r['save_s_median']:.2f} | {r['open_s_median']:.2f} "
               f"| {r['file_bytes'] / 1e6:,.1f} | {r['free_bytes'] / 1e6:,.1f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "machine":
-                                    describe(args.device), "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, args.device, {"rows": rows})
 
 
 if __name__ == "__main__":

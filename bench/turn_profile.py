@@ -43,7 +43,7 @@ from ccm_chat.engine import Engine, SamplingParams  # noqa: E402  isort: skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from length import configs  # noqa: E402  isort: skip
-from machine import describe  # noqa: E402  isort: skip
+from machine import write_result  # noqa: E402  isort: skip
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
 
@@ -219,11 +219,7 @@ def main() -> None:
               f"{r['policy_ms_median']:.1f} / {r['policy_ms_max']:.1f} | "
               f"{100 * r['share_median']:.1f} % / {100 * r['share_max']:.1f} % | {calls} | "
               f"{r['restore_max_abs']:.2g} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "machine":
-                                    describe(args.device), "backend": args.backend,
-                                    "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, args.device, {"backend": args.backend, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe  # noqa: E402
+from bench.machine import write_result  # noqa: E402
 from ccm_chat.app.service import ChatService  # noqa: E402
 from ccm_chat.app.settings import Settings  # noqa: E402
 from ccm_chat.engine import Engine, SamplingParams  # noqa: E402
@@ -103,9 +102,7 @@ def main() -> None:
           f"{row['ui_per_piece_over_engine']:.0%} | {row['ui_per_piece_tok_s']} |")
     print(f"| in the UI, batched ({batched:g} s) | {row['ui_median']} | "
           f"{row['ui_over_engine']:.0%} | {row['ui_tok_s']} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": describe(args.device), "command": " ".join(
-        sys.argv), "max_tokens": args.max_tokens, **row}, indent=1))
+    write_result(args.out, args.device, {"max_tokens": args.max_tokens, **row})
 
 
 if __name__ == "__main__":
