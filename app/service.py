@@ -55,7 +55,7 @@ HEARTBEAT_SECONDS = 15.0  # how often a window says its leases are still in use
 LEASE_STALE_SECONDS = 60.0  # a lease whose heartbeat is older is free to take
 
 # A memory state bigger than this is saved after a reply at most every LARGE_STATE_SAVE_S,
-# and always when the window closes or unloads the model: saving a 140 MB state took 1.4 s
+# and always when the window closes: saving a 140 MB state took 1.4 s
 # on the dev CPU, after every reply, and an 8B model's uncompressed memory at 32k tokens is
 # 4.3 GB. A state left behind by a crash is restored and the replies after it replayed.
 LARGE_STATE_BYTES = 64 << 20
@@ -201,7 +201,6 @@ class ChatService:
 
     def close_engine(self) -> None:
         with self._lock:
-            self.save_pending()
             self._live.clear()
             self._reports.clear()
             self._stats.clear()
@@ -210,7 +209,9 @@ class ChatService:
                 self._engine = None
 
     def close(self) -> None:
-        """Release every conversation this window holds, stop the heartbeat, unload."""
+        """Save what a reply left unsaved, release every conversation this window holds,
+        stop the heartbeat, unload."""
+        self.save_pending()
         self._stop.set()
         with suppress(StorageError):
             self.store.release_leases(self.owner)
@@ -455,19 +456,20 @@ class ChatService:
             self.memory_error = f"Could not save the conversation's memory: {exc}"
 
     def save_pending(self) -> None:
-        """Save the memories whose save a reply put off (on closing, or unloading a model),
-        each as it stands for the stored transcript, when it is still in step with it."""
+        """Save the memories whose save a reply put off (when the window closes), each as it
+        stands for the stored transcript, when it is still in step with it. It takes the
+        engine's use (_use) before the engine's lock, as a reply does: never call it under
+        _lock."""
         with self._use:
             for conversation_id in sorted(self._unsaved):
                 live = self._live.get(conversation_id)
                 try:
-                    stored = self.store.messages(conversation_id)
-                    in_step = (self._synced.get(conversation_id)
-                               == self.store.transcript_signature(conversation_id))
+                    signature = self.store.transcript_signature(conversation_id)
                 except StorageError:
                     continue
-                if live is not None and in_step and stored:
-                    self._save(conversation_id, stored[-1].id, live)
+                count, last_id, _ = signature
+                if live is not None and count and self._synced.get(conversation_id) == signature:
+                    self._save(conversation_id, last_id, live)
             self._unsaved.clear()
 
     def _params(self) -> SamplingParams:

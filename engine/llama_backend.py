@@ -251,7 +251,7 @@ class LlamaContext:
         self._shifted = False  # positions were moved (applied lazily) since then
         self._n_threads = n_threads
         self._adapter: object | None = None  # the LoRA adapter this context decodes with
-        self._beside: LlamaContext | None = None  # see decode_embeddings
+        self._beside: LlamaContext | None = None  # see slots_over_text
         self._keeps_adapter = False  # True for the context beside: it leaves it on
         self.adapter_beside = True  # False: toggle the adapter here (bench/turn_profile.py)
 

@@ -155,7 +155,7 @@ def test_a_read_state_hands_its_payload_on_without_copying_it(store: Store,
 def test_a_large_memory_waits_after_a_reply_and_is_saved_on_closing(
         store: Store, db_path: Path, tmp_path: Path, engines, monkeypatch) -> None:
     """A memory over LARGE_STATE_BYTES is saved after a reply at most once a minute (saving
-    one is seconds); what waited is saved when the window closes or unloads the model, and
+    one is seconds); what waited is saved when the window closes, and
     after a crash the next window restores the older state and replays the rest."""
     import ccm_chat.app.service as service_module
 
@@ -166,7 +166,7 @@ def test_a_large_memory_waits_after_a_reply_and_is_saved_on_closing(
     assert store.latest_memory_state(conv_id).message_id == messages[1].id  # the first reply
     crashed = service(copy_db(db_path, tmp_path / "crashed.db"), engines).open(conv_id)
     assert "2 message(s) behind the transcript; replayed them" in crashed.reason
-    svc.save_pending()  # what close() and a model change do first
+    svc.save_pending()  # what close() does first
     assert store.latest_memory_state(conv_id).message_id == messages[-1].id
     report = service(store, engines).open(conv_id)
     assert report.kind == "restored" and report.reason == ""

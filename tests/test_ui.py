@@ -91,28 +91,56 @@ async def test_reply_streams_in_before_it_ends(store: Store) -> None:
 
 async def test_a_fast_reply_reaches_the_screen_whole_in_batches(store: Store,
                                                                  monkeypatch) -> None:
-    """Pieces are posted to the screen at most every reply_flush_s (a message a token held
-    the GIL the decode needs): 400 words 2 ms apart arrive in far fewer updates, the first
-    one at once, and none is lost."""
-    from ccm_chat.ui.widgets.chat_pane import ChatPane
+    """The worker queues pieces and the pane writes them out every reply_flush_s (a message
+    a token held the GIL the decode needs): 400 words 2 ms apart reach the screen in far
+    fewer writes, the first at once, and none is lost."""
+    from ccm_chat.ui.widgets.chat_view import ChatView
 
     words = " ".join(f"w{i}" for i in range(400))
     engine = ScriptedEngine(delay=0.002, replies={"go": words})
-    posted: list[str] = []
-    original = ChatPane.on_chat_pane_reply_piece
+    written: list[str] = []
+    original = ChatView.write_reply
 
-    async def spy(self, event) -> None:
-        posted.append(event.text)
-        await original(self, event)
+    async def spy(self, piece: str) -> None:
+        written.append(piece)
+        await original(self, piece)
 
-    monkeypatch.setattr(ChatPane, "on_chat_pane_reply_piece", spy)
+    monkeypatch.setattr(ChatView, "write_reply", spy)
     app = make_app(store, engine)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")
         await until_idle(pilot)
         reply_box = list(app.query(MessageBox))[-1]
-        assert reply_box.content == words and "".join(posted) == words
-        assert posted[0] == "w0" and 2 <= len(posted) < 100, len(posted)
+        assert reply_box.content == words and "".join(written) == words
+        assert written[0] == "w0" and 2 <= len(written) < 100, len(written)
+
+
+async def test_the_end_of_a_reply_shows_before_the_memory_work_after_it(store: Store,
+                                                                         monkeypatch) -> None:
+    """The last pieces are on screen while the turn's after-work (compression, the save)
+    still runs: the pane's timer writes them, not the end of the worker."""
+    import threading as threading_module
+
+    from ccm_chat.app.service import ChatService
+
+    engine = ScriptedEngine(replies={"go": "the whole reply"})
+    release = threading_module.Event()
+    original = ChatService._commit_reply
+
+    def slow_commit(self, *args, **kwargs):
+        release.wait(10)  # the after-turn work, held until the test has looked
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatService, "_commit_reply", slow_commit)
+    app = make_app(store, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "go")
+        reply_box = list(app.query(MessageBox))[-1]
+        await wait_for(pilot, lambda: "the whole reply" in reply_box.markdown.source)
+        assert app.generating  # still in the turn's after-work
+        release.set()
+        await until_idle(pilot)
+        assert reply_box.content == "the whole reply"
 
 
 async def test_escape_stops_the_reply_and_keeps_it(store: Store) -> None:
