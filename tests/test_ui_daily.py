@@ -465,7 +465,8 @@ async def test_a_transcript_changed_elsewhere_is_reloaded(windows: Windows) -> N
         await app.workers.wait_for_complete()
         other.take_over(shared)
         await wait_for(pilot, lambda: "Read-only" in titles_of(app), 10)  # told at once
-        assert "read-only" in str(app.status_bar.render())
+        # and shown in the status bar (its message may be handled a moment after the notice)
+        await wait_for(pilot, lambda: "read-only" in str(app.status_bar.render()), 5)
         list(other.send(shared, "from the other window"))
         await wait_for(pilot, lambda: "Reloaded" in titles_of(app), 10)
         assert boxes(app)[-2:] == [("user", "from the other window"),
