@@ -56,7 +56,7 @@ class ChatPane(Vertical):
     # A reply reaches the screen in batches this often (its first piece at once): the worker
     # queues pieces and a timer here writes them out. A message and a Markdown update a token
     # held the GIL the decode thread needs: the UI decoded at 62 % of the engine's speed on a
-    # 2-core CPU, against 87 % so (bench/ui_speed.py)
+    # 2-core CPU, against 96 % so (bench/ui_speed.py)
     reply_flush_s = 0.2
 
     class StatusChanged(Message):
