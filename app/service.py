@@ -439,10 +439,11 @@ class ChatService:
         return live
 
     def _save(self, conversation_id: int, message_id: int, live: EngineConversation,
-              after_reply: bool = False) -> None:
+              reply_bytes: int = 0) -> None:
         """Save the memory; a failure is reported, never raised: the transcript is safe.
-        After a reply, a large memory saved less than LARGE_STATE_SAVE_S ago waits."""
-        if (after_reply and live.stats().memory_bytes > LARGE_STATE_BYTES
+        After a reply (`reply_bytes`: the memory it left), a large memory saved less than
+        LARGE_STATE_SAVE_S ago waits."""
+        if (reply_bytes > LARGE_STATE_BYTES
                 and time.monotonic() - self._saved_at.get(conversation_id, -1e9)
                 < LARGE_STATE_SAVE_S):
             self._unsaved.add(conversation_id)
@@ -620,8 +621,8 @@ class ChatService:
             raise ChatError(f"The reply could not be saved: {exc} Regenerate it (Ctrl+R) "
                             "once the database is free.") from exc
         self._wrote(conversation_id)
-        self._stats[conversation_id] = live.stats()
-        self._save(conversation_id, saved.id, live, after_reply=True)
+        stats = self._stats[conversation_id] = live.stats()
+        self._save(conversation_id, saved.id, live, reply_bytes=stats.memory_bytes)
 
     # -- editing the transcript -----------------------------------------------------------------
 

@@ -511,6 +511,7 @@ class Store:
 
         Until that transaction commits, the previous state is still the one on disk.
         """
+        view = memoryview(blob)  # the chunks are slices of it, not copies
         row = {
             "conversation_id": conversation_id,
             "message_id": message_id,
@@ -523,9 +524,8 @@ class Store:
             "tokens_seen": tokens_seen,
             "size": len(blob),
             "checksum": checksum(blob),
-            "blob": blob[:STATE_CHUNK],
+            "blob": view[:STATE_CHUNK],
         }
-        view = memoryview(blob)
         with self._tx() as db:
             state_id = db["memory_states"].insert(row).last_pk
             for seq, start in enumerate(range(STATE_CHUNK, len(blob), STATE_CHUNK), 1):
