@@ -11,9 +11,10 @@
 #   second: carry [".dev/llama", ".whl", ".dev/xb", ".dev/scale"]: stages part 2, builds
 #           llama-cpp-python with CUDA, then bench/gpu_scale.sh "$2" (shape:seconds:parts ...)
 #   third:  carry [".dev/xc", ".whl", ".dev/scale"]: assembles the model, then side by side
-#           on it: bench/length.py --backend both, bench/turn_profile.py on llama.cpp
-#           (before / toggle / after) and on the hf fast path, and on the scale shape $2
-#           (toggle / after)
+#           on it: bench/turn_profile.py on llama.cpp (before / toggle / beside / after, then
+#           after with CUDA graphs off, GRAPHS_OFF=1), on the scale shape $2 (beside / after)
+#           and on the hf fast path (beside / after), then bench/length.py --backend both
+#           (LENGTH_SECONDS=0 leaves it out)
 set -u
 . "$(dirname "$0")/gpu_stage.sh"
 hide_pandas() {  # sqlite-utils' optional pandas import pulls in pyarrow, which aborts after llama_cpp
@@ -44,20 +45,26 @@ third)
   export CCM_CHAT_MODEL=$S/model.gguf CCM_CHAT_CACHE_DIR=/root/cache \
     CCM_CHAT_CHITCHAT=$S/dataset.json CCM_CHAT_MEMORYBANK=$S/memorybank_en \
     PYTHONPATH=/tmp/nopandas:/tmp/site:/tmp/ns PYTHONUNBUFFERED=1
+  CCM_LEVELS="balanced: ccm,aggressive: ccm"
   timeout "${PROFILE_SECONDS:-130}" python3 bench/turn_profile.py --backend llamacpp \
-    --device gpu --variants before,toggle,after --turns "${TURNS:-12}" \
-    --out $OUT/turn_profile_gpu.json >> $L 2>&1
+    --device gpu --variants "${VARIANTS:-before,toggle,beside,after}" --turns "${TURNS:-12}" \
+    --configs "${CONFIGS:-$CCM_LEVELS}" --out $OUT/turn_profile_gpu.json >> $L 2>&1
+  if [ -n "${GRAPHS_OFF:-}" ]; then  # is it llama.cpp's CUDA graphs that a changed decode costs?
+    GGML_CUDA_DISABLE_GRAPHS=1 timeout 60 python3 bench/turn_profile.py --backend llamacpp \
+      --device gpu --variants beside,after --turns "${TURNS:-12}" --configs "$CCM_LEVELS" \
+      --out $OUT/turn_profile_gpu_graphs_off.json >> $L 2>&1
+  fi
   if [ -n "${2:-}" ]; then
     timeout "${SCALE_PROFILE_SECONDS:-90}" python3 bench/turn_profile.py --backend llamacpp \
-      --device gpu --variants toggle,after --turns "${TURNS:-12}" \
-      --configs "balanced: ccm,aggressive: ccm,light: ccm" --model /root/scale/$2.gguf \
+      --device gpu --variants beside,after --turns "${TURNS:-12}" \
+      --configs "$CCM_LEVELS" --model /root/scale/$2.gguf \
       --compressor /root/scale/$2-ccm --out $OUT/turn_profile_gpu_$2.json >> $L 2>&1
   fi
   timeout "${PROFILE_HF_SECONDS:-100}" python3 bench/turn_profile.py --backend hf --device gpu \
-    --turns "${TURNS:-12}" --configs "${HF_CONFIGS:-off,balanced: window,balanced: ccm,aggressive: ccm}" \
+    --turns "${TURNS:-12}" --configs "${HF_CONFIGS:-$CCM_LEVELS}" --variants beside,after \
     --out $OUT/turn_profile_gpu_hf.json >> $L 2>&1
-  timeout "${LENGTH_SECONDS:-230}" python3 bench/length.py --backend both --device gpu \
-    --child-seconds "${CHILD_SECONDS:-110}" \
+  [ "${LENGTH_SECONDS:-230}" = 0 ] || timeout "${LENGTH_SECONDS:-230}" python3 bench/length.py \
+    --backend both --device gpu --child-seconds "${CHILD_SECONDS:-110}" \
     --configs "${LENGTH_CONFIGS:-off}" --out $OUT/length_gpu_both.json >> $L 2>&1
   grep -v "^ " $L | tail -n 90 ;;
 esac

@@ -4,17 +4,23 @@ Each level chats the same MemoryBank user turns (greedy replies) as bench/turn_o
 does; during the policy's after-turn work every call on the back end's context (decode,
 <COMP> embeddings, adapter toggles, remove, shift, compaction, the state round trip, merge)
 is timed exclusively (a nested call's time is its own, not its caller's), with the device
-synchronized at each call's end so GPU time lands on the call that queued it. Variants
-(llama.cpp), side by side in one run: `before`, the compaction as it was before issue 16 (a
-round trip through Python bytes after every edit, holes or not) with the adapter toggled in
-place; `toggle`, today's compaction with the adapter toggled in place (each toggle makes
-llama.cpp re-reserve its scheduler); `after`, the code as it is (the <COMP> slots decoded in
-a second context that keeps the adapter on).
+synchronized at each call's end so GPU time lands on the call that queued it (the second
+context's calls, llama.cpp's, are named `beside.*`). Variants, side by side in one run:
+`before`, the compaction as it was before issue 16 (a round trip through Python bytes after
+every edit, holes or not) with the adapter toggled in place (llama.cpp); `toggle`, today's
+compaction with the adapter toggled in place (each toggle makes llama.cpp re-reserve its
+scheduler; llama.cpp); `beside`, the <COMP> slots decoded in a second context that keeps the
+adapter on (llama.cpp), the verbatim text after new slots decoded again at once and old
+groups evicted in a step of their own, as the first three all do; `after`, the code as it
+is: that text is decoded with the next message and old groups go in the compression's step.
+As the text moves into the next turn's prefill, the table shows the prefill and the turn
+with the after-turn work (`total`) too. `late` is the median over the last third of the
+turns (a level whose slots reached their cap drops a group every turn there).
 Each run ends with save -> restore checked exact (next-token logits of the live and the
 restored conversation). Prints a table and writes JSON.
 
-    python bench/turn_profile.py --backend llamacpp --device gpu --variants before,toggle,after \\
-        --out bench/results/turn_profile_gpu_fast.json
+    python bench/turn_profile.py --backend llamacpp --device gpu \\
+        --variants before,toggle,beside,after --out bench/results/turn_profile_gpu.json
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ if _backend_arg() == "hf":  # torch before llama_cpp, which the engine imports f
     import torch
 
 from ccm_chat.engine import Engine, SamplingParams  # noqa: E402  isort: skip
+from ccm_chat.engine.conversation import Conversation  # noqa: E402  isort: skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from length import configs  # noqa: E402  isort: skip
@@ -48,8 +55,9 @@ from machine import write_result  # noqa: E402  isort: skip
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
 
 CALLS = ("decode", "decode_embeddings", "slots_over_text", "_copy_state", "_use_adapter",
-         "remove", "shift", "compact", "_round_trip", "redecode", "merge_slots", "get_state",
-         "set_state")
+         "remove", "shift", "compact", "_round_trip", "_apply_shift", "redecode", "merge_slots",
+         "get_state", "set_state")
+VARIANTS = ("before", "toggle", "beside", "after")
 
 
 def user_turns(data: Path) -> list[str]:
@@ -82,11 +90,27 @@ class Profiler:
         self.stack: list[float] = []  # time nested calls took, one entry per open call
         self.turn: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        self._timed: set[int] = set()
+        self.time_calls(ctx, "")
+        if hasattr(ctx, "_beside_for"):  # llama.cpp's second context, timed once it exists
+            make = ctx._beside_for
+
+            def beside_for(*args, **kwargs):
+                beside = make(*args, **kwargs)
+                self.time_calls(beside, "beside.")
+                return beside
+
+            ctx._beside_for = beside_for
+
+    def time_calls(self, ctx, prefix: str) -> None:
+        if id(ctx) in self._timed:
+            return
+        self._timed.add(id(ctx))
         for name in CALLS:
             if hasattr(ctx, name):
-                setattr(ctx, name, self._wrap(name, getattr(ctx, name)))
+                setattr(ctx, name, self._wrap(prefix + name, getattr(ctx, name), ctx))
 
-    def _wrap(self, name, fn):
+    def _wrap(self, name, fn, ctx):
         def timed(*args, **kwargs):
             if not self.active:
                 return fn(*args, **kwargs)
@@ -95,7 +119,7 @@ class Profiler:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.sync()
+                self.sync(ctx)
                 spent = time.perf_counter() - start
                 nested = self.stack.pop()
                 self.turn[name] += spent - nested
@@ -106,11 +130,13 @@ class Profiler:
 
 
 def device_sync(engine: Engine):
+    """A function of a context that waits for the work queued on it."""
     if engine.info.backend == "hf":
-        return torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        cuda = torch.cuda.is_available()
+        return lambda ctx: torch.cuda.synchronize() if cuda else None
     import llama_cpp
 
-    return lambda: llama_cpp.llama_synchronize(engine.ctx.ptr)
+    return lambda ctx: llama_cpp.llama_synchronize(ctx.ptr)
 
 
 def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str) -> dict:
@@ -126,7 +152,12 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     if variant in ("before", "toggle"):
         ctx.adapter_beside = False
     prof = Profiler(ctx, device_sync(engine))
+    Conversation.defer_text_after_slots = variant == "after"
     conv = engine.new_conversation()
+    if variant != "after":  # old groups evicted in a step of their own
+        conv.compress = (  # type: ignore[method-assign]
+            lambda cells=None, merge=False, max_slots=None:
+            Conversation.compress(conv, cells, merge))
     original = conv.policy.after_turn
     policy_s: list[float] = []
     per_turn: list[dict[str, float]] = []
@@ -137,21 +168,22 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
         start = time.perf_counter()
         try:
             original(memory)
-            prof.sync()
+            prof.sync(ctx)
         finally:
             prof.active = False
         policy_s.append(time.perf_counter() - start)
         per_turn.append(dict(prof.turn))
 
     conv.policy.after_turn = timed  # type: ignore[method-assign]
-    turn_s = []
+    turn_s, prefill_s = [], []
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     for user in users:
         start = time.perf_counter()
         for _ in conv.send(user, params):
             pass
-        _ = conv.last_reply  # the turn ends (and the policy runs) here at the latest
+        stats = conv.last_reply  # the turn ends (and the policy runs) here at the latest
         turn_s.append(time.perf_counter() - start - policy_s[-1])
+        prefill_s.append(stats.prefill_seconds)
     conv.next_token_logits()  # the header decoded; then the last cell again, as a restore does
     live = conv.next_token_logits()
     restored = engine.restore_conversation(conv.save_state())
@@ -159,12 +191,19 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     view = conv.memory_view()
     engine.close()
     calls = {name: 1000 * statistics.median(t.get(name, 0.0) for t in per_turn)
-             for name in CALLS if any(name in t for t in per_turn)}
+             for name in dict.fromkeys(k for t in per_turn for k in t)}
     turn = statistics.median(turn_s)
     policy = statistics.median(policy_s)
+    late = len(users) - len(users) // 3
+    late_share = statistics.median(p / t for p, t in zip(policy_s[late:], turn_s[late:],
+                                                         strict=True))
     return {"level": label, "variant": variant, "method": engine.compression.method,
             "turns": len(users), "turn_s_median": turn, "policy_ms_median": 1000 * policy,
+            "prefill_ms_median": 1000 * statistics.median(prefill_s),
+            "total_ms_median": 1000 * statistics.median(
+                t + p for t, p in zip(turn_s, policy_s, strict=True)),
             "policy_ms_max": 1000 * max(policy_s), "share_median": policy / turn,
+            "share_late_median": late_share,
             "share_max": max(p / t for p, t in zip(policy_s, turn_s, strict=True)),
             "calls_ms_median": calls, "restore_max_abs": restore_diff,
             "held": len(view.tokens), "memory_tokens": list(view.tokens)}
@@ -182,7 +221,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--configs", default="", help="comma-separated labels (default: all)")
     parser.add_argument("--variants", default="after",
-                        help="comma-separated, of before, toggle, after (llama.cpp; see above)")
+                        help="comma-separated, of before, toggle, beside, after (see above)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "CCM_CHAT_MEMORYBANK", DATA)), help="the MemoryBank folder")
     parser.add_argument("--out", type=Path, default=Path("bench/results/turn_profile.json"))
@@ -190,8 +229,10 @@ def main() -> None:
     users = user_turns(args.data)[: args.turns]
     wanted = [c.strip() for c in args.configs.split(",")] if args.configs else None
     variants = [v.strip() for v in args.variants.split(",")]
-    if not set(variants) <= {"before", "toggle", "after"}:
-        parser.error("--variants takes before, toggle and after")
+    if not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants takes {', '.join(VARIANTS)}")
+    if args.backend == "hf" and not set(variants) <= {"beside", "after"}:
+        parser.error("on hf, --variants takes beside and after (the others are llama.cpp's)")
     rows = []
     for label, level, ccm in configs():
         if wanted is not None and label not in wanted:
@@ -202,7 +243,8 @@ def main() -> None:
             calls = ", ".join(f"{k} {v:.1f}" for k, v in row["calls_ms_median"].items() if v)
             print(f"{label:20} {variant:6} turn {row['turn_s_median'] * 1000:6.1f} ms, work "
                   f"{row['policy_ms_median']:6.1f} / {row['policy_ms_max']:6.1f} ms "
-                  f"({100 * row['share_median']:.1f} % / {100 * row['share_max']:.1f} %), "
+                  f"({100 * row['share_median']:.1f} % / {100 * row['share_max']:.1f} %, "
+                  f"late {100 * row['share_late_median']:.1f} %), "
                   f"restore diff {row['restore_max_abs']:.2g}; {calls}", flush=True)
     for label in dict.fromkeys(r["level"] for r in rows):
         same = [r for r in rows if r["level"] == label]
@@ -210,14 +252,16 @@ def main() -> None:
             r["same_memory_as_first"] = r["memory_tokens"] == same[0]["memory_tokens"]
     for r in rows:
         del r["memory_tokens"]
-    print("| level | variant | turn ms | after-turn ms (median / max) | share (median / max) | "
-          "where it goes (median ms) | restore max diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| level | variant | turn ms (prefill) | after-turn ms (median / max) | total ms | "
+          "share (median / late / max) | where it goes (median ms) | restore max diff |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         calls = ", ".join(f"{k} {v:.1f}" for k, v in r["calls_ms_median"].items() if v >= 0.05)
-        print(f"| {r['level']} | {r['variant']} | {1000 * r['turn_s_median']:.1f} | "
+        print(f"| {r['level']} | {r['variant']} | {1000 * r['turn_s_median']:.1f} "
+              f"({r['prefill_ms_median']:.1f}) | "
               f"{r['policy_ms_median']:.1f} / {r['policy_ms_max']:.1f} | "
-              f"{100 * r['share_median']:.1f} % / {100 * r['share_max']:.1f} % | {calls} | "
+              f"{r['total_ms_median']:.1f} | {100 * r['share_median']:.1f} % / "
+              f"{100 * r['share_late_median']:.1f} % / {100 * r['share_max']:.1f} % | {calls} | "
               f"{r['restore_max_abs']:.2g} |")
     write_result(args.out, args.device, {"backend": args.backend, "rows": rows})
 

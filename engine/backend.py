@@ -70,9 +70,10 @@ class Context(Protocol):
         """Decode rows of input embeddings (the <COMP> vectors) at start_pos.., with the
         compressor's LoRA `adapter` (Model.load_compressor's) on for these rows only."""
     def slots_over_text(self, vectors: np.ndarray, start: int, end: int,
-                        adapter: object) -> None:
+                        adapter: object, drop: int = 0) -> None:
         """A CCM step on a cache that ends at `end`: the <COMP> rows decoded after it with
-        `adapter` on, then the text [start, end) dropped so the slots take its place."""
+        `adapter` on, then the text [start, end) dropped so the slots take its place, and
+        the first `drop` cells (the oldest slots) with it."""
     def merge_slots(self, n: int, weight: float) -> None: ...
     def remove(self, p0: int, p1: int = -1) -> None: ...
     def shift(self, p0: int, p1: int, delta: int) -> None: ...
@@ -88,14 +89,22 @@ class Context(Protocol):
 
 
 def slots_in_place(ctx: Context, vectors: np.ndarray, start: int, end: int,
-                   adapter: object) -> None:
+                   adapter: object, drop: int = 0) -> None:
     """Context.slots_over_text out of a context's own calls (what a back end does unless it
     has a cheaper way)."""
     ctx.decode_embeddings(vectors, end, adapter)
-    ctx.remove(start, end)
-    ctx.shift(end, -1, start - end)
+    close_gaps(ctx, start, end, drop)
     if ctx.needs_compaction:
         ctx.compact(-1)
+
+
+def close_gaps(ctx: Context, start: int, end: int, drop: int) -> None:
+    """Remove cells [start, end) and [0, drop) of a cache and move the rest down onto them."""
+    ctx.remove(start, end)
+    if drop:
+        ctx.remove(0, drop)
+        ctx.shift(drop, start, -drop)
+    ctx.shift(end, -1, start - end - drop)
 
 
 @dataclass(frozen=True)

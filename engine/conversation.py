@@ -14,7 +14,7 @@ import codecs
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -72,6 +72,10 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 
 class Conversation:
+    # False: the text after new <COMP> slots is decoded at once, in the turn's after-work,
+    # not with the next message (bench/turn_profile.py compares the two)
+    defer_text_after_slots = True
+
     def __init__(
         self,
         engine: Engine,
@@ -215,8 +219,10 @@ class Conversation:
 
     def stats(self) -> MemoryStats:
         self._settle()
-        held = self.kv.held
-        size = self._ctx().state_size() if held else 0
+        held, cached = self.kv.held, self.kv.cached
+        size = self._ctx().state_size() if cached else 0
+        if cached < held:  # the text after new slots takes what the cells before it do
+            size += (held - cached) * size // max(1, cached)
         full = self.kv.text_tokens
         n_comp = len(self.engine.ccm.vectors) if self.engine.ccm is not None else 1
         merged = self.compression.method == "ccm-merge"
@@ -292,7 +298,7 @@ class Conversation:
         """The memory as bytes: restoring them continues exactly here, with no re-prefill."""
         self._settle()
         ctx = self._ctx()
-        payload = ctx.get_state() if self.kv.tokens else b""
+        payload = ctx.get_state() if self.kv.cached else b""
         header = {
             "backend": self.engine.info.backend,
             "model": self.engine.fingerprint,
@@ -343,7 +349,7 @@ class Conversation:
             raise
         except EngineError as exc:
             raise StateError(f"The memory state's KV payload was refused ({exc})") from exc
-        if conv.kv.tokens and conv.engine.ctx.pos_max() != len(conv.kv.tokens) - 1:
+        if conv.kv.cached and conv.engine.ctx.pos_max() != conv.kv.cached - 1:
             engine.release(conv)
             raise StateError("The memory state's KV payload does not match its header.")
         return conv
@@ -359,11 +365,13 @@ class Conversation:
         if not 0 <= start < end <= self.held:
             raise ValueError(f"Cannot evict cells [{start}, {end}) of {self.held}.")
         ctx = self._ctx()
+        if end > self.kv.cached:
+            self._catch_up(ctx)
         ctx.remove(start, end)
         ctx.shift(end, -1, start - end)
         self.kv.forget(start, end)
-        if ctx.needs_compaction and self.kv.tokens:
-            ctx.compact(self.kv.tokens[-1])
+        if ctx.needs_compaction and self.kv.cached:
+            ctx.compact(self.kv.tokens[self.kv.cached - 1])
 
     @property
     def slots(self) -> int:
@@ -374,11 +382,13 @@ class Conversation:
         """Cells of each finished exchange held as text, oldest first."""
         return self.kv.exchanges
 
-    def compress(self, cells: int | None = None, merge: bool = False) -> None:
+    def compress(self, cells: int | None = None, merge: bool = False,
+                 max_slots: int | None = None) -> None:
         """Run the compressor's <COMP> slots over the first `cells` text cells after the slots
         (None: all of them), with its adapter on, then keep only the slots in their place
-        (merge: their running mean). The slots see the slots before them and that text only,
-        never the text after it, as the compressor was trained."""
+        (merge: their running mean); the oldest whole groups of slots past `max_slots` go in
+        the same step (one position shift for both). The slots see the slots before them and
+        that text only, never the text after it, as the compressor was trained."""
         ccm = self.engine.ccm
         if ccm is None:
             raise EngineError("No trained compressor is loaded for this model.")
@@ -401,8 +411,11 @@ class Conversation:
         start = self.kv.slots
         end = start + text
         if not merge:
-            self._compress_span(ctx, start, end)
+            over = 0 if max_slots is None else start + n - max_slots
+            drop = min(start, -(-over // n) * n) if over > 0 else 0
+            self._compress_span(ctx, start, end, drop)
             return
+        self._catch_up(ctx)
         ctx.decode_embeddings(ccm.vectors, end, ccm.adapter)
         self.kv.add_slots(end, n)
         ctx.remove(start, end)  # the text goes; the new slots move onto the held ones' places
@@ -414,28 +427,44 @@ class Conversation:
             self.kv.ends[:n] = [len(self.kv.rendered)] * n  # the mean stands for all of it
         self.kv.slots = n
 
-    def _compress_span(self, ctx, start: int, end: int) -> None:
+    def _compress_span(self, ctx, start: int, end: int, drop: int) -> None:
         """Replace text cells [start, end) by their <COMP> slots, as pure CCM would make them.
 
-        The slots see the slots before them and that text only: the text after it goes first
-        (for a moment), and once the slots sit in the text's place it is decoded again behind
-        them. That also keeps the text held verbatim as the compressor was trained to be read:
-        decoded after the memory as it is now. Left as decoded beside the text since
-        compressed, it cost 0.6-1.2 nats of next-reply NLL (default model, CPU).
+        The slots see the slots before them and that text only: the text after it leaves the
+        cache, and once the slots sit in the text's place it is decoded again behind them,
+        with the next message (`KVSequence.undecoded`): one batch instead of two, and none
+        in the turn's after-work. That keeps the text held verbatim as the compressor was
+        trained to read it: decoded after the memory as it is now. Left as decoded beside the
+        text since compressed, it cost 0.6-1.2 nats of next-reply NLL (default model, CPU).
         """
         ccm = self.engine.ccm
         n = len(ccm.vectors)  # type: ignore[union-attr]
-        rest = list(self.kv.tokens[end:])
-        if rest:
+        cached = self.kv.cached
+        if cached < end:  # the span is text an earlier step moved: decode it now
+            ctx.decode(self.kv.tokens[cached:end], cached)
+        elif cached > end:
             ctx.remove(end)
             if ctx.needs_compaction:
                 ctx.compact(-1)  # no holes where the slots go
-        ctx.slots_over_text(ccm.vectors, start, end, ccm.adapter)  # type: ignore[union-attr]
-        if rest:
-            ctx.decode(rest, start + n)
+        ctx.slots_over_text(ccm.vectors, start, end, ccm.adapter,  # type: ignore[union-attr]
+                            drop)
         self.kv.add_slots(end, n)
         self.kv.forget(start, end)
         self.kv.slots_joined(n)
+        if drop:
+            self.kv.forget(0, drop)
+        self.kv.undecoded = self.held - start - n + drop
+        if not self.defer_text_after_slots:
+            self._catch_up(ctx)
+
+    def _catch_up(self, ctx, then: Sequence[int] = ()) -> int:
+        """Decode the cells held but not cached yet, and `then` after them, in one batch;
+        return how many cells were decoded."""
+        backlog = self.kv.tokens[self.kv.cached:]
+        if backlog or then:
+            ctx.decode([*backlog, *then], self.kv.cached)
+            self.kv.undecoded = 0
+        return len(backlog) + len(then)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -445,7 +474,7 @@ class Conversation:
     def park(self) -> None:
         """Move this conversation's KV out of the shared context into bytes."""
         ctx = self.engine.ctx
-        self._parked = ctx.get_state() if self.kv.tokens else b""
+        self._parked = ctx.get_state() if self.kv.cached else b""
         ctx.clear()
 
     def unpark(self) -> None:
@@ -468,11 +497,13 @@ class Conversation:
             common = _common_prefix(self.kv.rendered, target)
         if common < len(self.kv.rendered):
             keep = bisect_right(self.kv.ends, common)
-            ctx.remove(keep)
+            if keep < self.kv.cached:
+                ctx.remove(keep)
             self.kv.truncate(keep)
         delta = target[len(self.kv.rendered) :]
         if not delta:
-            return 0, 0.0
+            start = time.perf_counter()
+            return self._catch_up(ctx), time.perf_counter() - start
         model = self.engine.model
         first = not self.kv.tokens
         tokens = model.tokenize(delta, add_special=first, parse_special=True)
@@ -484,11 +515,13 @@ class Conversation:
                 "or pick a compression level in settings."
             )
         ends = self._token_ends(tokens, len(self.kv.rendered), len(delta), first)
+        backlog = self.kv.undecoded  # decoded with the first batch
         start = time.perf_counter()
         done = 0
         while done < len(tokens):
             room = capacity - self.held
             if room < len(tokens) - done:
+                self._catch_up(ctx)  # the policy edits the cache as it stands
                 chunk = min(len(tokens) - done, max(1, ctx.n_ctx // 2))
                 if not self.policy.make_room(self, chunk, capacity):
                     raise ContextFullError(
@@ -496,14 +529,14 @@ class Conversation:
                     )
                 room = capacity - self.held
             n = min(room, len(tokens) - done, ctx.n_batch)
-            ctx.decode(tokens[done : done + n], self.held)
+            self._catch_up(ctx, tokens[done : done + n])
             for tok, tok_end in zip(tokens[done : done + n], ends[done : done + n], strict=True):
                 self.kv.record(tok, tok_end)
             done += n
             if progress is not None:
                 progress(done, len(tokens))
         self.kv.rendered = target
-        return len(tokens), time.perf_counter() - start
+        return len(tokens) + backlog, time.perf_counter() - start
 
     def _end_turn(self) -> None:
         """An exchange is finished: mark where its text ends, then let the policy work."""
@@ -515,7 +548,8 @@ class Conversation:
         """Logits are only current after a decode: recompute them for the last cell."""
         if not self.kv.tokens:
             raise EngineError("Nothing to generate from: the conversation is empty.")
-        ctx.redecode(self.kv.tokens[-1], self.held - 1)
+        if not self._catch_up(ctx):
+            ctx.redecode(self.kv.tokens[-1], self.held - 1)
 
     def _stream(self, reply: Reply) -> Iterator[str]:
         """Generate the reply's tokens; the turn is finished apart, by `_finish`."""

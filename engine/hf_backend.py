@@ -196,8 +196,8 @@ class HFContext:
         self.positions = torch.cat([self.positions, torch.arange(start_pos, start_pos + n)])
 
     def slots_over_text(self, vectors: np.ndarray, start: int, end: int,
-                        adapter: object) -> None:
-        slots_in_place(self, vectors, start, end, adapter)
+                        adapter: object, drop: int = 0) -> None:
+        slots_in_place(self, vectors, start, end, adapter, drop)
 
     def _check_room(self, start_pos: int, n: int) -> None:
         if start_pos != len(self.positions):

@@ -5,7 +5,8 @@ A cell holds a token of the rendered chat text (`tokens[i] >= 0`) or a <COMP> sl
 them come the finished exchanges still held as text (`bounds`: the cell where each ends),
 then the exchange in progress. Back ends hold the tensors; this holds their meaning, so the
 edits policies make (evict, compress) and a rollback keep the two in step, and a saved state
-carries it in its header.
+carries it in its header. The last `undecoded` cells are held here but not yet in the back
+end's cache: text a compression moved behind new slots, decoded there with the next message.
 """
 
 from __future__ import annotations
@@ -40,10 +41,16 @@ class KVSequence:
     bounds: list[int] = field(default_factory=list)
     frozen: int = 0  # bytes of `rendered` before this are (partly) evicted: no rollback
     evicted: int = 0  # tokens dropped so far
+    undecoded: int = 0  # the last cells, not decoded into the cache yet
 
     @property
     def held(self) -> int:
         return len(self.tokens)
+
+    @property
+    def cached(self) -> int:
+        """Cells the back end's cache holds (the first ones)."""
+        return len(self.tokens) - self.undecoded
 
     @property
     def exchanges(self) -> list[int]:
@@ -65,6 +72,7 @@ class KVSequence:
 
     def truncate(self, keep: int) -> None:
         """Cells from `keep` on are gone (a rollback); the text follows them."""
+        self.undecoded = max(0, keep - self.cached)
         del self.tokens[keep:]
         del self.ends[keep:]
         self.bounds = [b for b in self.bounds if b <= keep]
@@ -109,7 +117,7 @@ class KVSequence:
     def header(self) -> dict[str, Any]:
         return {"rendered": base64.b64encode(self.rendered).decode(), "kv_tokens": self.tokens,
                 "kv_ends": self.ends, "frozen": self.frozen, "evicted": self.evicted,
-                "groups": self.groups, "bounds": self.bounds}
+                "groups": self.groups, "bounds": self.bounds, "undecoded": self.undecoded}
 
     @classmethod
     def from_header(cls, head: dict[str, Any], n_ctx: int) -> KVSequence:
@@ -119,10 +127,12 @@ class KVSequence:
                       ends=[int(e) for e in head["kv_ends"]], slots=sum(t < 0 for t in tokens),
                       groups=int(head.get("groups", 0)),
                       bounds=[int(b) for b in head.get("bounds", [])],
-                      frozen=int(head["frozen"]), evicted=int(head["evicted"]))
+                      frozen=int(head["frozen"]), evicted=int(head["evicted"]),
+                      undecoded=int(head.get("undecoded", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"The memory state header is malformed ({exc}).") from exc
-        if len(seq.tokens) != len(seq.ends) or seq.held > n_ctx:
+        if (len(seq.tokens) != len(seq.ends) or seq.held > n_ctx
+                or not 0 <= seq.undecoded <= seq.held - seq.slots):
             raise StateError("The memory state does not fit this engine's context.")
         if seq.bounds != sorted(seq.bounds) or any(
                 not seq.slots < b <= seq.held for b in seq.bounds):

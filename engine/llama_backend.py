@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from ccm_chat.engine.backend import BackendOptions, Opened, slots_in_place
+from ccm_chat.engine.backend import BackendOptions, Opened, close_gaps, slots_in_place
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
@@ -312,7 +312,7 @@ class LlamaContext:
             raise EngineError(f"llama_decode of {n} embeddings failed (code {rc}).")
 
     def slots_over_text(self, vectors: np.ndarray, start: int, end: int,
-                        adapter: object) -> None:
+                        adapter: object, drop: int = 0) -> None:
         """A CCM step (engine.backend.Context's), in a second context that keeps the adapter.
 
         Any change of a context's adapters makes llama.cpp re-reserve its scheduler (a new
@@ -321,8 +321,9 @@ class LlamaContext:
         the <COMP> decode and 16-18 ms of the text decoded after it on an H200, most of a CCM
         level's after-turn work. So a second context of the same model, its adapter left on,
         gets a copy of this cache (which ends at `end`), decodes the slots, drops the text
-        and moves them into its place; this cache takes the result back, compacted. The two
-        copies replace the compaction round trip the step needs here anyway. That context
+        (and the `drop` oldest cells) and moves the rest into place, one position shift for
+        all; this cache takes the result back, compacted. The two copies replace the
+        compaction round trip the step needs here anyway. That context
         holds as many cells as its biggest use so far (it grows in steps), at most
         BESIDE_MAX_CELLS: a longer step runs here, as does one with a position shift pending
         (which a copy would lose); and if the second context fails (no memory for it), every
@@ -335,8 +336,7 @@ class LlamaContext:
                 beside = self._beside_for(end + n, n, adapter)
                 self._copy_state(self, beside)
                 beside.decode_embeddings(vectors, end, adapter)
-                beside.remove(start, end)
-                beside.shift(end, -1, start - end)
+                close_gaps(beside, start, end, drop)
                 beside._apply_shift()
             except EngineError:  # this cache is untouched so far
                 self._close_beside()
@@ -344,7 +344,7 @@ class LlamaContext:
             else:
                 self._copy_state(beside, self)
                 return
-        slots_in_place(self, vectors, start, end, adapter)
+        slots_in_place(self, vectors, start, end, adapter, drop)
 
     def _close_beside(self) -> None:
         if self._beside is not None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ccm_chat.engine import CompressionConfig, Engine
+from ccm_chat.engine.conversation import Conversation
 from tests.device import TEST_DEVICE
 from tests.test_ccm_engine import ANSWERS, FACT, QUESTION, pure_ccm
 
@@ -62,8 +63,11 @@ def test_slots_equal_pure_ccm_slots_for_the_same_history(engine, verbatim) -> No
     assert view.slots + sum(view.exchanges) == conv.held
     pure = chat(engine, pure_ccm(engine), EXCHANGES[:compressed])
     assert pure.held == view.slots
-    # positions stay contiguous after the edits
+    # positions stay contiguous after the edits; the verbatim text is decoded with the next
+    # message, after the slots
     ctx = engine.activate(conv)
+    assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.kv.cached - 1) == (0, view.slots - 1)
+    conv.next_token_logits()
     assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.held - 1)
     got, want = probe_logits(engine, conv), probe_logits(engine, pure)
     # bit-exact on the CPU; other kernels may batch differently
@@ -182,3 +186,51 @@ def test_an_old_pure_ccm_state_is_rebuilt_under_the_hybrid_level_and_says_why(
     again, report = resume(engine, store, record, store.messages(record.id), level)
     assert report.kind == "restored" and again.memory_view() == live.memory_view()
     store.close()
+
+
+def test_text_behind_new_slots_is_decoded_with_the_next_message_and_reads_the_same(
+        engine, monkeypatch) -> None:
+    """A compression moves the verbatim text after it behind the new slots; that text is
+    decoded with the next message (one batch, not in the turn's after-work), and the model
+    reads the same memory as when it is decoded at once. A state saved in between keeps it."""
+    lazy = chat(engine, hybrid(engine, 60), EXCHANGES)
+    view = lazy.memory_view()
+    assert view.slots and lazy.kv.undecoded == sum(view.exchanges) > 0
+    size = lazy.stats().memory_bytes
+    restored = engine.restore_conversation(lazy.save_state())
+    assert restored.kv.undecoded == lazy.kv.undecoded and restored.memory_view() == view
+    monkeypatch.setattr(Conversation, "defer_text_after_slots", False)
+    eager = chat(engine, hybrid(engine, 60), EXCHANGES)
+    assert eager.kv.undecoded == 0 and eager.memory_view() == view
+    assert abs(size - eager.stats().memory_bytes) < 0.02 * size  # the estimate is close
+    logits = []
+    for conv in (lazy, restored, eager):
+        conv.add_turn("user", QUESTION, decode=False)
+        logits.append(conv.next_token_logits())
+        assert conv.kv.undecoded == 0
+    assert lazy.memory_view() == restored.memory_view() == eager.memory_view()
+    np.testing.assert_array_equal(logits[0], logits[1])
+    np.testing.assert_allclose(logits[0], logits[2], atol=1e-3 if TEST_DEVICE == "cpu" else 0.5)
+
+
+def test_dropping_old_slots_in_the_compression_step_equals_evicting_them_after(
+        engine, monkeypatch) -> None:
+    """Past its cap a hybrid memory drops its oldest group in the same step that adds one
+    (one position shift); the memory is what a separate eviction after it leaves."""
+    config = hybrid(engine, 30, cap=2)
+    fused = chat(engine, config, EXCHANGES)
+    assert fused.slots == 2 * engine.ccm.files.n_comp and fused.kv.groups > 2  # some dropped
+    plain = Conversation.compress
+    monkeypatch.setattr(Conversation, "compress", lambda self, cells=None, merge=False,
+                        max_slots=None: plain(self, cells, merge))
+    apart = chat(engine, config, EXCHANGES)
+    assert apart.memory_view() == fused.memory_view()
+    logits = []
+    for conv in (fused, apart):
+        conv.add_turn("user", QUESTION, decode=False)
+        logits.append(conv.next_token_logits())
+        ctx = engine.activate(conv)
+        assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.held - 1)
+    # Not bit-exact: a separate eviction rotates the kept keys once more, and each rotation
+    # rounds them to f16; one more no-op pair of rotations moved these logits by 0.61 (CPU).
+    assert np.abs(logits[0] - logits[1]).max() < 1.0

@@ -29,9 +29,11 @@ class KVMemory(Protocol):
         """Cells of each finished exchange held as text after the slots, oldest first."""
         ...
 
-    def compress(self, cells: int | None = None, merge: bool = False) -> None:
+    def compress(self, cells: int | None = None, merge: bool = False,
+                 max_slots: int | None = None) -> None:
         """Run the <COMP> slots over the first `cells` text cells after the slots (None: all)
-        and keep only them in that text's place (merge: fold them into the running mean)."""
+        and keep only them in that text's place (merge: fold them into the running mean);
+        the oldest whole groups of slots past `max_slots` go in the same step."""
 
     def evict(self, start: int, end: int) -> None:
         """Drop cells [start, end) and close the gap."""

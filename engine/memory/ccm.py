@@ -32,7 +32,7 @@ class CCMPolicy(MemoryPolicy):
         return self.n_comp * self.cap
 
     def after_turn(self, memory: KVMemory) -> None:
-        memory.compress()
+        memory.compress(max_slots=self.budget)
         drop_oldest_groups(memory, self.n_comp, memory.slots - self.budget)
 
     def make_room(self, memory: KVMemory, needed: int, capacity: int) -> bool:

@@ -42,9 +42,10 @@ class HybridPolicy(MemoryPolicy):
         return self.n_comp * self.cap + self.verbatim
 
     def after_turn(self, memory: KVMemory) -> None:
+        slots = self.n_comp * self.cap
         while memory.held - memory.slots > self.verbatim and memory.exchanges:
-            memory.compress(memory.exchanges[0])
-        drop_oldest_groups(memory, self.n_comp, memory.slots - self.n_comp * self.cap)
+            memory.compress(memory.exchanges[0], max_slots=slots)
+        drop_oldest_groups(memory, self.n_comp, memory.slots - slots)
 
     def make_room(self, memory: KVMemory, needed: int, capacity: int) -> bool:
         """Mid-exchange: compress finished text first, then drop old groups, then slide the
