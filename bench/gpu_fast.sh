@@ -14,7 +14,7 @@
 #           on it: bench/turn_profile.py on llama.cpp (before / toggle / beside / after, then
 #           after with CUDA graphs off, GRAPHS_OFF=1), on the scale shape $2 (beside / after)
 #           and on the hf fast path (beside / after), then bench/length.py --backend both
-#           (LENGTH_SECONDS=0 leaves it out)
+#           (PROFILE_HF_SECONDS=0 or LENGTH_SECONDS=0 leaves either out)
 set -u
 . "$(dirname "$0")/gpu_stage.sh"
 hide_pandas() {  # sqlite-utils' optional pandas import pulls in pyarrow, which aborts after llama_cpp
@@ -56,11 +56,12 @@ third)
   fi
   if [ -n "${2:-}" ]; then
     timeout "${SCALE_PROFILE_SECONDS:-90}" python3 bench/turn_profile.py --backend llamacpp \
-      --device gpu --variants beside,after --turns "${TURNS:-12}" \
+      --device gpu --variants "${SCALE_VARIANTS:-beside,after}" --turns "${TURNS:-12}" \
       --configs "$CCM_LEVELS" --model /root/scale/$2.gguf \
       --compressor /root/scale/$2-ccm --out $OUT/turn_profile_gpu_$2.json >> $L 2>&1
   fi
-  timeout "${PROFILE_HF_SECONDS:-100}" python3 bench/turn_profile.py --backend hf --device gpu \
+  [ "${PROFILE_HF_SECONDS:-100}" = 0 ] || timeout "${PROFILE_HF_SECONDS:-100}" \
+    python3 bench/turn_profile.py --backend hf --device gpu \
     --turns "${TURNS:-12}" --configs "${HF_CONFIGS:-$CCM_LEVELS}" --variants beside,after \
     --out $OUT/turn_profile_gpu_hf.json >> $L 2>&1
   [ "${LENGTH_SECONDS:-230}" = 0 ] || timeout "${LENGTH_SECONDS:-230}" python3 bench/length.py \

@@ -11,8 +11,10 @@ every edit, holes or not) with the adapter toggled in place (llama.cpp); `toggle
 compaction with the adapter toggled in place (each toggle makes llama.cpp re-reserve its
 scheduler; llama.cpp); `beside`, the <COMP> slots decoded in a second context that keeps the
 adapter on (llama.cpp), the verbatim text after new slots decoded again at once and old
-groups evicted in a step of their own, as the first three all do; `after`, the code as it
-is: that text is decoded with the next message and old groups go in the compression's step.
+groups evicted in a step of their own, as the first three all do; `shift`, that text
+decoded with the next message and old groups dropped in the compression's step, with
+llama.cpp's position shift moving the cells; `after`, the code as it is: the cells moved in
+host memory on the state's way back (engine.llama_state).
 As the text moves into the next turn's prefill, the table shows the prefill and the turn
 with the after-turn work (`total`) too. `late` is the median over the last third of the
 turns (a level whose slots reached their cap drops a group every turn there).
@@ -57,7 +59,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
 CALLS = ("decode", "decode_embeddings", "slots_over_text", "_copy_state", "_use_adapter",
          "remove", "shift", "compact", "_round_trip", "_apply_shift", "redecode", "merge_slots",
          "get_state", "set_state")
-VARIANTS = ("before", "toggle", "beside", "after")
+VARIANTS = ("before", "toggle", "beside", "shift", "after")
 
 
 def user_turns(data: Path) -> list[str]:
@@ -152,9 +154,11 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     if variant in ("before", "toggle"):
         ctx.adapter_beside = False
     prof = Profiler(ctx, device_sync(engine))
-    Conversation.defer_text_after_slots = variant == "after"
+    if variant != "after" and engine.info.backend == "llamacpp":
+        ctx.moves_on_host = False
+    Conversation.defer_text_after_slots = variant in ("shift", "after")
     conv = engine.new_conversation()
-    if variant != "after":  # old groups evicted in a step of their own
+    if variant not in ("shift", "after"):  # old groups evicted in a step of their own
         conv.compress = (  # type: ignore[method-assign]
             lambda cells=None, merge=False, max_slots=None:
             Conversation.compress(conv, cells, merge))
@@ -221,7 +225,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--configs", default="", help="comma-separated labels (default: all)")
     parser.add_argument("--variants", default="after",
-                        help="comma-separated, of before, toggle, beside, after (see above)")
+                        help="comma-separated, of before, toggle, beside, shift, after (see "
+                             "above)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "CCM_CHAT_MEMORYBANK", DATA)), help="the MemoryBank folder")
     parser.add_argument("--out", type=Path, default=Path("bench/results/turn_profile.json"))

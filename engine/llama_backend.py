@@ -8,6 +8,7 @@ Everything works on sequence 0 of one context: the engine parks and restores con
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from ccm_chat.engine.backend import BackendOptions, Opened, close_gaps, slots_in
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
+from ccm_chat.engine.host_buffer import HostBuffer
+from ccm_chat.engine.llama_state import Rope, SeqState, rope_factors, same_cells
 from ccm_chat.engine.threads import resolve_threads
 
 SEQ = 0
@@ -110,6 +113,25 @@ class LlamaModel:
         template = llama_cpp.llama_model_chat_template(self.ptr, None)
         self.chat_template: bytes | None = template or None
         self.name = self.meta("general.name") or path.stem
+
+    @functools.cached_property
+    def rope(self) -> Rope | None:
+        """The RoPE that llama.cpp's position shift applies, to move cells in host memory
+        (engine.llama_state); None for one this does not reproduce (YaRN, per-layer bases)."""
+        arch = self.meta("general.architecture") or ""
+        if (self.meta(f"{arch}.rope.scaling.type") not in (None, "none", "linear")
+                or self.meta(f"{arch}.attention.sliding_window") is not None):
+            return None
+        n_head = max(1, llama_cpp.llama_model_n_head(self.ptr))
+        head_dim = int(self.meta(f"{arch}.attention.key_length") or self.n_embd // n_head)
+        n_rot = int(self.meta(f"{arch}.rope.dimension_count") or head_dim)
+        try:
+            return Rope.plain(llama_cpp.llama_model_rope_type(self.ptr), n_rot, head_dim,
+                              float(self.meta(f"{arch}.rope.freq_base") or 10000.0),
+                              llama_cpp.llama_model_rope_freq_scale_train(self.ptr),
+                              rope_factors(self.path, n_rot // 2))
+        except (ValueError, OSError, ImportError):
+            return None
 
     def load_compressor(self, files) -> object:
         """The compressor's LoRA as a llama.cpp adapter (files: CompressorFiles)."""
@@ -246,7 +268,9 @@ class LlamaContext:
         self.n_batch = n_batch
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._scratch: ctypes.Array | None = None  # the buffer states are copied through
+        # what states are copied through, and the states made in host memory
+        self._scratch = HostBuffer(pin=model.offloaded)
+        self._made = HostBuffer(pin=model.offloaded)
         self._holes = False  # cells were removed from before others since the last compaction
         self._shifted = False  # positions were moved (applied lazily) since then
         self._n_threads = n_threads
@@ -254,9 +278,14 @@ class LlamaContext:
         self._beside: LlamaContext | None = None  # see slots_over_text
         self._keeps_adapter = False  # True for the context beside: it leaves it on
         self.adapter_beside = True  # False: toggle the adapter here (bench/turn_profile.py)
+        # a CCM step's cells moved in host memory (slots_over_text): None until the first
+        # step has checked that against llama.cpp's own shift
+        self.moves_on_host: bool | None = None
 
     def close(self) -> None:
         self._close_beside()
+        self._scratch.free()
+        self._made.free()
         if self.ptr:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ptr)
@@ -323,7 +352,10 @@ class LlamaContext:
         gets a copy of this cache (which ends at `end`), decodes the slots, drops the text
         (and the `drop` oldest cells) and moves the rest into place, one position shift for
         all; this cache takes the result back, compacted. The two copies replace the
-        compaction round trip the step needs here anyway. That context
+        compaction round trip the step needs here anyway. The drop and the move are made
+        in host memory, on the state on its way back (engine.llama_state), once the first
+        step showed that equal to llama.cpp's own shift (which costs a decode with a graph
+        of its own and a scheduler re-reserve). That context
         holds as many cells as its biggest use so far (it grows in steps), at most
         BESIDE_MAX_CELLS: a longer step runs here, as does one with a position shift pending
         (which a copy would lose); and if the second context fails (no memory for it), every
@@ -336,6 +368,9 @@ class LlamaContext:
                 beside = self._beside_for(end + n, n, adapter)
                 self._copy_state(self, beside)
                 beside.decode_embeddings(vectors, end, adapter)
+                moved = self._moved_on_host(beside, start, end, drop)
+                if moved is not None and self.moves_on_host and self._loaded(moved):
+                    return
                 close_gaps(beside, start, end, drop)
                 beside._apply_shift()
             except EngineError:  # this cache is untouched so far
@@ -343,8 +378,37 @@ class LlamaContext:
                 self.adapter_beside = False
             else:
                 self._copy_state(beside, self)
+                if moved is not None and self.moves_on_host is None:
+                    self.moves_on_host = same_cells(moved, self._read_state(self))
                 return
         slots_in_place(self, vectors, start, end, adapter, drop)
+
+    def _moved_on_host(self, beside: LlamaContext, start: int, end: int,
+                       drop: int) -> np.ndarray | None:
+        """Beside's cache without [start, end) and [0, drop), the rest moved down onto them,
+        as state bytes; None where that cannot be done in host memory (then never again)."""
+        rope = self.model.rope if self.moves_on_host is not False else None
+        try:
+            if rope is None:
+                raise ValueError("no RoPE to move keys with")
+            state = SeqState(self._read_state(beside))
+        except ValueError:
+            self.moves_on_host = False
+            return None
+        pos = state.positions
+        keep = np.nonzero((pos >= drop) & ((pos < start) | (pos >= end)))[0]
+        old = pos[keep]
+        return state.moved(keep, old - np.where(old < start, drop, end - start + drop), rope,
+                           self._made.array)
+
+    def _loaded(self, state: np.ndarray) -> bool:
+        """Load state bytes made here; False (and never again) if llama.cpp refuses them."""
+        try:
+            self.set_state(state)
+        except EngineError:
+            self.moves_on_host = False
+            return False
+        return True
 
     def _close_beside(self) -> None:
         if self._beside is not None:
@@ -423,14 +487,21 @@ class LlamaContext:
     def _copy_state(self, source: LlamaContext, target: LlamaContext) -> None:
         """Make target's cache a copy of source's (compacted), through one buffer kept for
         the purpose: no bytes object, no copies of the state in Python."""
-        size = source.state_size()
-        if self._scratch is None or len(self._scratch) < size:
-            self._scratch = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(source.ptr, self._scratch, size, SEQ)
+        written = self._read_into_scratch(source)
         target.clear()
-        if llama_cpp.llama_state_seq_set_data(target.ptr, self._scratch, written, SEQ) == 0:
+        buf = self._scratch.at_least(written)
+        if llama_cpp.llama_state_seq_set_data(target.ptr, buf, written, SEQ) == 0:
             target.clear()
             raise EngineError("llama.cpp rejected its own memory state while copying it.")
+
+    def _read_into_scratch(self, source: LlamaContext) -> int:
+        size = source.state_size()
+        return llama_cpp.llama_state_seq_get_data(source.ptr, self._scratch.at_least(size),
+                                                  size, SEQ)
+
+    def _read_state(self, source: LlamaContext) -> np.ndarray:
+        """Source's state as bytes in the scratch buffer (valid until it is used again)."""
+        return self._scratch.array(self._read_into_scratch(source))
 
     def redecode(self, token: int, pos: int) -> None:
         """Decode the last cell again: logits are only current after a decode."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,7 @@ def test_slots_decoded_beside_keep_the_memory_toggling_the_adapter_keeps(ccm_lla
     original = ctx._use_adapter
     monkeypatch.setattr(ctx, "_use_adapter", lambda a: (toggled.append(a), original(a))[1])
     memories = {}
+    monkeypatch.setattr(ctx, "moves_on_host", False)  # llama.cpp's own shift, as in place
     for beside in (False, True):
         toggled.clear()
         monkeypatch.setattr(ctx, "adapter_beside", beside)
@@ -218,6 +220,49 @@ def test_slots_decoded_beside_keep_the_memory_toggling_the_adapter_keeps(ccm_lla
     assert scores_beside == pytest.approx(scores_in, abs=1e-3), (scores_beside, scores_in)
     assert ctx._beside is not None and ctx._beside.n_ctx < ctx.n_ctx  # sized to its use
     assert ctx._adapter is None  # the chat's context decodes text without the LoRA
+
+
+def test_cells_moved_in_host_memory_are_what_llama_cpps_shift_makes(ccm_llama,
+                                                                    monkeypatch) -> None:
+    """The step's drop and move are made on the state on its way back, not by llama.cpp's
+    position shift; checked against that shift at every step here (the app checks the first
+    step only), with old groups dropped in the step too."""
+    ctx = ccm_llama.ctx
+    config = CompressionConfig("aggressive", "ccm-concat", {
+        "n_comp": n_comp(ccm_llama), "cap": 2, "compressor": ccm_llama.ccm.files.fingerprint},
+        "f16")
+    exchanges = (FACT, FILLER, FILLER, ("And tomorrow?", "Maybe a curry with rice."), FILLER)
+    checks: list[bool | None] = []
+    step = type(ctx).slots_over_text
+
+    def checked(self, *args) -> None:
+        self.moves_on_host = None
+        step(self, *args)
+        checks.append(self.moves_on_host)
+
+    monkeypatch.setattr(type(ctx), "slots_over_text", checked)
+    moved = chat(ccm_llama, *exchanges, config=config)
+    assert checks == [True] * len(exchanges), checks
+    assert moved.kv.groups == len(exchanges) and moved.slots == 2 * n_comp(ccm_llama)
+    monkeypatch.undo()
+    monkeypatch.setattr(ctx, "moves_on_host", False)
+    shifted = chat(ccm_llama, *exchanges, config=config)
+    assert moved.memory_view() == shifted.memory_view()
+    # f16 keys rounded apart by the two rotations: this model's scores move that much
+    assert scores(moved) == pytest.approx(scores(shifted), abs=0.05)
+
+
+def test_a_rope_that_does_not_match_llama_cpps_is_not_used(ccm_llama, monkeypatch) -> None:
+    ctx = ccm_llama.ctx
+    rope = ccm_llama.model.rope
+    assert rope is not None
+    monkeypatch.setattr(ccm_llama.model, "rope", replace(rope, theta=rope.theta * 2))
+    monkeypatch.setattr(ctx, "moves_on_host", None)
+    wrong = chat(ccm_llama, FACT, FILLER)
+    assert ctx.moves_on_host is False  # the first step's check failed: not tried again
+    monkeypatch.setattr(ctx, "moves_on_host", False)
+    shifted = chat(ccm_llama, FACT, FILLER)
+    assert scores(wrong) == scores(shifted)  # the step used llama.cpp's shift
 
 
 @pytest.mark.parametrize("where", ["making it", "decoding there"])
@@ -240,6 +285,7 @@ def test_when_the_second_context_fails_the_step_runs_in_place(ccm_llama, where,
     assert ctx._adapter is None  # toggled off again after each step
     reference = scores(in_place)
     monkeypatch.undo()
+    monkeypatch.setattr(ctx, "moves_on_host", False)  # llama.cpp's shift, as in place
     conv = chat(ccm_llama, FACT, FILLER)
     assert ctx._beside is not None and conv.stats().memory_tokens == 2 * n_comp(ccm_llama)
     assert scores(conv) == pytest.approx(reference, abs=1e-3)

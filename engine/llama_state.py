@@ -1,0 +1,215 @@
+"""A llama.cpp sequence state edited in host memory: cells dropped, moved, keys re-rotated.
+
+A CCM step ends with the new <COMP> slots moved into the place of the text they stand for.
+llama.cpp moves cells with a position shift it applies at the next decode: a graph of its
+own, then a scheduler re-reserve and a graph rebuilt for that decode (6.8-8.7 ms of an 18-30
+ms step on an H200, bench/results/turn_profile_gpu_deferred.json). The step's result passes
+through host memory anyway (it is copied from the context that ran the slots), so the cells
+are dropped and moved there: the kept cells are written out with their new positions and
+the moved ones' keys rotated by the same RoPE angles llama.cpp's shift uses.
+
+The layout read is llama-kv-cache.cpp's `state_write` for one sequence of a plain KV cache
+(llama-cpp-python 0.3.36): magic, sequence id, one stream, the cells' positions, then every
+layer's K rows, then every layer's V (rows, or transposed: a run of cells per dimension).
+Anything else (a quantized K, several streams or sequences, M-RoPE cell data) is refused
+with ValueError, and `LlamaContext` checks the result against llama.cpp's own shift before
+relying on it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 0xAF143CD8  # llama-context.cpp's io_magic
+GGML_F32, GGML_F16 = 0, 1
+ROPE_NORM, ROPE_NEOX = 0, 2  # llama_rope_type: pairs (2i, 2i+1), or (i, i + n_rot/2)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """What rotating a cached key by a position delta takes (one setting for every layer)."""
+
+    neox: bool
+    n_rot: int  # leading dimensions of each head that rotate
+    head_dim: int
+    theta: np.ndarray  # radians per position for each rotating pair (n_rot / 2)
+
+    @classmethod
+    def plain(cls, rope_type: int, n_rot: int, head_dim: int, base: float, freq_scale: float,
+              factors: np.ndarray | None = None) -> Rope:
+        """ggml's rope angles without YaRN: freq_scale * base^(-2i/n_rot) / factor_i."""
+        if rope_type not in (ROPE_NORM, ROPE_NEOX) or not 0 < n_rot <= head_dim or n_rot % 2:
+            raise ValueError(f"no plain RoPE (type {rope_type}, {n_rot} of {head_dim} dims)")
+        theta = freq_scale * base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+        if factors is not None:
+            if factors.shape != theta.shape:
+                raise ValueError("rope factors do not fit the rotating dimensions")
+            theta = theta / factors.astype(np.float64)
+        return cls(rope_type == ROPE_NEOX, n_rot, head_dim, theta)
+
+    def rotate(self, rows: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """Keys (cells, n_head_kv * head_dim) moved by `delta` positions each, as float32."""
+        heads = rows.reshape(len(rows), -1, self.head_dim).astype(np.float32)
+        angle = delta.astype(np.float64)[:, None] * self.theta[None, :]
+        cos = np.cos(angle).astype(np.float32)[:, None, :]
+        sin = np.sin(angle).astype(np.float32)[:, None, :]
+        half = self.n_rot // 2
+        if self.neox:
+            x0, x1 = heads[..., :half], heads[..., half:self.n_rot]
+        else:
+            x0, x1 = heads[..., 0:self.n_rot:2], heads[..., 1:self.n_rot:2]
+        y0, y1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        x0[...], x1[...] = y0, y1  # views into `heads`
+        return heads.reshape(rows.shape)
+
+
+def rope_factors(path: Path, half: int) -> np.ndarray | None:
+    """The `rope_freqs` tensor of a GGUF file (llama3 rope scaling), or None if it has none.
+
+    Read from the file's tensor list: gguf's GGUFReader parses every metadata array first,
+    which took 2.7 s on the default model's file and 6.6 s on an 8B one (H200 host)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] < 2:
+            raise ValueError(f"{path.name} is not a GGUF file of version 2 or later")
+        n_tensors, n_kv = struct.unpack_from("<QQ", m, 8)
+        at, alignment = 24, 32
+        for _ in range(n_kv):
+            key, at = _gguf_string(m, at)
+            kind = struct.unpack_from("<I", m, at)[0]
+            if key == b"general.alignment":
+                alignment = struct.unpack_from("<I", m, at + 4)[0]
+            at = _gguf_skip(m, kind, at + 4)
+        found = None
+        for _ in range(n_tensors):
+            name, at = _gguf_string(m, at)
+            n_dims = struct.unpack_from("<I", m, at)[0]
+            dims = struct.unpack_from(f"<{n_dims}Q", m, at + 4)
+            kind, offset = struct.unpack_from("<IQ", m, at + 4 + 8 * n_dims)
+            at += 4 + 8 * n_dims + 12
+            if name == b"rope_freqs.weight":
+                found = (dims, kind, offset)
+        if found is None:
+            return None
+        dims, kind, offset = found
+        if kind != GGML_F32 or int(np.prod(dims)) != half:
+            raise ValueError("rope_freqs does not fit the model's rotating dimensions")
+        start = -(-at // alignment) * alignment
+        return np.frombuffer(m, dtype=np.float32, count=half, offset=start + offset).copy()
+
+
+GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _gguf_string(m: mmap.mmap, at: int) -> tuple[bytes, int]:
+    n = struct.unpack_from("<Q", m, at)[0]
+    return m[at + 8:at + 8 + n], at + 8 + n
+
+
+def _gguf_skip(m: mmap.mmap, kind: int, at: int) -> int:
+    """Where a metadata value of `kind` that starts at `at` ends."""
+    if kind == GGUF_STRING:
+        return at + 8 + struct.unpack_from("<Q", m, at)[0]
+    if kind != GGUF_ARRAY:
+        return at + GGUF_SIZES[kind]
+    item, count = struct.unpack_from("<IQ", m, at)
+    at += 12
+    if item in (GGUF_STRING, GGUF_ARRAY):
+        for _ in range(count):
+            at = _gguf_skip(m, item, at)
+        return at
+    return at + count * GGUF_SIZES[item]
+
+
+class SeqState:
+    """One sequence's saved cells, parsed in place (no copy of the buffer)."""
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf = buf
+        magic, seq, n_stream, cells = struct.unpack_from("<IiII", buf, 0)
+        if magic != MAGIC or n_stream != 1:
+            raise ValueError("not a one-stream llama.cpp sequence state")
+        self.seq, self.cells = seq, cells
+        meta = np.frombuffer(buf, dtype=np.int32, count=3 * cells, offset=16).reshape(cells, 3)
+        if cells and not (meta[:, 1] == 1).all():
+            raise ValueError("cells of several sequences, or extra cell data")
+        self.meta = meta
+        at = 16 + 12 * cells
+        v_trans, n_layer = struct.unpack_from("<II", buf, at)
+        self.v_trans = v_trans
+        at += 8
+        # each layer's K, then each layer's V: (its 12-byte header, its data as an array of
+        # (runs, cells, bytes of a cell in a run)): a run is a row of cells; a transposed V
+        # stores one run per dimension, a cell's element in each
+        self.k: list[tuple[np.ndarray, np.ndarray]] = []
+        self.v: list[tuple[np.ndarray, np.ndarray]] = []
+        for rows, transposed in ((self.k, False), (self.v, bool(v_trans))):
+            for _ in range(n_layer):
+                if transposed:
+                    kind, size, runs = struct.unpack_from("<iII", buf, at)
+                else:
+                    (kind, size), runs = struct.unpack_from("<iQ", buf, at), 1
+                n = runs * cells * size
+                if at + 12 + n > len(buf):
+                    raise ValueError("a truncated state")
+                data = buf[at + 12:at + 12 + n].reshape(runs, cells, size)
+                rows.append((buf[at:at + 12], data))
+                if rows is self.k and kind != GGML_F16:
+                    raise ValueError("keys that are not f16")
+                at += 12 + n
+        if at != len(buf):
+            raise ValueError("an unexpected layout")
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.meta[:, 0]
+
+    def moved(self, keep: np.ndarray, positions: np.ndarray, rope: Rope,
+              alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+        """A state of the cells `keep` (indices, in order) at `positions`, their keys
+        rotated by how far each moved: the bytes llama.cpp loads, written in one pass into
+        `alloc(size)` (a new array by default)."""
+        n = len(keep)
+        layers = self.k + self.v
+        size = 24 + 12 * n + sum(12 + d.shape[0] * n * d.shape[2] for _, d in layers)
+        out = alloc(size) if alloc is not None else np.empty(size, dtype=np.uint8)
+        struct.pack_into("<IiII", out, 0, MAGIC, self.seq, 1, n)
+        meta = out[16:16 + 12 * n].view(np.int32).reshape(n, 3)
+        meta[:, 0], meta[:, 1], meta[:, 2] = positions, 1, self.seq
+        struct.pack_into("<II", out, 16 + 12 * n, self.v_trans, len(self.k))
+        at = 24 + 12 * n
+        delta = positions - self.positions[keep]
+        turn = np.nonzero(delta)[0]
+        for i, (head, data) in enumerate(layers):
+            runs, _, cell = data.shape
+            out[at:at + 12] = head
+            rows = out[at + 12:at + 12 + runs * n * cell].reshape(runs, n, cell)
+            np.take(data, keep, axis=1, out=rows)
+            if i < len(self.k) and len(turn):
+                keys = rows[0, turn].view(np.float16)
+                rows[0, turn] = rope.rotate(keys, delta[turn]).astype(np.float16).view(np.uint8)
+            at += 12 + runs * n * cell
+        return out
+
+
+def same_cells(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two states hold the same cells at the same positions, keys equal to f16 rounding."""
+    try:
+        sa, sb = SeqState(a), SeqState(b)
+    except ValueError:
+        return False
+    if sa.cells != sb.cells or not np.array_equal(sa.positions, sb.positions):
+        return False
+    if not all(np.array_equal(va, vb) for (_, va), (_, vb) in zip(sa.v, sb.v, strict=True)):
+        return False
+    for (_, ka), (_, kb) in zip(sa.k, sb.k, strict=True):
+        if not np.allclose(ka.view(np.float16).astype(np.float32),
+                           kb.view(np.float16).astype(np.float32), rtol=4e-3, atol=2e-3):
+            return False
+    return True

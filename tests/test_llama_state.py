@@ -1,0 +1,101 @@
+"""A llama.cpp sequence state edited in host memory (engine.llama_state): the file's rope
+factors, the key rotation, and a state written back unchanged when nothing moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from ccm_chat.engine import Engine
+from ccm_chat.engine.host_buffer import HostBuffer, _cuda_runtime
+from ccm_chat.engine.llama_state import ROPE_NEOX, ROPE_NORM, Rope, SeqState, rope_factors
+from tests.device import TEST_DEVICE
+
+
+def write_gguf(path: Path, factors: np.ndarray | None) -> None:
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_custom_alignment(64)
+    writer.add_token_list([f"tok{i}" for i in range(300)])  # a string array to step over
+    writer.add_array("test.nested", [[1, 2], [3, 4, 5]])
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    if factors is not None:
+        writer.add_tensor("rope_freqs.weight", factors)
+    writer.add_tensor("output.weight", np.zeros((3, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_rope_factors_are_read_from_the_tensor_list(tmp_path) -> None:
+    factors = np.linspace(1.0, 8.0, 16).astype(np.float32)
+    write_gguf(tmp_path / "with.gguf", factors)
+    write_gguf(tmp_path / "without.gguf", None)
+    np.testing.assert_array_equal(rope_factors(tmp_path / "with.gguf", 16), factors)
+    assert rope_factors(tmp_path / "without.gguf", 16) is None
+    with pytest.raises(ValueError):
+        rope_factors(tmp_path / "with.gguf", 32)  # not the model's rotating dimensions
+    (tmp_path / "junk.gguf").write_bytes(b"not a model")
+    with pytest.raises(ValueError):
+        rope_factors(tmp_path / "junk.gguf", 16)
+
+
+@pytest.mark.parametrize("rope_type", [ROPE_NORM, ROPE_NEOX])
+def test_a_rotation_moves_each_pair_by_its_angle_and_composes(rope_type) -> None:
+    rope = Rope.plain(rope_type, n_rot=4, head_dim=6, base=100.0, freq_scale=0.5,
+                      factors=np.array([1.0, 2.0]))
+    assert np.allclose(rope.theta, [0.5, 0.5 * 100.0 ** -0.5 / 2])
+    keys = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)  # 2 heads
+    delta = np.array([5, -7, 0])
+    moved = rope.rotate(keys, delta)
+    first, second = (0, 1) if rope_type == ROPE_NORM else (0, 2)  # the first pair's dims
+    angle = 5 * rope.theta[0]
+    x0, x1 = keys[0, first], keys[0, second]
+    assert np.isclose(moved[0, first], x0 * np.cos(angle) - x1 * np.sin(angle), atol=1e-5)
+    assert np.isclose(moved[0, second], x0 * np.sin(angle) + x1 * np.cos(angle), atol=1e-5)
+    np.testing.assert_array_equal(moved[:, 4:6], keys[:, 4:6])  # past n_rot: untouched
+    np.testing.assert_array_equal(moved[2], keys[2])
+    np.testing.assert_allclose(rope.rotate(moved, -delta), keys, atol=1e-5)
+    with pytest.raises(ValueError):
+        Rope.plain(8, n_rot=4, head_dim=6, base=100.0, freq_scale=1.0)  # M-RoPE: not plain
+
+
+def test_a_state_with_no_cell_moved_is_written_back_byte_for_byte(real_engine) -> None:
+    conv = real_engine.new_conversation()
+    conv.add_turn("user", "Hello there, how are you today?")
+    ctx = real_engine.activate(conv)
+    data = np.frombuffer(ctx.get_state(), dtype=np.uint8)
+    state = SeqState(data)
+    assert state.cells == conv.held and list(state.positions) == list(range(conv.held))
+    rope = real_engine.model.rope
+    assert rope is not None
+    same = state.moved(np.arange(state.cells), state.positions.copy(), rope)
+    np.testing.assert_array_equal(same, data)
+    keep = np.arange(2, state.cells)
+    part = SeqState(state.moved(keep, state.positions[keep] - 2, rope))
+    assert part.cells == state.cells - 2 and list(part.positions) == list(range(part.cells))
+    with pytest.raises(ValueError):
+        SeqState(data[:-1])
+
+
+def test_the_default_models_rope_is_plain_and_reproduced() -> None:
+    with Engine.load(n_ctx=256, device=TEST_DEVICE) as engine:
+        rope = engine.model.rope
+        assert rope is not None and not rope.neox and rope.n_rot == rope.head_dim == 64
+
+
+def test_the_host_buffer_grows_with_headroom_and_is_pinned_where_cuda_runs() -> None:
+    buf = HostBuffer(pin=True)
+    first = buf.at_least(1000)
+    assert len(first) >= 1000 and buf.at_least(1100) is first  # headroom: no regrowth
+    view = buf.array(10)
+    view[:] = 7
+    assert bytes(first[:10]) == b"\x07" * 10
+    assert buf.pinned == (_cuda_runtime() is not None)  # registered wherever it can be
+    assert len(buf.at_least(10_000)) >= 10_000
+    buf.free()
+    assert not buf.pinned
+    assert not HostBuffer(pin=False).pinned
