@@ -29,6 +29,12 @@ SEQ = 0
 # The largest CCM step run in the second context (LlamaContext.slots_over_text): its cache
 # stays allocated at its biggest use, and an 8B model's 4,096 cells take 512 MB.
 BESIDE_MAX_CELLS = 4096
+# Keys re-rotated in host memory at most (elements, all layers), beyond which a CCM step has
+# llama.cpp shift them instead (numpy's time grows with them, the shift's hardly). H200, 60
+# turns, steps that also dropped old groups: 0.37 M rotating elements (default model,
+# aggressive) took 14.3 % of a turn on the host against 27.4 % shifted; 2.1 M (8B shape)
+# took 12.8 % against 9.8 % (bench/results/turn_profile_gpu*_host_moves.json, "late").
+HOST_ROTATE_MAX = 1 << 20
 KV_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
@@ -398,8 +404,10 @@ class LlamaContext:
         pos = state.positions
         keep = np.nonzero((pos >= drop) & ((pos < start) | (pos >= end)))[0]
         old = pos[keep]
-        return state.moved(keep, old - np.where(old < start, drop, end - start + drop), rope,
-                           self._made.array)
+        new = old - np.where(old < start, drop, end - start + drop)
+        if np.count_nonzero(new != old) * state.key_elements > HOST_ROTATE_MAX:
+            return None  # this step only
+        return state.moved(keep, new, rope, self._made.array)
 
     def _loaded(self, state: np.ndarray) -> bool:
         """Load state bytes made here; False (and never again) if llama.cpp refuses them."""

@@ -170,6 +170,11 @@ class SeqState:
     def positions(self) -> np.ndarray:
         return self.meta[:, 0]
 
+    @property
+    def key_elements(self) -> int:
+        """f16 key elements a cell holds, over all layers."""
+        return sum(data.shape[2] for _, data in self.k) // 2
+
     def moved(self, keep: np.ndarray, positions: np.ndarray, rope: Rope,
               alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
         """A state of the cells `keep` (indices, in order) at `positions`, their keys

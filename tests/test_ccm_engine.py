@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ccm_chat.engine import CompressionConfig, Engine
+from ccm_chat.engine import CompressionConfig, Engine, llama_backend
 from ccm_chat.engine.ccm.files import compressor_dirs, find_compressor
 from ccm_chat.engine.errors import EngineError
 from tests.device import TEST_DEVICE
@@ -263,6 +263,17 @@ def test_a_rope_that_does_not_match_llama_cpps_is_not_used(ccm_llama, monkeypatc
     monkeypatch.setattr(ctx, "moves_on_host", False)
     shifted = chat(ccm_llama, FACT, FILLER)
     assert scores(wrong) == scores(shifted)  # the step used llama.cpp's shift
+
+
+def test_a_step_that_would_rotate_many_keys_leaves_them_to_llama_cpp(ccm_llama,
+                                                                     monkeypatch) -> None:
+    ctx = ccm_llama.ctx
+    monkeypatch.setattr(ctx, "moves_on_host", False)
+    shifted = scores(chat(ccm_llama, FACT, FILLER))
+    monkeypatch.setattr(ctx, "moves_on_host", None)
+    monkeypatch.setattr(llama_backend, "HOST_ROTATE_MAX", 0)  # any move is too big
+    assert scores(chat(ccm_llama, FACT, FILLER)) == shifted
+    assert ctx.moves_on_host is None  # not given up on: a smaller step may move on the host
 
 
 @pytest.mark.parametrize("where", ["making it", "decoding there"])
