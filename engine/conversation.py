@@ -192,6 +192,7 @@ class Conversation:
         ctx = self._ctx()
         if not self.policy.make_room(self, len(tokens), ctx.n_ctx - 1):
             raise ContextFullError("The reply does not fit in the context window.")
+        self._catch_up(ctx)  # text a compression just moved
         n0 = self.held
         ctx.remove(n0 - 1)
         rows = ctx.decode([self.kv.tokens[-1], *tokens[:-1]], n0 - 1, want=range(len(tokens)))
@@ -349,7 +350,7 @@ class Conversation:
             raise
         except EngineError as exc:
             raise StateError(f"The memory state's KV payload was refused ({exc})") from exc
-        if conv.kv.cached and conv.engine.ctx.pos_max() != conv.kv.cached - 1:
+        if conv.engine.ctx.pos_max() != conv.kv.cached - 1:
             engine.release(conv)
             raise StateError("The memory state's KV payload does not match its header.")
         return conv
@@ -579,6 +580,7 @@ class Conversation:
                 ):
                     reply.finish_reason = "context_full"
                     break
+                self._catch_up(ctx)  # text a compression to make room moved: its logits
                 token = sampler.sample(ctx)
                 if model.is_end_of_generation(token):
                     reply.finish_reason = "stop"

@@ -271,7 +271,7 @@ class LlamaContext:
         # capabilities (engine.backend.Context)
         self.merges = False  # its cache cannot average cells (CCM-merge)
         self.needs_compaction = True  # after an eviction, before the next decode or save
-        self.n_batch = n_batch
+        self.n_batch = llama_cpp.llama_n_batch(self.ptr)  # at most n_ctx
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         # what states are copied through, and the states made in host memory

@@ -10,6 +10,8 @@ import pytest
 
 from ccm_chat.engine import CompressionConfig, Engine
 from ccm_chat.engine.conversation import Conversation
+from ccm_chat.engine.errors import StateError
+from ccm_chat.engine.state_blob import StateBlob
 from tests.device import TEST_DEVICE
 from tests.test_ccm_engine import ANSWERS, FACT, QUESTION, pure_ccm
 
@@ -234,3 +236,43 @@ def test_dropping_old_slots_in_the_compression_step_equals_evicting_them_after(
     # Not bit-exact: a separate eviction rotates the kept keys once more, and each rotation
     # rounds them to f16; one more no-op pair of rotations moved these logits by 0.61 (CPU).
     assert np.abs(logits[0] - logits[1]).max() < 1.0
+
+
+def test_a_reply_that_fills_the_context_compresses_mid_reply_and_reads_on(monkeypatch) -> None:
+    """Mid-reply the hybrid memory compresses its oldest exchange to make room; the text
+    after it is decoded again before the next token, so the reply goes on as it does with
+    that text decoded at once, and the cache holds every cell the memory says it does."""
+    replies = []
+    with Engine.load(n_ctx=160, device=TEST_DEVICE, compression="balanced") as small:
+        for defer in (True, False):
+            monkeypatch.setattr(Conversation, "defer_text_after_slots", defer)
+            conv = small.new_conversation(compression=small.compression)
+            for user, assistant in EXCHANGES[:3]:
+                conv.add_turn("user", user)
+                conv.add_turn("assistant", assistant)
+            assert conv.slots == 0
+            replies.append("".join(conv.send("Write a long story about a dragon.",
+                                             max_tokens=120, temperature=0)))
+            assert conv.slots > 0 and conv.last_reply.tokens > 60  # compressed mid-reply
+            ctx = small.activate(conv)
+            assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.kv.cached - 1)
+            assert conv.score(" The end.") > 0
+    assert "dragon" in replies[0].lower()
+    if TEST_DEVICE == "cpu":
+        assert replies[0] == replies[1]
+
+
+@pytest.mark.parametrize("undecoded", [0, 1, 10_000])
+def test_a_state_whose_undecoded_count_does_not_fit_its_payload_is_refused(
+        engine, undecoded) -> None:
+    conv = chat(engine, hybrid(engine, 60), EXCHANGES[:4])
+    assert conv.kv.undecoded > 1
+    blob = StateBlob.from_bytes(conv.save_state())
+    header = {k: v for k, v in blob.header.items() if k not in ("format", "payload_len")}
+    header["undecoded"] = conv.kv.undecoded - undecoded if undecoded < 10_000 else undecoded
+    forged = StateBlob(header, blob.payload).to_bytes()
+    if undecoded == 0:  # as saved
+        assert engine.restore_conversation(forged).memory_view() == conv.memory_view()
+        return
+    with pytest.raises(StateError):
+        engine.restore_conversation(forged)
