@@ -12,7 +12,8 @@ compaction with the adapter toggled in place (each toggle makes llama.cpp re-res
 scheduler; llama.cpp); `beside`, the <COMP> slots decoded in a second context that keeps the
 adapter on (llama.cpp), the verbatim text after new slots decoded again at once and old
 groups evicted in a step of their own, as the first three all do; `shift`, that text
-decoded with the next message and old groups dropped in the compression's step, with
+decoded with the next message (on a CPU too, where the app decodes it at once: see
+engine.backend.Context.batches_cheaply) and old groups dropped in the compression's step, with
 llama.cpp's position shift moving the cells; `after`, the code as it is: the cells moved in
 host memory on the state's way back (engine.llama_state).
 As the text moves into the next turn's prefill, the table shows the prefill and the turn
@@ -156,7 +157,7 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     prof = Profiler(ctx, device_sync(engine))
     if variant != "after" and engine.info.backend == "llamacpp":
         ctx.moves_on_host = False
-    Conversation.defer_text_after_slots = variant in ("shift", "after")
+    ctx.batches_cheaply = variant in ("shift", "after")  # the text waits, on a CPU too
     conv = engine.new_conversation()
     if variant not in ("shift", "after"):  # old groups evicted in a step of their own
         conv.compress = (  # type: ignore[method-assign]

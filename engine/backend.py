@@ -58,6 +58,11 @@ class Context(Protocol):
     evicts: bool  # may run policies that evict cells
     merges: bool  # can average cells into others (CCM-merge)
     needs_compaction: bool  # after an eviction `compact` must run before a decode or save
+    # a longer batch costs about what a short one does (a GPU): the text a compression moves
+    # behind new slots then waits for the next message's batch; elsewhere it would lengthen
+    # that message's time to first token (dev CPU, balanced CCM: prefill 167 -> 444 ms, for
+    # 317 ms less after-turn work the user does not wait for), so it is decoded at once
+    batches_cheaply: bool
     flash_attn: bool | None  # llama.cpp's V layout, which a saved state must match; None: n/a
 
     def decode(self, tokens: Sequence[int], start_pos: int, want: Sequence[int] = ()) -> dict:

@@ -72,10 +72,6 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 
 class Conversation:
-    # False: the text after new <COMP> slots is decoded at once, in the turn's after-work,
-    # not with the next message (bench/turn_profile.py compares the two)
-    defer_text_after_slots = True
-
     def __init__(
         self,
         engine: Engine,
@@ -366,6 +362,10 @@ class Conversation:
         if not 0 <= start < end <= self.held:
             raise ValueError(f"Cannot evict cells [{start}, {end}) of {self.held}.")
         ctx = self._ctx()
+        if start >= self.kv.cached:  # text not decoded yet: nothing in the cache to edit
+            self.kv.undecoded -= end - start
+            self.kv.forget(start, end)
+            return
         if end > self.kv.cached:
             self._catch_up(ctx)
         ctx.remove(start, end)
@@ -432,12 +432,13 @@ class Conversation:
         """Replace text cells [start, end) by their <COMP> slots, as pure CCM would make them.
 
         The slots see the slots before them and that text only: the text after it leaves the
-        cache, and once the slots sit in the text's place it is decoded again behind them,
-        with the next message (`KVSequence.undecoded`): one batch instead of two, and none
-        in the turn's after-work. That keeps the text held verbatim as the compressor was
-        trained to read it: decoded after the memory as it is now. Left as decoded beside the
-        text since compressed, it cost 0.6-1.2 nats of next-reply NLL (default model, CPU).
-        """
+        cache, and once the slots sit in the text's place it is decoded again behind them:
+        on a GPU with the next message (`KVSequence.undecoded`: one batch instead of two,
+        none in the turn's after-work), elsewhere at once (`Context.batches_cheaply`). That
+        keeps the text held verbatim as the compressor was trained to read it: decoded after
+        the memory as it is now. Left as decoded beside the text since compressed, it cost
+        0.6-1.2 nats of next-reply NLL (default model, CPU). `drop`: the oldest slot cells
+        that go in the same step."""
         ccm = self.engine.ccm
         n = len(ccm.vectors)  # type: ignore[union-attr]
         cached = self.kv.cached
@@ -447,6 +448,7 @@ class Conversation:
             ctx.remove(end)
             if ctx.needs_compaction:
                 ctx.compact(-1)  # no holes where the slots go
+        self.kv.undecoded = self.held - end  # the cache ends with the span now
         ctx.slots_over_text(ccm.vectors, start, end, ccm.adapter,  # type: ignore[union-attr]
                             drop)
         self.kv.add_slots(end, n)
@@ -455,15 +457,20 @@ class Conversation:
         if drop:
             self.kv.forget(0, drop)
         self.kv.undecoded = self.held - start - n + drop
-        if not self.defer_text_after_slots:
+        if not ctx.batches_cheaply:
             self._catch_up(ctx)
 
     def _catch_up(self, ctx, then: Sequence[int] = ()) -> int:
         """Decode the cells held but not cached yet, and `then` after them, in one batch;
         return how many cells were decoded."""
-        backlog = self.kv.tokens[self.kv.cached:]
+        cached = self.kv.cached
+        backlog = self.kv.tokens[cached:]
         if backlog or then:
-            ctx.decode([*backlog, *then], self.kv.cached)
+            try:
+                ctx.decode([*backlog, *then], cached)
+            except BaseException:  # some batches may have landed: none of them count
+                ctx.remove(cached)
+                raise
             self.kv.undecoded = 0
         return len(backlog) + len(then)
 

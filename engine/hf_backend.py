@@ -166,6 +166,7 @@ class HFContext:
         # capabilities (engine.backend.Context)
         self.merges = True  # merge_slots averages cells (CCM-merge)
         self.needs_compaction = False  # shift() re-rotates keys at once; no holes are left
+        self.batches_cheaply = model.device.type == "cuda"  # see engine.backend.Context
         self._rotary = getattr(model.torch_model.model, "rotary_emb", None)
         forward = inspect.signature(model.torch_model.forward).parameters
         # transformers renamed past_key_values to cache (5.2x); take whichever this one has

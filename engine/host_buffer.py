@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 RUNTIMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
+PIN_MAX = 1 << 30  # bytes: a larger buffer stays pageable (page-locked memory is scarce)
 
 
 @functools.cache
@@ -29,6 +30,7 @@ def _cuda_runtime() -> ctypes.CDLL | None:
         lib.cudaHostRegister.restype = ctypes.c_int
         lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
         lib.cudaHostUnregister.restype = ctypes.c_int
+        lib.cudaGetLastError.restype = ctypes.c_int
         return lib
     return None
 
@@ -45,10 +47,12 @@ class HostBuffer:
         if self._buf is None or len(self._buf) < size:
             self.free()
             self._buf = (ctypes.c_uint8 * (size + size // 4))()
-            runtime = _cuda_runtime() if self._pin else None
+            runtime = _cuda_runtime() if self._pin and len(self._buf) <= PIN_MAX else None
             if runtime is not None:
                 at = ctypes.addressof(self._buf)
                 self.pinned = runtime.cudaHostRegister(at, len(self._buf), 0) == 0
+                if not self.pinned:  # a failed call leaves an error that ggml's next check
+                    runtime.cudaGetLastError()  # would abort on: clear it
         return self._buf
 
     def array(self, size: int) -> np.ndarray:
@@ -58,6 +62,6 @@ class HostBuffer:
     def free(self) -> None:
         if self._buf is not None and self.pinned:
             runtime = _cuda_runtime()
-            if runtime is not None:
-                runtime.cudaHostUnregister(ctypes.addressof(self._buf))
+            if runtime is not None and runtime.cudaHostUnregister(ctypes.addressof(self._buf)):
+                runtime.cudaGetLastError()
         self._buf, self.pinned = None, False

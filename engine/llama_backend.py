@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import struct
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,7 +137,7 @@ class LlamaModel:
                               float(self.meta(f"{arch}.rope.freq_base") or 10000.0),
                               llama_cpp.llama_model_rope_freq_scale_train(self.ptr),
                               rope_factors(self.path, n_rot // 2))
-        except (ValueError, OSError, ImportError):
+        except (ValueError, OSError, KeyError, struct.error):  # a file this cannot read
             return None
 
     def load_compressor(self, files) -> object:
@@ -271,6 +272,7 @@ class LlamaContext:
         # capabilities (engine.backend.Context)
         self.merges = False  # its cache cannot average cells (CCM-merge)
         self.needs_compaction = True  # after an eviction, before the next decode or save
+        self.batches_cheaply = model.offloaded  # see engine.backend.Context
         self.n_batch = llama_cpp.llama_n_batch(self.ptr)  # at most n_ctx
         self.memory = llama_cpp.llama_get_memory(self.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -284,9 +286,11 @@ class LlamaContext:
         self._beside: LlamaContext | None = None  # see slots_over_text
         self._keeps_adapter = False  # True for the context beside: it leaves it on
         self.adapter_beside = True  # False: toggle the adapter here (bench/turn_profile.py)
-        # a CCM step's cells moved in host memory (slots_over_text): None until the first
-        # step has checked that against llama.cpp's own shift
+        # a CCM step's cells moved in host memory (slots_over_text): None until a step of
+        # each kind (moving only the new slots; dropping old ones too) has been checked
+        # against llama.cpp's own shift
         self.moves_on_host: bool | None = None
+        self._moves_checked: set[bool] = set()  # kinds checked: whether the step dropped
 
     def close(self) -> None:
         self._close_beside()
@@ -368,6 +372,7 @@ class LlamaContext:
         step runs here from then on, as before.
         """
         n = len(vectors)
+        touched = False
         if (self.adapter_beside and not self._shifted and self.pos_max() == end - 1
                 and end + n <= BESIDE_MAX_CELLS):
             try:
@@ -375,17 +380,23 @@ class LlamaContext:
                 self._copy_state(self, beside)
                 beside.decode_embeddings(vectors, end, adapter)
                 moved = self._moved_on_host(beside, start, end, drop)
-                if moved is not None and self.moves_on_host and self._loaded(moved):
-                    return
+                checked = self.moves_on_host and bool(drop) in self._moves_checked
+                if moved is not None and checked:
+                    if self._loaded(moved):
+                        return
+                    moved = None
+                    touched = True  # this cache is empty now: beside's result must land
                 close_gaps(beside, start, end, drop)
                 beside._apply_shift()
-            except EngineError:  # this cache is untouched so far
-                self._close_beside()
+            except EngineError:
+                if touched:
+                    raise
+                self._close_beside()  # this cache is untouched so far
                 self.adapter_beside = False
             else:
                 self._copy_state(beside, self)
-                if moved is not None and self.moves_on_host is None:
-                    self.moves_on_host = same_cells(moved, self._read_state(self))
+                if moved is not None and self.moves_on_host is not False:
+                    self._check_moves(moved, bool(drop))
                 return
         slots_in_place(self, vectors, start, end, adapter, drop)
 
@@ -393,21 +404,31 @@ class LlamaContext:
                        drop: int) -> np.ndarray | None:
         """Beside's cache without [start, end) and [0, drop), the rest moved down onto them,
         as state bytes; None where that cannot be done in host memory (then never again)."""
-        rope = self.model.rope if self.moves_on_host is not False else None
+        if self.moves_on_host is False:
+            return None
         try:
+            rope = self.model.rope
             if rope is None:
                 raise ValueError("no RoPE to move keys with")
             state = SeqState(self._read_state(beside))
+            pos = state.positions
+            keep = np.nonzero((pos >= drop) & ((pos < start) | (pos >= end)))[0]
+            old = pos[keep]
+            new = old - np.where(old < start, drop, end - start + drop)
+            if np.count_nonzero(new != old) * state.key_elements > HOST_ROTATE_MAX:
+                return None  # this step only
+            return state.moved(keep, new, rope, self._made.array)
         except ValueError:
             self.moves_on_host = False
             return None
-        pos = state.positions
-        keep = np.nonzero((pos >= drop) & ((pos < start) | (pos >= end)))[0]
-        old = pos[keep]
-        new = old - np.where(old < start, drop, end - start + drop)
-        if np.count_nonzero(new != old) * state.key_elements > HOST_ROTATE_MAX:
-            return None  # this step only
-        return state.moved(keep, new, rope, self._made.array)
+
+    def _check_moves(self, moved: np.ndarray, dropped: bool) -> None:
+        """Compare a state made in host memory with llama.cpp's, loaded here just now."""
+        if same_cells(moved, self._read_state(self)):
+            self._moves_checked.add(dropped)
+            self.moves_on_host = True
+        else:
+            self.moves_on_host = False
 
     def _loaded(self, state: np.ndarray) -> bool:
         """Load state bytes made here; False (and never again) if llama.cpp refuses them."""

@@ -131,6 +131,12 @@ class SeqState:
     """One sequence's saved cells, parsed in place (no copy of the buffer)."""
 
     def __init__(self, buf: np.ndarray) -> None:
+        try:
+            self._parse(buf)
+        except struct.error as exc:  # ran past the end: a layout this does not know
+            raise ValueError(f"an unexpected state layout ({exc})") from exc
+
+    def _parse(self, buf: np.ndarray) -> None:
         self.buf = buf
         magic, seq, n_stream, cells = struct.unpack_from("<IiII", buf, 0)
         if magic != MAGIC or n_stream != 1:
@@ -214,7 +220,8 @@ def same_cells(a: np.ndarray, b: np.ndarray) -> bool:
     if not all(np.array_equal(va, vb) for (_, va), (_, vb) in zip(sa.v, sb.v, strict=True)):
         return False
     for (_, ka), (_, kb) in zip(sa.k, sb.k, strict=True):
+        # two roundings of one rotation to f16 differ by an ulp at most (2^-10 relative)
         if not np.allclose(ka.view(np.float16).astype(np.float32),
-                           kb.view(np.float16).astype(np.float32), rtol=4e-3, atol=2e-3):
+                           kb.view(np.float16).astype(np.float32), rtol=2e-3, atol=5e-4):
             return False
     return True

@@ -222,34 +222,72 @@ def test_slots_decoded_beside_keep_the_memory_toggling_the_adapter_keeps(ccm_lla
     assert ctx._adapter is None  # the chat's context decodes text without the LoRA
 
 
+CAPPED_EXCHANGES = (FACT, FILLER, FILLER, ("And tomorrow?", "Maybe a curry with rice."), FILLER)
+
+
+def capped(engine: Engine) -> CompressionConfig:
+    """Pure CCM holding two groups: from the third exchange on a step drops one too."""
+    return CompressionConfig("aggressive", "ccm-concat", {
+        "n_comp": n_comp(engine), "cap": 2, "compressor": engine.ccm.files.fingerprint}, "f16")
+
+
+def unchecked(ctx, monkeypatch) -> None:
+    monkeypatch.setattr(ctx, "moves_on_host", None)
+    monkeypatch.setattr(ctx, "_moves_checked", set())
+
+
 def test_cells_moved_in_host_memory_are_what_llama_cpps_shift_makes(ccm_llama,
                                                                     monkeypatch) -> None:
     """The step's drop and move are made on the state on its way back, not by llama.cpp's
     position shift; checked against that shift at every step here (the app checks the first
-    step only), with old groups dropped in the step too."""
+    step of each kind: one that moves the new slots only, one that drops old ones too)."""
     ctx = ccm_llama.ctx
-    config = CompressionConfig("aggressive", "ccm-concat", {
-        "n_comp": n_comp(ccm_llama), "cap": 2, "compressor": ccm_llama.ccm.files.fingerprint},
-        "f16")
-    exchanges = (FACT, FILLER, FILLER, ("And tomorrow?", "Maybe a curry with rice."), FILLER)
     checks: list[bool | None] = []
     step = type(ctx).slots_over_text
 
     def checked(self, *args) -> None:
-        self.moves_on_host = None
+        self.moves_on_host, self._moves_checked = None, set()
         step(self, *args)
         checks.append(self.moves_on_host)
 
     monkeypatch.setattr(type(ctx), "slots_over_text", checked)
-    moved = chat(ccm_llama, *exchanges, config=config)
-    assert checks == [True] * len(exchanges), checks
-    assert moved.kv.groups == len(exchanges) and moved.slots == 2 * n_comp(ccm_llama)
-    monkeypatch.undo()
+    moved = chat(ccm_llama, *CAPPED_EXCHANGES, config=capped(ccm_llama))
+    assert checks == [True] * len(CAPPED_EXCHANGES), checks
+    assert moved.kv.groups == len(CAPPED_EXCHANGES) and moved.slots == 2 * n_comp(ccm_llama)
+
+
+def test_a_chat_on_host_moved_cells_reads_as_one_on_llama_cpps_shift(ccm_llama,
+                                                                      monkeypatch) -> None:
+    ctx = ccm_llama.ctx
+    unchecked(ctx, monkeypatch)
+    moved = chat(ccm_llama, *CAPPED_EXCHANGES, config=capped(ccm_llama))
+    assert ctx.moves_on_host is True and ctx._moves_checked == {False, True}
     monkeypatch.setattr(ctx, "moves_on_host", False)
-    shifted = chat(ccm_llama, *exchanges, config=config)
+    shifted = chat(ccm_llama, *CAPPED_EXCHANGES, config=capped(ccm_llama))
     assert moved.memory_view() == shifted.memory_view()
-    # f16 keys rounded apart by the two rotations: this model's scores move that much
-    assert scores(moved) == pytest.approx(scores(shifted), abs=0.05)
+    # the keys rounded to f16 by two different rotations, step after step: this model's
+    # scores moved by up to 0.062 nats from that
+    assert scores(moved) == pytest.approx(scores(shifted), abs=0.1)
+
+
+def test_a_state_made_in_host_memory_that_llama_cpp_refuses_falls_back(ccm_llama,
+                                                                        monkeypatch) -> None:
+    ctx = ccm_llama.ctx
+    monkeypatch.setattr(ctx, "moves_on_host", False)
+    shifted = scores(chat(ccm_llama, FACT, FILLER))
+    monkeypatch.setattr(ctx, "moves_on_host", True)
+    monkeypatch.setattr(ctx, "_moves_checked", {False, True})
+    load = ctx.set_state
+
+    def refuse(data) -> None:
+        monkeypatch.setattr(ctx, "set_state", load)  # once
+        ctx.clear()
+        raise EngineError("llama.cpp rejected the saved memory state.")
+
+    monkeypatch.setattr(ctx, "set_state", refuse)
+    conv = chat(ccm_llama, FACT, FILLER)
+    assert ctx.moves_on_host is False  # not tried again
+    assert scores(conv) == shifted  # the step went on with llama.cpp's shift
 
 
 def test_a_rope_that_does_not_match_llama_cpps_is_not_used(ccm_llama, monkeypatch) -> None:
@@ -257,7 +295,7 @@ def test_a_rope_that_does_not_match_llama_cpps_is_not_used(ccm_llama, monkeypatc
     rope = ccm_llama.model.rope
     assert rope is not None
     monkeypatch.setattr(ccm_llama.model, "rope", replace(rope, theta=rope.theta * 2))
-    monkeypatch.setattr(ctx, "moves_on_host", None)
+    unchecked(ctx, monkeypatch)
     wrong = chat(ccm_llama, FACT, FILLER)
     assert ctx.moves_on_host is False  # the first step's check failed: not tried again
     monkeypatch.setattr(ctx, "moves_on_host", False)
@@ -270,7 +308,7 @@ def test_a_step_that_would_rotate_many_keys_leaves_them_to_llama_cpp(ccm_llama,
     ctx = ccm_llama.ctx
     monkeypatch.setattr(ctx, "moves_on_host", False)
     shifted = scores(chat(ccm_llama, FACT, FILLER))
-    monkeypatch.setattr(ctx, "moves_on_host", None)
+    unchecked(ctx, monkeypatch)
     monkeypatch.setattr(llama_backend, "HOST_ROTATE_MAX", 0)  # any move is too big
     assert scores(chat(ccm_llama, FACT, FILLER)) == shifted
     assert ctx.moves_on_host is None  # not given up on: a smaller step may move on the host

@@ -65,10 +65,10 @@ def test_slots_equal_pure_ccm_slots_for_the_same_history(engine, verbatim) -> No
     assert view.slots + sum(view.exchanges) == conv.held
     pure = chat(engine, pure_ccm(engine), EXCHANGES[:compressed])
     assert pure.held == view.slots
-    # positions stay contiguous after the edits; the verbatim text is decoded with the next
-    # message, after the slots
+    # positions stay contiguous after the edits (on a GPU the verbatim text is decoded with
+    # the next message, after the slots)
     ctx = engine.activate(conv)
-    assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.kv.cached - 1) == (0, view.slots - 1)
+    assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.kv.cached - 1)
     conv.next_token_logits()
     assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.held - 1)
     got, want = probe_logits(engine, conv), probe_logits(engine, pure)
@@ -195,13 +195,14 @@ def test_text_behind_new_slots_is_decoded_with_the_next_message_and_reads_the_sa
     """A compression moves the verbatim text after it behind the new slots; that text is
     decoded with the next message (one batch, not in the turn's after-work), and the model
     reads the same memory as when it is decoded at once. A state saved in between keeps it."""
+    monkeypatch.setattr(engine.ctx, "batches_cheaply", True)  # as on a GPU
     lazy = chat(engine, hybrid(engine, 60), EXCHANGES)
     view = lazy.memory_view()
     assert view.slots and lazy.kv.undecoded == sum(view.exchanges) > 0
     size = lazy.stats().memory_bytes
     restored = engine.restore_conversation(lazy.save_state())
     assert restored.kv.undecoded == lazy.kv.undecoded and restored.memory_view() == view
-    monkeypatch.setattr(Conversation, "defer_text_after_slots", False)
+    monkeypatch.setattr(engine.ctx, "batches_cheaply", False)  # as on a CPU
     eager = chat(engine, hybrid(engine, 60), EXCHANGES)
     assert eager.kv.undecoded == 0 and eager.memory_view() == view
     assert abs(size - eager.stats().memory_bytes) < 0.02 * size  # the estimate is close
@@ -220,6 +221,8 @@ def test_dropping_old_slots_in_the_compression_step_equals_evicting_them_after(
     """Past its cap a hybrid memory drops its oldest group in the same step that adds one
     (one position shift); the memory is what a separate eviction after it leaves."""
     config = hybrid(engine, 30, cap=2)
+    monkeypatch.setattr(engine.ctx, "moves_on_host", False)  # both moved by llama.cpp
+    monkeypatch.setattr(engine.ctx, "batches_cheaply", True)  # only slots held when moved
     fused = chat(engine, config, EXCHANGES)
     assert fused.slots == 2 * engine.ccm.files.n_comp and fused.kv.groups > 2  # some dropped
     plain = Conversation.compress
@@ -245,7 +248,7 @@ def test_a_reply_that_fills_the_context_compresses_mid_reply_and_reads_on(monkey
     replies = []
     with Engine.load(n_ctx=160, device=TEST_DEVICE, compression="balanced") as small:
         for defer in (True, False):
-            monkeypatch.setattr(Conversation, "defer_text_after_slots", defer)
+            monkeypatch.setattr(small.ctx, "batches_cheaply", defer)
             conv = small.new_conversation(compression=small.compression)
             for user, assistant in EXCHANGES[:3]:
                 conv.add_turn("user", user)
@@ -264,7 +267,8 @@ def test_a_reply_that_fills_the_context_compresses_mid_reply_and_reads_on(monkey
 
 @pytest.mark.parametrize("undecoded", [0, 1, 10_000])
 def test_a_state_whose_undecoded_count_does_not_fit_its_payload_is_refused(
-        engine, undecoded) -> None:
+        engine, undecoded, monkeypatch) -> None:
+    monkeypatch.setattr(engine.ctx, "batches_cheaply", True)  # as on a GPU
     conv = chat(engine, hybrid(engine, 60), EXCHANGES[:4])
     assert conv.kv.undecoded > 1
     blob = StateBlob.from_bytes(conv.save_state())
