@@ -14,6 +14,9 @@ split by id hash: `--split validation` is what a level's verbatim share is chose
     python bench/hybrid.py --split validation --only-hybrid --shares 0.25,0.5,0.75 \
         --out bench/results/hybrid_validation.json
     python bench/hybrid.py --split test --out bench/results/hybrid_test.json
+
+`--moves host,shift` runs each method twice, a CCM step's cells moved in host memory and by
+llama.cpp's own position shift (engine.llama_state), to see the two read alike.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ def main() -> None:
     ap.add_argument("--only-hybrid", action="store_true", help="skip the baselines")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="llamacpp", choices=["llamacpp", "hf"])
+    ap.add_argument("--moves", default="host",
+                    help="comma-separated, of host and shift (llama.cpp; see above)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/hybrid.json"))
     args = ap.parse_args()
     at = [int(x) for x in args.at.split(",")]
@@ -136,11 +141,16 @@ def main() -> None:
         methods: dict[str, CompressionConfig] = {}
         if not args.only_hybrid:
             methods["full"] = CompressionConfig("off", "full", {}, "f16")
+        moves = args.moves.split(",")
         for level in args.levels.split(","):
             for name, config in configs(engine, level, shares).items():
                 if name.startswith("hybrid") or not args.only_hybrid:
-                    methods[f"{level}/{name}"] = config
+                    for how in moves:
+                        label = f"{level}/{name}" + (f" [{how}]" if len(moves) > 1 else "")
+                        methods[label] = config
         for label, config in methods.items():
+            if hasattr(engine.ctx, "moves_on_host"):  # None: checked at its first step again
+                engine.ctx.moves_on_host = False if label.endswith("[shift]") else None
             t0 = time.time()
             per_at: dict[int, list] = {k: [] for k in at}
             rng = random.Random(3)  # the same facts for every method

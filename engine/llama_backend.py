@@ -363,9 +363,11 @@ class LlamaContext:
         (and the `drop` oldest cells) and moves the rest into place, one position shift for
         all; this cache takes the result back, compacted. The two copies replace the
         compaction round trip the step needs here anyway. The drop and the move are made
-        in host memory, on the state on its way back (engine.llama_state), once the first
-        step showed that equal to llama.cpp's own shift (which costs a decode with a graph
-        of its own and a scheduler re-reserve). That context
+        in host memory, on the state on its way back (engine.llama_state), once a step of
+        the kind (moving the new slots only, or dropping old ones too) showed that equal to
+        llama.cpp's own shift, which costs a decode with a graph of its own and a scheduler
+        re-reserve; a step with more keys to rotate than HOST_ROTATE_MAX, or a state llama.cpp
+        refuses, goes by that shift. That context
         holds as many cells as its biggest use so far (it grows in steps), at most
         BESIDE_MAX_CELLS: a longer step runs here, as does one with a position shift pending
         (which a copy would lose); and if the second context fails (no memory for it), every
