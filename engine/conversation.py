@@ -587,7 +587,8 @@ class Conversation:
                 ):
                     reply.finish_reason = "context_full"
                     break
-                self._catch_up(ctx)  # text a compression to make room moved: its logits
+                if self.kv.undecoded:  # text a compression to make room moved: its logits
+                    self._catch_up(ctx)
                 token = sampler.sample(ctx)
                 if model.is_end_of_generation(token):
                     reply.finish_reason = "stop"
