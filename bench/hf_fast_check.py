@@ -66,6 +66,24 @@ def slots_over_text(ctx: HFContext, vectors: np.ndarray, start: int) -> None:
     ctx.shift(end, -1, start - end)
 
 
+def slot_rows(model, n_ctx: int, prompt: list[int], vectors: np.ndarray) -> dict:
+    """The <COMP> rows' cells from their captured forward against the eager one, over two
+    spans (the second compression reads the first one's slots)."""
+    captured, eager = FastHFContext(model, n_ctx), FastHFContext(model, n_ctx)
+    eager.row_graphs = False
+    out = {}
+    for c in (captured, eager):
+        c.decode(prompt[:200], 0)
+        slots_over_text(c, vectors, 4)  # in the span of 256 cells
+        c.decode(prompt, len(c.positions))  # past 256 cells: the next span
+        slots_over_text(c, vectors, 6)
+    a, b = (c.cache.kv[..., : c.cache.held, :].float() for c in (captured, eager))
+    out["slot_cells_graph_vs_eager_max_abs"] = float((a - b).abs().max())
+    out["slot_cells_abs_max"] = float(b.abs().max())
+    out["row_graphs_captured"] = sum(1 for k in captured._graphs if isinstance(k, tuple))
+    return out
+
+
 def exactness(model, n_ctx: int) -> dict:
     eager, fast = HFContext(model, n_ctx), FastHFContext(model, n_ctx)
     both = (eager, fast)
@@ -95,6 +113,7 @@ def exactness(model, n_ctx: int) -> dict:
         slots_over_text(c, vectors, 4)
         c.decode(prompt[16:40], len(c.positions))
     out["after_slots_max_abs"] = diff(eager, fast)
+    out.update(slot_rows(model, n_ctx, prompt, vectors))
     for c in both:
         c.merge_slots(2, 0.5)
         c.decode([prompt[0]], len(c.positions))
@@ -177,6 +196,9 @@ def edits(model, n_ctx: int) -> dict:
 
     timed("evict_64_and_shift_ms", lambda: (ctx.remove(4, 68), ctx.shift(68, -1, -64)))
     timed("comp_slots_ms", lambda: ctx.decode_embeddings(vectors, 512, adapter=object()))
+    ctx.row_graphs = False
+    timed("comp_slots_eager_ms", lambda: ctx.decode_embeddings(vectors, 512, adapter=object()))
+    ctx.row_graphs = True
     timed("decode_40_tokens_ms", lambda: ctx.decode(prompt[:40], 512))
     timed("get_state_ms", ctx.get_state)
     blob = ctx.get_state()

@@ -17,6 +17,7 @@ import inspect
 import os
 import random
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
@@ -94,8 +95,11 @@ class FastHFContext(HFContext):
                  graphs: bool | None = None, attention: str | None = None,
                  compile_step: bool | None = None, fuse_norms: bool | None = None) -> None:
         self.cache = None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # captured forwards: a decode step by span; <COMP> rows by (span, rows)
+        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
+        self.row_graphs = self.graphs  # <COMP> rows replayed too (False: eager)
+        self._rows_in: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # embeds, LoRA mask
         # which attention the captured step runs ("split": two matrix products; "sdpa")
         self.attention = attention or os.environ.get("CCM_CHAT_HF_DECODE_ATTENTION", "split")
         self.fuse_norms = (os.environ.get("CCM_CHAT_HF_FUSED_NORMS", "1") != "0"
@@ -150,7 +154,34 @@ class FastHFContext(HFContext):
         self._last = row.float()  # stays on the device for the sampler
 
     def _forward_embeddings(self, embeds: torch.Tensor, start_pos: int) -> None:
-        self._forward(embeds.shape[1], inputs_embeds=embeds, logits_to_keep=1)
+        if not (self.row_graphs and self._replay_rows(embeds)):
+            self._forward(embeds.shape[1], inputs_embeds=embeds, logits_to_keep=1)
+
+    def _replay_rows(self, embeds: torch.Tensor) -> bool:
+        """<COMP> rows through the captured forward of their span and count (captured on
+        first use): eager, the two-row forward of a 30-layer model launched its kernels one
+        by one, 31-34 ms of the 32-35 ms after-turn work of a CCM level on an H200
+        (bench/results/turn_profile_gpu_hf_deferred.json). The LoRA's mask is an input too.
+        False where it cannot be captured (it then runs eager)."""
+        n = embeds.shape[1]
+        span = span_for(self.cache.held + n, self.n_ctx)
+        key = ("rows", span, n)
+        gate = self.model.compressor.gate
+        if n not in self._rows_in:
+            self._rows_in[n] = (torch.empty_like(embeds), torch.empty_like(gate.mask))
+        rows_in, mask_in = self._rows_in[n]
+        rows_in.copy_(embeds)
+        mask_in.copy_(gate.mask)
+        runner = self._graphs.get(key)
+        if runner is None:
+            gate.mask = mask_in  # the captured LoRA reads this tensor
+            runner = self._capture(key, partial(self._rows_step, span, n))
+            if runner is None:
+                self.row_graphs = False
+                return False
+        runner[0].replay()
+        self.cache.held += n
+        return True
 
     def _forward(self, n_new: int, **inputs) -> torch.Tensor:
         """An eager forward of n_new cells after the held ones (attention reads exactly
@@ -172,8 +203,9 @@ class FastHFContext(HFContext):
         """One token through the captured step of its span (captured on first use); False
         where this model's forward cannot be captured (it then runs eager)."""
         span = span_for(self.cache.held + 1, self.n_ctx)
-        runner = self._graphs.get(span) or self._capture(span)
+        runner = self._graphs.get(span) or self._capture(span, partial(self._step, span))
         if runner is None:
+            self.graphs = False
             return False
         self._tok.fill_(token)
         runner[0].replay()
@@ -195,7 +227,25 @@ class FastHFContext(HFContext):
         cache.length.add_(1)
         return out.logits[0, -1].float()
 
-    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+    def _rows_step(self, span: int, n: int) -> torch.Tensor:
+        """n rows of input embeddings (the <COMP> slots, `_rows_in`) after the held cells."""
+        cache = self.cache
+        cache.begin(n, span)
+        rows = cache.index
+        mask = torch.where(cache.steps[:span][None, :] <= rows[:, None], 0.0, self._mask_min)
+        if self.attention != "split":
+            mask = mask.to(self._dtype)
+        extra = {"cache_position": rows} if self._cache_position else {}
+        out = self._step_model(
+            inputs_embeds=self._rows_in[n][0], position_ids=rows[None],
+            attention_mask=mask.view(1, 1, n, span), use_cache=True, logits_to_keep=1,
+            **{self._cache_arg: cache}, **extra)
+        cache.length.add_(n)
+        return out.logits[0, -1]
+
+    def _capture(self, key: object, step: Callable[[], torch.Tensor],
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """`step` (a forward after the held cells) captured as a CUDA graph under `key`."""
         config = self.model.torch_model.config
         implementation = config._attn_implementation
         held = self.cache.held
@@ -204,30 +254,30 @@ class FastHFContext(HFContext):
         norms = fused_norms(self.model.torch_model) if self.fuse_norms else nullcontext()
         try:
             with norms:
-                graph, logits = self._record(span, held)
+                graph, out = self._record(step, held)
         except RuntimeError as exc:  # a forward with a host sync cannot be captured
-            warnings.warn(f"The decode step could not be captured as a CUDA graph ({exc}); "
-                          "decoding eagerly.", RuntimeWarning, stacklevel=2)
-            self.graphs = False
+            warnings.warn(f"A forward could not be captured as a CUDA graph ({exc}); "
+                          "running it eagerly.", RuntimeWarning, stacklevel=2)
             return None
         finally:
             config._attn_implementation = implementation
             self.cache.set_held(held)  # the warm-up wrote past the held cells only
-        self._graphs[span] = (graph, logits)
-        return self._graphs[span]
+        self._graphs[key] = (graph, out)
+        return self._graphs[key]
 
-    def _record(self, span: int, held: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _record(self, step: Callable[[], torch.Tensor], held: int,
+                ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: cuBLAS handles and workspaces
             for _ in range(2):
-                self._step(span)
+                step()
                 self.cache.length.fill_(held)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            logits = self._step(span)
-        return graph, logits
+            out = step()
+        return graph, out
 
     def logits(self, i: int = -1) -> np.ndarray:
         if self._last is None:
