@@ -11,9 +11,9 @@
 #   second: carry [".dev/llama", ".whl", ".dev/xb", ".dev/scale"]: stages part 2, builds
 #           llama-cpp-python with CUDA, then bench/gpu_scale.sh "$2" (shape:seconds:parts ...)
 #   third:  carry [".dev/xc", ".whl", ".dev/scale"]: assembles the model, then side by side
-#           on it: bench/turn_profile.py on llama.cpp (before / toggle / beside / after, then
-#           after with CUDA graphs off, GRAPHS_OFF=1), on the scale shape $2 (beside / after)
-#           and on the hf fast path (beside / after), then bench/length.py --backend both
+#           on it: bench/turn_profile.py on llama.cpp ($VARIANTS, then beside / after with
+#           CUDA graphs off, GRAPHS_OFF=1), on the scale shape $2 ($SCALE_VARIANTS) and on
+#           the hf fast path ($HF_VARIANTS), then bench/length.py --backend both
 #           (PROFILE_HF_SECONDS=0 or LENGTH_SECONDS=0 leaves either out)
 set -u
 . "$(dirname "$0")/gpu_stage.sh"
@@ -62,7 +62,8 @@ third)
   fi
   [ "${PROFILE_HF_SECONDS:-100}" = 0 ] || timeout "${PROFILE_HF_SECONDS:-100}" \
     python3 bench/turn_profile.py --backend hf --device gpu \
-    --turns "${TURNS:-12}" --configs "${HF_CONFIGS:-$CCM_LEVELS}" --variants beside,after \
+    --turns "${TURNS:-12}" --configs "${HF_CONFIGS:-$CCM_LEVELS}" \
+    --variants "${HF_VARIANTS:-eager-rows,after}" \
     --out $OUT/turn_profile_gpu_hf.json >> $L 2>&1
   [ "${LENGTH_SECONDS:-230}" = 0 ] || timeout "${LENGTH_SECONDS:-230}" python3 bench/length.py \
     --backend both --device gpu --child-seconds "${CHILD_SECONDS:-110}" \

@@ -14,8 +14,12 @@ adapter on (llama.cpp), the verbatim text after new slots decoded again at once 
 groups evicted in a step of their own, as the first three all do; `shift`, that text
 decoded with the next message (on a CPU too, where the app decodes it at once: see
 engine.backend.Context.batches_cheaply) and old groups dropped in the compression's step, with
-llama.cpp's position shift moving the cells; `after`, the code as it is: the cells moved in
-host memory on the state's way back (engine.llama_state).
+llama.cpp's position shift moving the cells; `pinned`, the cells moved in host memory on the
+state's way back (engine.llama_state), but always those after a gap, down (positions from 0,
+as before issue 16's third stop); `after`, the code as it is: the side of a gap with fewer
+cells moves (LlamaContext._base: a window eviction turns the 4 sink keys, not the window's).
+On hf: `beside` (the text decoded again at once), `eager-rows` (the code as it is, but its
+<COMP> rows run eagerly, not from a captured CUDA graph) and `after`.
 As the text moves into the next turn's prefill, the table shows the prefill and the turn
 with the after-turn work (`total`) too. `late` is the median over the last third of the
 turns (a level whose slots reached their cap drops a group every turn there).
@@ -60,7 +64,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
 CALLS = ("decode", "decode_embeddings", "slots_over_text", "_copy_state", "_use_adapter",
          "remove", "shift", "compact", "_round_trip", "_apply_shift", "redecode", "merge_slots",
          "get_state", "set_state")
-VARIANTS = ("before", "toggle", "beside", "shift", "after")
+VARIANTS = ("before", "toggle", "beside", "shift", "pinned", "after")
+HF_VARIANTS = ("beside", "eager-rows", "after")
 
 
 def user_turns(data: Path) -> list[str]:
@@ -155,11 +160,19 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     if variant in ("before", "toggle"):
         ctx.adapter_beside = False
     prof = Profiler(ctx, device_sync(engine))
-    if variant != "after" and engine.info.backend == "llamacpp":
+    llama = engine.info.backend == "llamacpp"
+    if variant not in ("pinned", "after") and llama:
         ctx.moves_on_host = False
-    ctx.batches_cheaply = variant in ("shift", "after")  # the text waits, on a CPU too
+    kind = type(ctx)
+    base_step = getattr(kind, "_base_step", None)
+    if variant == "pinned":  # the cells after a gap move down, positions stay from 0
+        kind._base_step = lambda self, start, end, drop: drop
+    if variant == "eager-rows":
+        ctx.row_graphs = False
+    deferred = ("shift", "pinned", "after", "eager-rows")
+    ctx.batches_cheaply = variant in deferred  # the text waits, on a CPU too
     conv = engine.new_conversation()
-    if variant not in ("shift", "after"):  # old groups evicted in a step of their own
+    if variant not in deferred:  # old groups evicted in a step of their own
         conv.compress = (  # type: ignore[method-assign]
             lambda cells=None, merge=False, max_slots=None:
             Conversation.compress(conv, cells, merge))
@@ -195,6 +208,8 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     restore_diff = float(abs(restored.next_token_logits() - live).max())
     view = conv.memory_view()
     engine.close()
+    if variant == "pinned":
+        kind._base_step = base_step
     calls = {name: 1000 * statistics.median(t.get(name, 0.0) for t in per_turn)
              for name in dict.fromkeys(k for t in per_turn for k in t)}
     turn = statistics.median(turn_s)
@@ -235,10 +250,10 @@ def main() -> None:
     users = user_turns(args.data)[: args.turns]
     wanted = [c.strip() for c in args.configs.split(",")] if args.configs else None
     variants = [v.strip() for v in args.variants.split(",")]
-    if not set(variants) <= set(VARIANTS):
+    if args.backend == "hf" and not set(variants) <= set(HF_VARIANTS):
+        parser.error(f"on hf, --variants takes {', '.join(HF_VARIANTS)}")
+    if args.backend != "hf" and not set(variants) <= set(VARIANTS):
         parser.error(f"--variants takes {', '.join(VARIANTS)}")
-    if args.backend == "hf" and not set(variants) <= {"beside", "after"}:
-        parser.error("on hf, --variants takes beside and after (the others are llama.cpp's)")
     rows = []
     for label, level, ccm in configs():
         if wanted is not None and label not in wanted:

@@ -80,6 +80,8 @@ class Context(Protocol):
         `adapter` on, then the text [start, end) dropped so the slots take its place, and
         the first `drop` cells (the oldest slots) with it."""
     def merge_slots(self, n: int, weight: float) -> None: ...
+    def close_gaps(self, start: int, end: int, drop: int) -> None:
+        """Remove cells [start, end) and [0, drop) and close up the rest (`close_gaps`)."""
     def remove(self, p0: int, p1: int = -1) -> None: ...
     def shift(self, p0: int, p1: int, delta: int) -> None: ...
     def compact(self, last_token: int) -> None: ...
@@ -98,13 +100,14 @@ def slots_in_place(ctx: Context, vectors: np.ndarray, start: int, end: int,
     """Context.slots_over_text out of a context's own calls (what a back end does unless it
     has a cheaper way)."""
     ctx.decode_embeddings(vectors, end, adapter)
-    close_gaps(ctx, start, end, drop)
+    ctx.close_gaps(start, end, drop)
     if ctx.needs_compaction:
         ctx.compact(-1)
 
 
 def close_gaps(ctx: Context, start: int, end: int, drop: int) -> None:
-    """Remove cells [start, end) and [0, drop) of a cache and move the rest down onto them."""
+    """Remove cells [start, end) and [0, drop) of a cache and move the rest down onto them
+    (Context.close_gaps, where a back end has no cheaper way)."""
     ctx.remove(start, end)
     if drop:
         ctx.remove(0, drop)

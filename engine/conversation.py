@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ccm_chat.engine.backend import close_gaps
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import CompressionConfig, SamplingParams
 from ccm_chat.engine.errors import ContextFullError, EngineError, StateError
@@ -369,7 +368,7 @@ class Conversation:
             return
         if end > self.kv.cached:
             self._catch_up(ctx)
-        close_gaps(ctx, start, end, 0)
+        ctx.close_gaps(start, end, 0)
         self.kv.forget(start, end)
         if ctx.needs_compaction and self.kv.cached:
             ctx.compact(self.kv.tokens[self.kv.cached - 1])

@@ -21,7 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from transformers import DynamicCache
 
-from ccm_chat.engine.backend import BackendOptions, Opened, slots_in_place
+from ccm_chat.engine.backend import BackendOptions, Opened, close_gaps, slots_in_place
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
@@ -199,6 +199,9 @@ class HFContext:
     def slots_over_text(self, vectors: np.ndarray, start: int, end: int,
                         adapter: object, drop: int = 0) -> None:
         slots_in_place(self, vectors, start, end, adapter, drop)
+
+    def close_gaps(self, start: int, end: int, drop: int) -> None:
+        close_gaps(self, start, end, drop)  # an edit on the device: a few kernels
 
     def _check_room(self, start_pos: int, n: int) -> None:
         if start_pos != len(self.positions):

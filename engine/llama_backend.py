@@ -13,12 +13,13 @@ import os
 import struct
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
-from ccm_chat.engine.backend import BackendOptions, Opened, close_gaps, slots_in_place
+from ccm_chat.engine.backend import BackendOptions, Opened, slots_in_place
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
@@ -36,6 +37,10 @@ BESIDE_MAX_CELLS = 4096
 # aggressive) took 14.3 % of a turn on the host against 27.4 % shifted; 2.1 M (8B shape)
 # took 12.8 % against 9.8 % (bench/results/turn_profile_gpu*_host_moves.json, "late").
 HOST_ROTATE_MAX = 1 << 20
+# Positions a context's cells stay below (capped by the model's training length): closing a
+# gap may move the cells before it up instead of those after it down (LlamaContext._base),
+# and positions then grow until a step moves every cell back to 0.
+POSITION_LIMIT = 8192
 KV_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
@@ -120,6 +125,11 @@ class LlamaModel:
         template = llama_cpp.llama_model_chat_template(self.ptr, None)
         self.chat_template: bytes | None = template or None
         self.name = self.meta("general.name") or path.stem
+
+    @property
+    def position_limit(self) -> int:
+        """Positions the cells stay below (POSITION_LIMIT, or the training length if less)."""
+        return min(POSITION_LIMIT, self.n_ctx_train) if self.n_ctx_train > 0 else POSITION_LIMIT
 
     @functools.cached_property
     def rope(self) -> Rope | None:
@@ -217,6 +227,16 @@ class LlamaModel:
         return buf.raw[:n]
 
 
+@dataclass(frozen=True)
+class HostMoved:
+    """A CCM step or an eviction made on a state in host memory (LlamaContext._host_moved)."""
+
+    state: np.ndarray  # what llama.cpp loads
+    source: np.ndarray  # the state it was made from
+    kind: str  # what moved ("up", "down", "drop down", ...): each kind is checked once
+    checked: bool  # a step of this kind gave what llama.cpp's shift gives
+
+
 class LlamaContext:
     """One llama.cpp context: a KV cache with a single sequence, and the decode calls on it."""
 
@@ -290,7 +310,14 @@ class LlamaContext:
         # each kind (moving only the new slots; dropping old ones too) has been checked
         # against llama.cpp's own shift
         self.moves_on_host: bool | None = None
-        self._moves_checked: set[bool] = set()  # kinds checked: whether the step dropped
+        self._moves_checked: set[str] = set()  # kinds checked (see _host_moved)
+        # llama.cpp's position of cell 0. RoPE attention reads only the distance between a
+        # query and a key, so a gap closes the same with the cells before it moved up as
+        # with those after it moved down; moving the fewer means fewer keys to re-rotate
+        # (a window eviction: the 4 sink cells, not the 500 after the gap; a CCM step that
+        # drops old groups: the new slots only). Conversations see positions from 0.
+        self._base = 0
+        self._stale = False  # the cache was loaded since the last decode: no logits yet
 
     def close(self) -> None:
         self._close_beside()
@@ -314,13 +341,14 @@ class LlamaContext:
             batch.n_tokens = len(chunk)
             for i, tok in enumerate(chunk):
                 batch.token[i] = tok
-                batch.pos[i] = start_pos + offset + i
+                batch.pos[i] = self._base + start_pos + offset + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = SEQ
                 batch.logits[i] = (offset + i) in wanted
             rc = llama_cpp.llama_decode(self.ptr, batch)
             if rc != 0:
                 raise EngineError(f"llama_decode failed (code {rc}) at position {start_pos}.")
+            self._stale = False
             for i in range(len(chunk)):
                 if (offset + i) in wanted and (offset + i) != len(tokens) - 1:
                     rows[offset + i] = self.logits(i)
@@ -338,7 +366,7 @@ class LlamaContext:
             ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
             batch.n_tokens = n
             for i in range(n):
-                batch.pos[i] = start_pos + i
+                batch.pos[i] = self._base + start_pos + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = SEQ
                 batch.logits[i] = i == n - 1
@@ -359,19 +387,15 @@ class LlamaContext:
         decode: turning the adapter on for the slots and off after them cost 13-14 ms of
         the <COMP> decode and 16-18 ms of the text decoded after it on an H200, most of a CCM
         level's after-turn work. So a second context of the same model, its adapter left on,
-        gets a copy of this cache (which ends at `end`), decodes the slots, drops the text
-        (and the `drop` oldest cells) and moves the rest into place, one position shift for
-        all; this cache takes the result back, compacted. The two copies replace the
-        compaction round trip the step needs here anyway. The drop and the move are made
-        in host memory, on the state on its way back (engine.llama_state), once a step of
-        the kind (moving the new slots only, or dropping old ones too) showed that equal to
-        llama.cpp's own shift, which costs a decode with a graph of its own and a scheduler
-        re-reserve; a step with more keys to rotate than HOST_ROTATE_MAX, or a state llama.cpp
-        refuses, goes by that shift. That context
-        holds as many cells as its biggest use so far (it grows in steps), at most
-        BESIDE_MAX_CELLS: a longer step runs here, as does one with a position shift pending
-        (which a copy would lose); and if the second context fails (no memory for it), every
-        step runs here from then on, as before.
+        gets a copy of this cache (which ends at `end`), decodes the slots, and the text
+        (and the `drop` oldest cells) goes; this cache takes the result back, compacted. The
+        two copies replace the compaction round trip the step needs here anyway. The drop
+        and the move are made in host memory on the state on its way back (`_host_moved`);
+        where that cannot be, llama.cpp's position shift moves the cells in the second
+        context. That context holds as many cells as its biggest use so far (it grows in
+        steps), at most BESIDE_MAX_CELLS: a longer step runs here, as does one with a
+        position shift pending (which a copy would lose); and if the second context fails
+        (no memory for it), every step runs here from then on, as before.
         """
         n = len(vectors)
         touched = False
@@ -381,14 +405,14 @@ class LlamaContext:
                 beside = self._beside_for(end + n, n, adapter)
                 self._copy_state(self, beside)
                 beside.decode_embeddings(vectors, end, adapter)
-                moved = self._moved_on_host(beside, start, end, drop)
-                checked = self.moves_on_host and bool(drop) in self._moves_checked
-                if moved is not None and checked:
-                    if self._loaded(moved):
+                up = beside._base_step(start, end, drop)
+                moved = self._host_moved(beside, start, end, drop, up)
+                if moved is not None and moved.checked:
+                    if self._loaded(moved.state):
                         return
                     moved = None
                     touched = True  # this cache is empty now: beside's result must land
-                close_gaps(beside, start, end, drop)
+                beside._shift_gaps(start, end, drop, up)
                 beside._apply_shift()
             except EngineError:
                 if touched:
@@ -397,37 +421,86 @@ class LlamaContext:
                 self.adapter_beside = False
             else:
                 self._copy_state(beside, self)
-                if moved is not None and self.moves_on_host is not False:
-                    self._check_moves(moved, bool(drop))
+                if moved is not None:
+                    self._check_moves(moved)
                 return
         slots_in_place(self, vectors, start, end, adapter, drop)
 
-    def _moved_on_host(self, beside: LlamaContext, start: int, end: int,
-                       drop: int) -> np.ndarray | None:
-        """Beside's cache without [start, end) and [0, drop), the rest moved down onto them,
-        as state bytes; None where that cannot be done in host memory (then never again)."""
+    def close_gaps(self, start: int, end: int, drop: int) -> None:
+        """engine.backend.close_gaps, moving the side of the gap with fewer cells (`_base`);
+        in host memory, as one state round trip with the compaction it needs anyway, where
+        that is checked (`_host_moved`), else by llama.cpp's position shift."""
+        up = self._base_step(start, end, drop)
+        moved = self._host_moved(self, start, end, drop, up)
+        if moved is not None and moved.checked:
+            if self._loaded(moved.state):
+                self._stale = True
+                return
+            self.set_state(moved.source)  # as it was: the shift below does the step
+        self._shift_gaps(start, end, drop, up)
+        if moved is not None:
+            self._apply_shift()
+            self._round_trip()
+            self._stale = True
+            self._check_moves(moved)
+
+    def _base_step(self, start: int, end: int, drop: int) -> int:
+        """How far `_base` moves when [start, end) and [0, drop) go: by `drop` if the cells
+        after the gap move down, by `drop + end - start` if those before it move up
+        (whichever are fewer), by -_base (every cell back to 0, once in a long while) where
+        that would take positions past the model's position_limit."""
+        held = self.pos_max() + 1
+        gap = end - start
+        _, up = min((held - end, drop), (start - drop, drop + gap))
+        if self._base + up + held - gap - drop > self.model.position_limit:
+            return -self._base
+        return up
+
+    def _shift_gaps(self, start: int, end: int, drop: int, up: int) -> None:
+        """The cells of [start, end) and [0, drop) go, the rest close up by llama.cpp's
+        shift (applied at the next decode), and `_base` moves `up`."""
+        self.remove(start, end)
+        if drop:
+            self.remove(0, drop)
+        self.shift(drop, start, up - drop)
+        self.shift(end, -1, up - drop - (end - start))
+        self._base += up
+
+    def _host_moved(self, source: LlamaContext, start: int, end: int, drop: int,
+                    up: int) -> HostMoved | None:
+        """Source's cache as `_shift_gaps(start, end, drop, up)` leaves it, made as state
+        bytes in host memory: the kept cells written at their new positions, the moved
+        ones' keys re-rotated with llama.cpp's RoPE angles. None where that cannot be done
+        (then never again), or would re-rotate more than HOST_ROTATE_MAX key elements (this
+        step only). It is relied on once a step of its kind (what moved, and whether old
+        cells were dropped) gave what llama.cpp's shift gives."""
         if self.moves_on_host is False:
             return None
         try:
             rope = self.model.rope
             if rope is None:
                 raise ValueError("no RoPE to move keys with")
-            state = SeqState(self._read_state(beside))
-            pos = state.positions
-            keep = np.nonzero((pos >= drop) & ((pos < start) | (pos >= end)))[0]
-            old = pos[keep]
-            new = old - np.where(old < start, drop, end - start + drop)
-            if np.count_nonzero(new != old) * state.key_elements > HOST_ROTATE_MAX:
+            state = SeqState(self._read_state(source))
+            index = state.positions - source._base
+            keep = np.nonzero((index >= drop) & ((index < start) | (index >= end)))[0]
+            delta = np.where(index[keep] < start, up - drop, up - drop - (end - start))
+            turned = delta[delta != 0]
+            if len(turned) * state.key_elements > HOST_ROTATE_MAX:
                 return None  # this step only
-            return state.moved(keep, new, rope, self._made.array)
+            moved = state.moved(keep, state.positions[keep] + delta, rope, self._made.array)
         except ValueError:
             self.moves_on_host = False
             return None
+        kind = ("drop " if drop else "") + (" ".join(
+            name for name, sign in (("up", 1), ("down", -1)) if (np.sign(turned) == sign).any())
+                                            or "still")
+        checked = bool(self.moves_on_host) and kind in self._moves_checked
+        return HostMoved(moved, state.buf, kind, checked)
 
-    def _check_moves(self, moved: np.ndarray, dropped: bool) -> None:
-        """Compare a state made in host memory with llama.cpp's, loaded here just now."""
-        if same_cells(moved, self._read_state(self)):
-            self._moves_checked.add(dropped)
+    def _check_moves(self, moved: HostMoved) -> None:
+        """Compare a state made in host memory with llama.cpp's, in this cache just now."""
+        if same_cells(moved.state, self._read_state(self)):
+            self._moves_checked.add(moved.kind)
             self.moves_on_host = True
         else:
             self.moves_on_host = False
@@ -494,6 +567,8 @@ class LlamaContext:
         gives, and on a GPU the round trip is most of the memory work of a turn.
         """
         if not (self._holes or self._shifted):
+            if self._stale and last_token >= 0:  # loaded by a host-made step: logits
+                self.redecode(last_token, self.pos_max())
             return
         last = self.pos_max()
         if last_token < 0:
@@ -519,11 +594,13 @@ class LlamaContext:
         """Make target's cache a copy of source's (compacted), through one buffer kept for
         the purpose: no bytes object, no copies of the state in Python."""
         written = self._read_into_scratch(source)
+        base = source._base
         target.clear()
         buf = self._scratch.at_least(written)
         if llama_cpp.llama_state_seq_set_data(target.ptr, buf, written, SEQ) == 0:
             target.clear()
             raise EngineError("llama.cpp rejected its own memory state while copying it.")
+        target._base, target._stale = base, True
 
     def _read_into_scratch(self, source: LlamaContext) -> int:
         size = source.state_size()
@@ -548,13 +625,17 @@ class LlamaContext:
     def remove(self, p0: int, p1: int = -1) -> None:
         if 0 <= p1 <= self.pos_max():  # cells stay behind the removed ones: a hole
             self._holes = True
-        llama_cpp.llama_memory_seq_rm(self.memory, SEQ, p0, p1)
+        llama_cpp.llama_memory_seq_rm(self.memory, SEQ, self._raw(p0), self._raw(p1))
 
     def shift(self, p0: int, p1: int, delta: int) -> None:
         """Move cells at positions [p0, p1) by delta (applied lazily, at the next decode)."""
         if delta and p0 <= self.pos_max() and (p1 < 0 or p1 > p0):
             self._shifted = True
-        llama_cpp.llama_memory_seq_add(self.memory, SEQ, p0, p1, delta)
+        llama_cpp.llama_memory_seq_add(self.memory, SEQ, self._raw(p0), self._raw(p1), delta)
+
+    def _raw(self, pos: int) -> int:
+        """llama.cpp's position of a cell index (negative: open-ended, as llama.cpp takes)."""
+        return pos + self._base if pos >= 0 else pos
 
     def sampler(self, params: SamplingParams) -> Sampler:
         return Sampler(params, self.model.vocab, self.model.n_vocab)
@@ -562,12 +643,15 @@ class LlamaContext:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
         self._holes = self._shifted = False
+        self._base = 0
 
     def pos_max(self) -> int:
-        return llama_cpp.llama_memory_seq_pos_max(self.memory, SEQ)
+        raw = llama_cpp.llama_memory_seq_pos_max(self.memory, SEQ)
+        return raw - self._base if raw >= 0 else -1
 
     def pos_min(self) -> int:
-        return llama_cpp.llama_memory_seq_pos_min(self.memory, SEQ)
+        raw = llama_cpp.llama_memory_seq_pos_min(self.memory, SEQ)
+        return raw - self._base if raw >= 0 else -1
 
     def state_size(self) -> int:
         return llama_cpp.llama_state_seq_get_size(self.ptr, SEQ)
@@ -587,6 +671,9 @@ class LlamaContext:
         if llama_cpp.llama_state_seq_set_data(self.ptr, src, buf.size, SEQ) == 0:
             self.clear()
             raise EngineError("llama.cpp rejected the saved memory state.")
+        # a state saved after gaps closed upward starts past 0 (see _base)
+        self._base = max(0, llama_cpp.llama_memory_seq_pos_min(self.memory, SEQ))
+        self._stale = True
 
 
 class Sampler:

@@ -7,7 +7,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from ccm_chat.engine import CompressionConfig, ContextFullError, Engine, SamplingParams
+from ccm_chat.engine import (
+    CompressionConfig,
+    ContextFullError,
+    Engine,
+    SamplingParams,
+    llama_backend,
+)
 from ccm_chat.engine.conversation import Conversation
 from ccm_chat.engine.memory import WindowPolicy, make_policy
 from tests.device import TEST_DEVICE
@@ -166,6 +172,61 @@ def test_save_restore_after_eviction_is_exact(engine_for: EngineFor, kv_type: st
     assert restored.stats() == stats
     np.testing.assert_allclose(next_logits(restored), expected, atol=1e-4)
     assert "".join(restored.send("What is my dog called?", GREEDY)) == expected_reply
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(p || q) of two next-token distributions, in nats."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.max()
+        return x - np.log(np.exp(x).sum())
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum())
+
+
+def window_chat(eng: Engine, turns: int, monkeypatch, moves: bool | None) -> tuple:
+    """A window chat with its evictions moved in host memory (None: checked at the first
+    step of each kind) or by llama.cpp's shift (False): its memory, next logits, base."""
+    ctx = eng.ctx
+    monkeypatch.setattr(ctx, "moves_on_host", moves)
+    monkeypatch.setattr(ctx, "_moves_checked", set())
+    conv = eng.new_conversation(compression=window(4, 60))
+    raw_max = []
+    for user, reply in (FACTS * 4)[:turns]:
+        conv.add_turn("user", user)
+        conv.add_turn("assistant", reply)
+        assert positions(eng) == (0, conv.held - 1)
+        raw_max.append(ctx._base + ctx.pos_max())
+    return conv.memory_view(), conv.next_token_logits(), ctx._base, raw_max
+
+
+def test_a_window_evicted_in_host_memory_reads_as_one_on_llama_cpps_shift(
+        engine_for: EngineFor, monkeypatch) -> None:
+    """An eviction closes its gap by moving the 4 sink cells up rather than the window
+    down (RoPE reads distances only), in host memory, on the state round trip the
+    compaction needs anyway; the memory reads as the one llama.cpp's shift makes."""
+    eng = engine_for()
+    view, logits, base, _ = window_chat(eng, 6, monkeypatch, None)
+    assert eng.ctx.moves_on_host is True and eng.ctx._moves_checked == {"up"}
+    view_s, logits_s, base_s, _ = window_chat(eng, 6, monkeypatch, False)
+    assert view == view_s and view.evicted > 0
+    assert base == base_s == view.evicted  # the sink moved up past every evicted cell
+    # 4 keys rounded to f16 by two different rotations, and this model's attention sinks
+    # weigh much: its next-token log-probabilities moved by up to 0.8 (in the tail), the
+    # distribution by a KL of 0.002-0.006 nats
+    assert kl(logits, logits_s) < 0.02
+
+
+def test_positions_go_back_to_zero_before_they_pass_the_limit(engine_for: EngineFor,
+                                                               monkeypatch) -> None:
+    eng = engine_for()
+    unlimited, logits, _, _ = window_chat(eng, 12, monkeypatch, None)
+    monkeypatch.setattr(llama_backend, "POSITION_LIMIT", 150)
+    view, limited, base, raw_max = window_chat(eng, 12, monkeypatch, None)
+    assert max(raw_max) < 150 and base < view.evicted  # moved back down on the way
+    assert eng.ctx._moves_checked == {"up", "down"}  # every cell down to 0, in host memory
+    assert view == unlimited
+    # the same distances, at other positions: f16 keys rotated by other angles
+    assert kl(limited, logits) < 0.02  # near ties may swap (0.008 swapped the top two)
 
 
 def test_quantized_kv_is_smaller_and_still_answers(engine_for: EngineFor) -> None:
