@@ -24,7 +24,14 @@ from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
 from ccm_chat.engine.host_buffer import HostBuffer
-from ccm_chat.engine.llama_state import Rope, SeqState, rope_factors, same_cells
+from ccm_chat.engine.llama_state import (
+    FirstKeys,
+    Rope,
+    SeqState,
+    hadamard,
+    rope_factors,
+    same_cells,
+)
 from ccm_chat.engine.threads import resolve_threads
 
 SEQ = 0
@@ -131,6 +138,29 @@ class LlamaModel:
         """Positions the cells stay below (POSITION_LIMIT, or the training length if less)."""
         return min(POSITION_LIMIT, self.n_ctx_train) if self.n_ctx_train > 0 else POSITION_LIMIT
 
+    def key_basis(self, kv_type: str) -> np.ndarray | None:
+        """The Walsh-Hadamard matrix llama.cpp stores keys of this type in, or None: one
+        for quantized keys whose heads are a multiple of 64 long, of the largest power of
+        two that divides them (llama-kv-cache.cpp, attn_rot_k), unless
+        LLAMA_ATTN_ROT_DISABLE is set."""
+        try:
+            disabled = int(os.environ.get("LLAMA_ATTN_ROT_DISABLE") or 0)
+        except ValueError:
+            disabled = 0
+        head = self.head_dim
+        if kv_type == "f16" or disabled or head % 64:
+            return None
+        n = 64
+        while head % (2 * n) == 0:
+            n *= 2
+        return hadamard(n)
+
+    @property
+    def head_dim(self) -> int:
+        arch = self.meta("general.architecture") or ""
+        n_head = max(1, llama_cpp.llama_model_n_head(self.ptr))
+        return int(self.meta(f"{arch}.attention.key_length") or self.n_embd // n_head)
+
     @functools.cached_property
     def rope(self) -> Rope | None:
         """The RoPE that llama.cpp's position shift applies, to move cells in host memory
@@ -139,8 +169,7 @@ class LlamaModel:
         if (self.meta(f"{arch}.rope.scaling.type") not in (None, "none", "linear")
                 or self.meta(f"{arch}.attention.sliding_window") is not None):
             return None
-        n_head = max(1, llama_cpp.llama_model_n_head(self.ptr))
-        head_dim = int(self.meta(f"{arch}.attention.key_length") or self.n_embd // n_head)
+        head_dim = self.head_dim
         n_rot = int(self.meta(f"{arch}.rope.dimension_count") or head_dim)
         try:
             return Rope.plain(llama_cpp.llama_model_rope_type(self.ptr), n_rot, head_dim,
@@ -318,6 +347,7 @@ class LlamaContext:
         # drops old groups: the new slots only). Conversations see positions from 0.
         self._base = 0
         self._stale = False  # the cache was loaded since the last decode: no logits yet
+        self._pristine = FirstKeys()  # cells that move up: their keys as first read
 
     def close(self) -> None:
         self._close_beside()
@@ -405,13 +435,15 @@ class LlamaContext:
                 beside = self._beside_for(end + n, n, adapter)
                 self._copy_state(self, beside)
                 beside.decode_embeddings(vectors, end, adapter)
-                up = beside._base_step(start, end, drop)
+                up = beside._base_step(start, end, drop, self.moves_on_host is not False)
                 moved = self._host_moved(beside, start, end, drop, up)
                 if moved is not None and moved.checked:
                     if self._loaded(moved.state):
                         return
                     moved = None
                     touched = True  # this cache is empty now: beside's result must land
+                if moved is None:  # llama.cpp's shift: the cells after the gap move down
+                    up = beside._base_step(start, end, drop, False)
                 beside._shift_gaps(start, end, drop, up)
                 beside._apply_shift()
             except EngineError:
@@ -430,13 +462,16 @@ class LlamaContext:
         """engine.backend.close_gaps, moving the side of the gap with fewer cells (`_base`);
         in host memory, as one state round trip with the compaction it needs anyway, where
         that is checked (`_host_moved`), else by llama.cpp's position shift."""
-        up = self._base_step(start, end, drop)
+        up = self._base_step(start, end, drop, self.moves_on_host is not False)
         moved = self._host_moved(self, start, end, drop, up)
         if moved is not None and moved.checked:
             if self._loaded(moved.state):
                 self._stale = True
                 return
             self.set_state(moved.source)  # as it was: the shift below does the step
+            moved = None
+        if moved is None:  # llama.cpp's shift: the cells after the gap move down
+            up = self._base_step(start, end, drop, False)
         self._shift_gaps(start, end, drop, up)
         if moved is not None:
             self._apply_shift()
@@ -444,14 +479,16 @@ class LlamaContext:
             self._stale = True
             self._check_moves(moved)
 
-    def _base_step(self, start: int, end: int, drop: int) -> int:
+    def _base_step(self, start: int, end: int, drop: int, on_host: bool) -> int:
         """How far `_base` moves when [start, end) and [0, drop) go: by `drop` if the cells
         after the gap move down, by `drop + end - start` if those before it move up
-        (whichever are fewer), by -_base (every cell back to 0, once in a long while) where
+        (whichever are fewer, where the move is made in host memory: llama.cpp's shift costs
+        the same for any number, and the cells before a gap would turn at every step, their
+        roundings adding up), by -_base (every cell back to 0, once in a long while) where
         that would take positions past the model's position_limit."""
         held = self.pos_max() + 1
         gap = end - start
-        _, up = min((held - end, drop), (start - drop, drop + gap))
+        _, up = min((held - end, drop), (start - drop, drop + gap)) if on_host else (0, drop)
         if self._base + up + held - gap - drop > self.model.position_limit:
             return -self._base
         return up
@@ -487,7 +524,11 @@ class LlamaContext:
             turned = delta[delta != 0]
             if len(turned) * state.key_elements > HOST_ROTATE_MAX:
                 return None  # this step only
-            moved = state.moved(keep, state.positions[keep] + delta, rope, self._made.array)
+            positions = state.positions[keep] + delta
+            undo = self._pristine.turn_from_first(state, keep[delta > 0])
+            moved = state.moved(keep, positions, rope, self._made.array,
+                                self.model.key_basis(self.kv_type))
+            undo()
         except ValueError:
             self.moves_on_host = False
             return None

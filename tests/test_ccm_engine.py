@@ -304,10 +304,12 @@ def test_a_rope_that_does_not_match_llama_cpps_is_not_used(ccm_llama, monkeypatc
     monkeypatch.setattr(ccm_llama.model, "rope", replace(rope, theta=rope.theta * 2))
     unchecked(ctx, monkeypatch)
     wrong = chat(ccm_llama, FACT, FILLER)
-    assert ctx.moves_on_host is False  # the first step's check failed: not tried again
+    assert ctx.moves_on_host is False  # the first step that turned keys failed its check
+    assert ctx._moves_checked <= {"still", "drop still"}  # none that turned keys was used
     monkeypatch.setattr(ctx, "moves_on_host", False)
     shifted = chat(ccm_llama, FACT, FILLER)
-    assert scores(wrong) == scores(shifted)  # the step used llama.cpp's shift
+    # a step that turned nothing moved the positions up (the same distances): noise only
+    assert scores(wrong) == pytest.approx(scores(shifted), abs=0.1)
 
 
 def test_a_step_that_would_rotate_many_keys_leaves_them_to_llama_cpp(ccm_llama,
@@ -317,8 +319,9 @@ def test_a_step_that_would_rotate_many_keys_leaves_them_to_llama_cpp(ccm_llama,
     shifted = scores(chat(ccm_llama, FACT, FILLER))
     unchecked(ctx, monkeypatch)
     monkeypatch.setattr(llama_backend, "HOST_ROTATE_MAX", 0)  # any key turned is too many
-    assert scores(chat(ccm_llama, FACT, FILLER)) == shifted
+    limited = scores(chat(ccm_llama, FACT, FILLER))
     assert ctx._moves_checked <= {"still", "drop still"}  # only steps that turned no key
+    assert limited == pytest.approx(shifted, abs=0.1)  # positions moved up: noise only
 
 
 @pytest.mark.parametrize("where", ["making it", "decoding there"])

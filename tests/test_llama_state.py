@@ -9,9 +9,18 @@ import gguf
 import numpy as np
 import pytest
 
-from ccm_chat.engine import Engine
+from ccm_chat.engine import CompressionConfig, Engine
 from ccm_chat.engine.host_buffer import HostBuffer, _cuda_runtime
-from ccm_chat.engine.llama_state import ROPE_NEOX, ROPE_NORM, Rope, SeqState, rope_factors
+from ccm_chat.engine.llama_state import (
+    GGML_Q4_0,
+    GGML_Q8_0,
+    ROPE_NEOX,
+    ROPE_NORM,
+    Rope,
+    SeqState,
+    hadamard,
+    rope_factors,
+)
 from tests.device import TEST_DEVICE
 
 
@@ -79,6 +88,34 @@ def test_a_state_with_no_cell_moved_is_written_back_byte_for_byte(real_engine) -
     assert part.cells == state.cells - 2 and list(part.positions) == list(range(part.cells))
     with pytest.raises(ValueError):
         SeqState(data[:-1])
+
+
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_quantized_keys_decode_and_encode_as_llama_cpp_stores_them(kv_type) -> None:
+    """Keys llama.cpp quantized re-encode to the same bytes, and a rotation through the
+    codec lands within one step of each block of the rotated values."""
+    window = CompressionConfig("balanced", "window", {"sink": 4, "window": 60}, kv_type)
+    with Engine.load(n_ctx=256, device=TEST_DEVICE, compression=window) as engine:
+        conv = engine.new_conversation()
+        conv.add_turn("user", "Hello there, how are you today? Tell me about the sea.")
+        state = SeqState(np.frombuffer(engine.activate(conv).get_state(), dtype=np.uint8))
+        rope = engine.model.rope
+    codec = state.codec
+    assert state.key_kind == {"q8_0": GGML_Q8_0, "q4_0": GGML_Q4_0}[kv_type]
+    rows = state.k[0][1][0]  # the first layer's keys, a row per cell
+    values = codec.decode(rows)
+    assert values.shape == (state.cells, state.key_elements // len(state.k))
+    np.testing.assert_array_equal(codec.encode(values), rows)
+    delta = np.arange(state.cells) % 7 - 3
+    turned = codec.encode(rope.rotate(values, delta))
+    exact = rope.rotate(values, delta)
+    assert (np.abs(codec.decode(turned) - exact) <= codec.scales(turned) * 1.01 + 1e-6).all()
+
+
+def test_the_hadamard_basis_is_orthonormal_and_its_own_inverse() -> None:
+    h = hadamard(128)
+    np.testing.assert_allclose(h @ h, np.eye(128), atol=1e-6)
+    assert set(np.unique(np.abs(h))) == {np.float32(1 / np.sqrt(128))}
 
 
 def test_the_default_models_rope_is_plain_and_reproduced() -> None:
