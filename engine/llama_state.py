@@ -322,15 +322,31 @@ class SeqState:
             rows = out[at + 12:at + 12 + runs * n * cell].reshape(runs, n, cell)
             np.take(data, keep, axis=1, out=rows)
             if i < len(self.k) and len(turn):
-                keys = self.codec.decode(rows[0, turn])
-                if basis is not None:
-                    keys = in_basis(keys, basis)
-                keys = rope.rotate(keys, delta[turn])
-                if basis is not None:
-                    keys = in_basis(keys, basis)
-                rows[0, turn] = self.codec.encode(keys)
+                rows[0, turn] = self._turned(rows[0, turn], delta[turn], rope, basis)
             at += 12 + runs * n * cell
         return out
+
+    def turn(self, cells: np.ndarray, positions: np.ndarray, rope: Rope,
+             basis: np.ndarray | None = None) -> None:
+        """Move `cells` (indices) to `positions` in place, their keys rotated as `moved`
+        rotates them."""
+        if not len(cells):
+            return
+        delta = positions - self.positions[cells]
+        for _, data in self.k:
+            data[0, cells] = self._turned(data[0, cells], delta, rope, basis)
+        self.positions[cells] = positions
+
+    def _turned(self, rows: np.ndarray, delta: np.ndarray, rope: Rope,
+                basis: np.ndarray | None) -> np.ndarray:
+        """Key rows (cells, bytes) rotated by `delta` positions, in their stored form."""
+        keys = self.codec.decode(rows)
+        if basis is not None:
+            keys = in_basis(keys, basis)
+        keys = rope.rotate(keys, delta)
+        if basis is not None:
+            keys = in_basis(keys, basis)
+        return self.codec.encode(keys)
 
 
 class FirstKeys:

@@ -16,6 +16,7 @@ from ccm_chat.engine import (
     llama_backend,
 )
 from ccm_chat.engine.conversation import Conversation
+from ccm_chat.engine.errors import EngineError
 from ccm_chat.engine.kv_sequence import MemoryView
 from ccm_chat.engine.memory import WindowPolicy, make_policy
 from tests.device import TEST_DEVICE
@@ -241,6 +242,34 @@ def test_a_window_evicted_in_host_memory_reads_as_one_on_llama_cpps_shift(
     # 0.0064 (shift) for q8_0, 0.100 and 0.087 for q4_0, over 10 exchanges
     reference = window_chat(engine_for(), 10, monkeypatch, False)
     assert mean_kl(host, reference) <= 1.5 * mean_kl(shifted, reference) + 0.01
+
+
+def test_a_refused_host_made_eviction_goes_by_llama_cpps_shift(engine_for: EngineFor,
+                                                                monkeypatch) -> None:
+    """A checked kind is made in place on the state llama.cpp writes; if llama.cpp refused
+    it, the cells are put back and its shift does the step: nothing is lost."""
+    eng = engine_for()
+    shifted = window_chat(eng, 6, monkeypatch, False)
+    ctx = eng.ctx
+    load = ctx.set_state
+    refused: list[int] = []
+
+    def refuse_once(data) -> None:
+        if not refused:
+            refused.append(1)
+            ctx.clear()
+            raise EngineError("llama.cpp rejected the saved memory state.")
+        load(data)
+
+    monkeypatch.setattr(ctx, "moves_on_host", True)
+    monkeypatch.setattr(ctx, "_moves_checked", {"up"})
+    monkeypatch.setattr(ctx, "set_state", refuse_once)
+    conv = eng.new_conversation(compression=window(4, 60))
+    chat(conv, 6)
+    logits = conv.next_token_logits()
+    assert refused and ctx.moves_on_host is False  # not tried again
+    assert conv.memory_view() == shifted.view
+    assert kl(logits, shifted.logits[-1]) < 0.02
 
 
 def test_positions_go_back_to_zero_before_they_pass_the_limit(engine_for: EngineFor,
