@@ -166,7 +166,7 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     kind = type(ctx)
     base_step = getattr(kind, "_base_step", None)
     if variant == "pinned":  # the cells after a gap move down, positions stay from 0
-        kind._base_step = lambda self, start, end, drop, on_host: drop
+        kind._base_step = lambda self, start, end, drop, on_host, room: 0
     if variant == "eager-rows":
         ctx.row_graphs = False
     deferred = ("shift", "pinned", "after", "eager-rows")

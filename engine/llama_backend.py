@@ -261,7 +261,6 @@ class HostMoved:
     """A CCM step or an eviction made on a state in host memory (LlamaContext._host_moved)."""
 
     state: np.ndarray  # what llama.cpp loads
-    source: np.ndarray  # the state it was made from
     kind: str  # what moved ("up", "down", "drop down", ...): each kind is checked once
     checked: bool  # a step of this kind gave what llama.cpp's shift gives
     restore: Callable[[], np.ndarray] | None = None  # checked: the source's cells as they were
@@ -410,6 +409,8 @@ class LlamaContext:
                 self._use_adapter(None)
         if rc != 0:
             raise EngineError(f"llama_decode of {n} embeddings failed (code {rc}).")
+        self._stale = False
+        self._pending = None
 
     def slots_over_text(self, vectors: np.ndarray, start: int, end: int,
                         adapter: object, drop: int = 0) -> None:
@@ -438,7 +439,8 @@ class LlamaContext:
                 beside = self._beside_for(end + n, n, adapter)
                 self._copy_state(self, beside)
                 beside.decode_embeddings(vectors, end, adapter)
-                up = beside._base_step(start, end, drop, self.moves_on_host is not False)
+                up = beside._base_step(start, end, drop, self.moves_on_host is not False,
+                                       self.n_ctx)
                 moved = self._host_moved(beside, start, end, drop, up)
                 if moved is not None and moved.checked:
                     if self._loaded(moved.state):
@@ -446,7 +448,7 @@ class LlamaContext:
                     moved = None
                     touched = True  # this cache is empty now: beside's result must land
                 if moved is None:  # llama.cpp's shift: the cells after the gap move down
-                    up = beside._base_step(start, end, drop, False)
+                    up = beside._base_step(start, end, drop, False, self.n_ctx)
                 beside._shift_gaps(start, end, drop, up)
                 beside._apply_shift()
             except EngineError:
@@ -465,16 +467,22 @@ class LlamaContext:
         """engine.backend.close_gaps, moving the side of the gap with fewer cells (`_base`);
         in host memory, as one state round trip with the compaction it needs anyway, where
         that is checked (`_host_moved`), else by llama.cpp's position shift."""
-        up = self._base_step(start, end, drop, self.moves_on_host is not False)
+        base = self._base
+        up = self._base_step(start, end, drop, self.moves_on_host is not False, self.n_ctx)
         moved = self._host_moved(self, start, end, drop, up)
         if moved is not None and moved.checked:
             if self._loaded(moved.state):
                 self._stale = True
                 return
-            self.set_state(moved.restore())  # as it was: the shift below does the step
+            try:  # the kept cells as they were (the dropped ones gone): the shift does the step
+                self.set_state(moved.restore())
+            except EngineError as exc:
+                raise EngineError("llama.cpp refused a memory state it wrote itself; the "
+                                  "chat's memory has to be rebuilt from its messages.") from exc
+            self._base = base  # not the first kept cell's: the indices are those before
             moved = None
         if moved is None:  # llama.cpp's shift: the cells after the gap move down
-            up = self._base_step(start, end, drop, False)
+            up = self._base_step(start, end, drop, False, self.n_ctx)
         self._shift_gaps(start, end, drop, up)
         if moved is not None:
             self._apply_shift()
@@ -482,17 +490,18 @@ class LlamaContext:
             self._stale = True
             self._check_moves(moved)
 
-    def _base_step(self, start: int, end: int, drop: int, on_host: bool) -> int:
+    def _base_step(self, start: int, end: int, drop: int, on_host: bool, room: int) -> int:
         """How far `_base` moves when [start, end) and [0, drop) go: by `drop` if the cells
         after the gap move down, by `drop + end - start` if those before it move up
         (whichever are fewer, where the move is made in host memory: llama.cpp's shift costs
         the same for any number, and the cells before a gap would turn at every step, their
         roundings adding up), by -_base (every cell back to 0, once in a long while) where
-        that would take positions past the model's position_limit."""
+        a context of `room` cells could then reach past the model's position_limit before
+        the next step."""
         held = self.pos_max() + 1
         gap = end - start
         _, up = min((held - end, drop), (start - drop, drop + gap)) if on_host else (0, drop)
-        if self._base + up + held - gap - drop > self.model.position_limit:
+        if self._base + up + room > self.model.position_limit:
             return -self._base
         return up
 
@@ -518,7 +527,7 @@ class LlamaContext:
         checked, llama.cpp drops the cells in the source (no shift: nothing moves yet) and
         the state it writes, the kept cells only, is turned in place: no copy of the cells
         in host memory (2,000 cells of a light window are 35 MB)."""
-        if self.moves_on_host is False:
+        if self.moves_on_host is False or source._shifted:  # a shift pending: not in a state
             return None
         held = source.pos_max() + 1
         shifts = ((up - drop, start - drop), (up - drop - (end - start), held - end))
@@ -548,7 +557,7 @@ class LlamaContext:
                 undo = self._pristine.turn_from_first(state, rising)
                 made = state.moved(keep, new[keep], rope, self._made.array, basis)
                 undo()
-                return HostMoved(made, state.buf, kind, False)
+                return HostMoved(made, kind, False)
             old = state.positions[turning].copy()
             self._pristine.turn_from_first(state, turning[new[turning] > old])
             state.turn(turning, new[turning], rope, basis)
@@ -559,7 +568,7 @@ class LlamaContext:
         def restore() -> np.ndarray:  # the cells back where they were, for llama.cpp's shift
             state.turn(turning, old, rope, basis)
             return state.buf
-        return HostMoved(state.buf, None, kind, True, restore)
+        return HostMoved(state.buf, kind, True, restore)
 
     def _check_moves(self, moved: HostMoved) -> None:
         """Compare a state made in host memory with llama.cpp's, in this cache just now."""
