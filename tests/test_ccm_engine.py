@@ -18,6 +18,7 @@ from ccm_chat.engine import CompressionConfig, Engine, llama_backend
 from ccm_chat.engine.ccm.files import compressor_dirs, find_compressor
 from ccm_chat.engine.errors import EngineError
 from tests.device import TEST_DEVICE
+from tests.host_moves import ALL_KINDS, refuse_first_load
 
 FACT = ("I have a dog called Pixel.", "Nice, thanks for telling me!")
 FILLER = ("What should I cook tonight?", "How about a simple pasta with tomatoes and basil?")
@@ -231,11 +232,6 @@ def capped(engine: Engine) -> CompressionConfig:
         "n_comp": n_comp(engine), "cap": 2, "compressor": engine.ccm.files.fingerprint}, "f16")
 
 
-# every kind of host-made step (LlamaContext._host_moved): what turned, whether old cells went
-ALL_KINDS = {f"{drop}{moved}" for drop in ("", "drop ") for moved in ("still", "up", "down",
-                                                                      "up down")}
-
-
 def unchecked(ctx, monkeypatch) -> None:
     monkeypatch.setattr(ctx, "moves_on_host", None)
     monkeypatch.setattr(ctx, "_moves_checked", set())
@@ -284,16 +280,9 @@ def test_a_state_made_in_host_memory_that_llama_cpp_refuses_falls_back(ccm_llama
     shifted = scores(chat(ccm_llama, FACT, FILLER))
     monkeypatch.setattr(ctx, "moves_on_host", True)
     monkeypatch.setattr(ctx, "_moves_checked", ALL_KINDS)
-    load = ctx.set_state
-
-    def refuse(data) -> None:
-        monkeypatch.setattr(ctx, "set_state", load)  # once
-        ctx.clear()
-        raise EngineError("llama.cpp rejected the saved memory state.")
-
-    monkeypatch.setattr(ctx, "set_state", refuse)
+    refused = refuse_first_load(ctx, monkeypatch)
     conv = chat(ccm_llama, FACT, FILLER)
-    assert ctx.moves_on_host is False  # not tried again
+    assert refused and ctx.moves_on_host is False  # not tried again
     assert scores(conv) == shifted  # the step went on with llama.cpp's shift
 
 

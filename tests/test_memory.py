@@ -16,10 +16,10 @@ from ccm_chat.engine import (
     llama_backend,
 )
 from ccm_chat.engine.conversation import Conversation
-from ccm_chat.engine.errors import EngineError
 from ccm_chat.engine.kv_sequence import MemoryView
 from ccm_chat.engine.memory import WindowPolicy, make_policy
 from tests.device import TEST_DEVICE
+from tests.host_moves import kl, refuse_first_load
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 FACTS = [
@@ -181,15 +181,6 @@ def test_save_restore_after_eviction_is_exact(engine_for: EngineFor, kv_type: st
     assert "".join(restored.send("What is my dog called?", GREEDY)) == expected_reply
 
 
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    """KL(p || q) of two next-token distributions, in nats."""
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64) - x.max()
-        return x - np.log(np.exp(x).sum())
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return float((np.exp(lp) * (lp - lq)).sum())
-
-
 @dataclass
 class WindowChat:
     view: MemoryView
@@ -251,19 +242,9 @@ def test_a_refused_host_made_eviction_goes_by_llama_cpps_shift(engine_for: Engin
     eng = engine_for()
     shifted = window_chat(eng, 6, monkeypatch, False)
     ctx = eng.ctx
-    load = ctx.set_state
-    refused: list[int] = []
-
-    def refuse_once(data) -> None:
-        if not refused:
-            refused.append(1)
-            ctx.clear()
-            raise EngineError("llama.cpp rejected the saved memory state.")
-        load(data)
-
     monkeypatch.setattr(ctx, "moves_on_host", True)
     monkeypatch.setattr(ctx, "_moves_checked", {"up"})
-    monkeypatch.setattr(ctx, "set_state", refuse_once)
+    refused = refuse_first_load(ctx, monkeypatch)
     conv = eng.new_conversation(compression=window(4, 60))
     chat(conv, 6)
     logits = conv.next_token_logits()
