@@ -5,10 +5,11 @@ Eager PyTorch launches every kernel of a decode step from Python, hundreds a tok
 model decodes at a tenth of llama.cpp's speed. Here the step is captured once per span of
 key columns (a power of two, so attention reads at most twice the cells held) and replayed:
 the token goes in by a device fill, positions and the write index are device tensors, and the
-only host sync per token is handing the sampled token over. Prompts, <COMP> slots and scoring
-stay eager, on the same static cache, and every memory edit (evict and shift, CCM slots,
-merge, save and restore) is an in-place copy on it (engine.static_kv), so a captured step
-keeps reading the right cells. The state format is HFContext's, so states move between them.
+only host sync per token is handing the sampled token over. The <COMP> slots' forward is
+captured the same way, per span and row count. Prompts and scoring stay eager, on the same
+static cache, and every memory edit (evict and shift, CCM slots, merge, save and restore) is
+an in-place copy on it (engine.static_kv), so a captured step keeps reading the right cells.
+The state format is HFContext's, so states move between them.
 """
 
 from __future__ import annotations
