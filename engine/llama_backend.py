@@ -155,7 +155,7 @@ class LlamaModel:
             n *= 2
         return hadamard(n)
 
-    @property
+    @functools.cached_property
     def head_dim(self) -> int:
         arch = self.meta("general.architecture") or ""
         n_head = max(1, llama_cpp.llama_model_n_head(self.ptr))

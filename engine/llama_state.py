@@ -22,6 +22,7 @@ relying on it.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from collections.abc import Callable
@@ -161,11 +162,14 @@ class Q4Keys(KeyCodec):
         return out.reshape(len(values), -1)
 
 
+@functools.cache
 def hadamard(n: int) -> np.ndarray:
-    """ggml's orthonormal Walsh-Hadamard matrix of order n (Sylvester's construction)."""
+    """ggml's orthonormal Walsh-Hadamard matrix of order n (Sylvester's construction), made
+    once per order (read-only: every host move of quantized keys uses it)."""
     h = np.full((1, 1), 1.0 / np.sqrt(n), dtype=np.float32)
     while len(h) < n:
         h = np.block([[h, h], [h, -h]])
+    h.flags.writeable = False
     return h
 
 
