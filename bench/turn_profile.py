@@ -17,7 +17,9 @@ engine.backend.Context.batches_cheaply) and old groups dropped in the compressio
 llama.cpp's position shift moving the cells; `pinned`, the cells moved in host memory on the
 state's way back (engine.llama_state), but always those after a gap, down (positions from 0,
 as before issue 16's third stop); `after`, the code as it is: the side of a gap with fewer
-cells moves (LlamaContext._base: a window eviction turns the 4 sink keys, not the window's).
+cells moves (LlamaContext._base: a window eviction turns the 4 sink keys, not the window's);
+`per-layer`, the code as it is but with keys turned one layer at a time and the cache zeroed
+at every state load (the code of issue 16's third stop).
 On hf: `beside` (the text decoded again at once), `eager-rows` (the code as it is, but its
 <COMP> rows run eagerly, not from a captured CUDA graph) and `after`.
 As the text moves into the next turn's prefill, the table shows the prefill and the turn
@@ -64,7 +66,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
 CALLS = ("decode", "decode_embeddings", "slots_over_text", "_copy_state", "_use_adapter",
          "remove", "shift", "compact", "_round_trip", "_apply_shift", "redecode", "merge_slots",
          "get_state", "set_state")
-VARIANTS = ("before", "toggle", "beside", "shift", "pinned", "after")
+VARIANTS = ("before", "toggle", "beside", "shift", "pinned", "per-layer", "after")
 HF_VARIANTS = ("beside", "eager-rows", "after")
 
 
@@ -161,15 +163,24 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
         ctx.adapter_beside = False
     prof = Profiler(ctx, device_sync(engine))
     llama = engine.info.backend == "llamacpp"
-    if variant not in ("pinned", "after") and llama:
+    if variant not in ("pinned", "per-layer", "after") and llama:
         ctx.moves_on_host = False
     kind = type(ctx)
-    base_step = getattr(kind, "_base_step", None)
+    patched = {}  # (class, name): what it was, put back at the end
     if variant == "pinned":  # the cells after a gap move down, positions stay from 0
-        kind._base_step = lambda self, start, end, drop, on_host, room: 0
+        patched[kind, "_base_step"] = lambda self, start, end, drop, on_host, room: 0
+    if variant == "per-layer":
+        from ccm_chat.engine.llama_state import SeqState
+        turn_rows, clear = SeqState._turn_rows, kind.clear
+        patched[SeqState, "_turn_rows"] = lambda self, layers, *rest: [
+            turn_rows(self, [rows], *rest) for rows in layers]
+        patched[kind, "clear"] = lambda self, data=True: clear(self, True)
+    for (owner, name), replacement in list(patched.items()):
+        patched[owner, name] = getattr(owner, name)
+        setattr(owner, name, replacement)
     if variant == "eager-rows":
         ctx.row_graphs = False
-    deferred = ("shift", "pinned", "after", "eager-rows")
+    deferred = ("shift", "pinned", "per-layer", "after", "eager-rows")
     ctx.batches_cheaply = variant in deferred  # the text waits, on a CPU too
     conv = engine.new_conversation()
     if variant not in deferred:  # old groups evicted in a step of their own
@@ -208,8 +219,8 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     restore_diff = float(abs(restored.next_token_logits() - live).max())
     view = conv.memory_view()
     engine.close()
-    if variant == "pinned":
-        kind._base_step = base_step
+    for (owner, name), original in patched.items():
+        setattr(owner, name, original)
     calls = {name: 1000 * statistics.median(t.get(name, 0.0) for t in per_turn)
              for name in dict.fromkeys(k for t in per_turn for k in t)}
     turn = statistics.median(turn_s)
@@ -241,8 +252,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--configs", default="", help="comma-separated labels (default: all)")
     parser.add_argument("--variants", default="after",
-                        help="comma-separated, of before, toggle, beside, shift, after (see "
-                             "above)")
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (see above)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "CCM_CHAT_MEMORYBANK", DATA)), help="the MemoryBank folder")
     parser.add_argument("--out", type=Path, default=Path("bench/results/turn_profile.json"))

@@ -668,7 +668,7 @@ class LlamaContext:
         the purpose: no bytes object, no copies of the state in Python."""
         written = self._read_into_scratch(source)
         base = source._base
-        target.clear()
+        target.clear(data=False)
         buf = self._scratch.at_least(written)
         if llama_cpp.llama_state_seq_set_data(target.ptr, buf, written, SEQ) == 0:
             target.clear()
@@ -723,8 +723,11 @@ class LlamaContext:
     def sampler(self, params: SamplingParams) -> Sampler:
         return Sampler(params, self.model.vocab, self.model.n_vocab)
 
-    def clear(self) -> None:
-        llama_cpp.llama_memory_clear(self.memory, True)
+    def clear(self, data: bool = True) -> None:
+        """Forget every cell; `data`: zero the buffers too. A state load overwrites the
+        cells it fills and llama.cpp masks the rest, so it leaves them (zeroing a 4,096-cell
+        cache took 1.5 ms of each load on the dev CPU, twice a CCM step)."""
+        llama_cpp.llama_memory_clear(self.memory, data)
         self._holes = self._shifted = False
         self._pending = None
         self._base = 0
@@ -749,7 +752,7 @@ class LlamaContext:
         return bytes(memoryview(buf)[:written])
 
     def set_state(self, data: bytes | memoryview) -> None:
-        self.clear()
+        self.clear(data=False)
         buf = np.frombuffer(data, dtype=np.uint8)  # llama.cpp reads the caller's bytes: no copy
         src = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
         if llama_cpp.llama_state_seq_set_data(self.ptr, src, buf.size, SEQ) == 0:

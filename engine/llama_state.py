@@ -59,8 +59,9 @@ class Rope:
         return cls(rope_type == ROPE_NEOX, n_rot, head_dim, theta)
 
     def rotate(self, rows: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        """Keys (cells, n_head_kv * head_dim) moved by `delta` positions each, as float32."""
-        heads = rows.reshape(len(rows), -1, self.head_dim).astype(np.float32)
+        """Keys (..., cells, n_head_kv * head_dim) moved by `delta` positions each (one per
+        cell, for every leading index: the layers of a state), as float32."""
+        heads = rows.reshape(*rows.shape[:-1], -1, self.head_dim).astype(np.float32)
         angle = delta.astype(np.float64)[:, None] * self.theta[None, :]
         cos = np.cos(angle).astype(np.float32)[:, None, :]
         sin = np.sin(angle).astype(np.float32)[:, None, :]
@@ -320,14 +321,15 @@ class SeqState:
         at = 24 + 12 * n
         delta = positions - self.positions[keep]
         turn = np.nonzero(delta)[0]
-        for i, (head, data) in enumerate(layers):
+        keys: list[np.ndarray] = []
+        for head, data in layers:
             runs, _, cell = data.shape
             out[at:at + 12] = head
             rows = out[at + 12:at + 12 + runs * n * cell].reshape(runs, n, cell)
             np.take(data, keep, axis=1, out=rows)
-            if i < len(self.k) and len(turn):
-                rows[0, turn] = self._turned(rows[0, turn], delta[turn], rope, basis)
+            keys.append(rows[0])
             at += 12 + runs * n * cell
+        self._turn_rows(keys[:len(self.k)], turn, delta[turn], rope, basis)
         return out
 
     def turn(self, cells: np.ndarray, positions: np.ndarray, rope: Rope,
@@ -337,20 +339,31 @@ class SeqState:
         if not len(cells):
             return
         delta = positions - self.positions[cells]
-        for _, data in self.k:
-            data[0, cells] = self._turned(data[0, cells], delta, rope, basis)
+        self._turn_rows([data[0] for _, data in self.k], cells, delta, rope, basis)
         self.positions[cells] = positions
 
-    def _turned(self, rows: np.ndarray, delta: np.ndarray, rope: Rope,
-                basis: np.ndarray | None) -> np.ndarray:
-        """Key rows (cells, bytes) rotated by `delta` positions, in their stored form."""
-        keys = self.codec.decode(rows)
-        if basis is not None:
-            keys = in_basis(keys, basis)
-        keys = rope.rotate(keys, delta)
-        if basis is not None:
-            keys = in_basis(keys, basis)
-        return self.codec.encode(keys)
+    def _turn_rows(self, layers: list[np.ndarray], cells: np.ndarray, delta: np.ndarray,
+                   rope: Rope, basis: np.ndarray | None) -> None:
+        """Rotate rows `cells` of each layer's key rows (cells, bytes) by `delta` positions,
+        in their stored form, in place: every layer in one pass (a pass per layer cost the
+        default model's 30 layers 0.9 ms a CCM step on the dev CPU, most of it per call)."""
+        if not len(cells):
+            return
+        alike: dict[int, list[np.ndarray]] = {}  # layers of one row size (most models: all)
+        for rows in layers:
+            alike.setdefault(rows.shape[1], []).append(rows)
+        for row_bytes, group in alike.items():
+            stacked = np.stack([rows[cells] for rows in group])  # (layers, cells, bytes)
+            flat = stacked.reshape(-1, row_bytes)
+            keys = self.codec.decode(flat)
+            if basis is not None:
+                keys = in_basis(keys, basis)
+            keys = rope.rotate(keys.reshape(len(group), len(cells), -1), delta)
+            if basis is not None:
+                keys = in_basis(keys, basis)
+            turned = self.codec.encode(keys.reshape(len(flat), -1))
+            for rows, new in zip(group, turned.reshape(stacked.shape), strict=True):
+                rows[cells] = new
 
 
 class FirstKeys:

@@ -112,6 +112,29 @@ def test_quantized_keys_decode_and_encode_as_llama_cpp_stores_them(kv_type) -> N
     assert (np.abs(codec.decode(turned) - exact) <= codec.scales(turned) * 1.01 + 1e-6).all()
 
 
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
+def test_turning_every_layer_in_one_pass_writes_what_a_pass_per_layer_writes(kv_type) -> None:
+    window = CompressionConfig("balanced", "window", {"sink": 4, "window": 60}, kv_type)
+    with Engine.load(n_ctx=256, device=TEST_DEVICE, compression=window) as engine:
+        conv = engine.new_conversation()
+        conv.add_turn("user", "Hello there, how are you today? Tell me about the sea.")
+        data = np.frombuffer(engine.activate(conv).get_state(), dtype=np.uint8)
+        rope, basis = engine.model.rope, engine.model.key_basis(kv_type)
+    assert (basis is None) == (kv_type == "f16")
+    cells = np.arange(1, 9)
+    positions = np.arange(1, 9) + np.array([40, -1, 3, 7, 40, 2, 9, 11])
+    together, alone = SeqState(data.copy()), SeqState(data.copy())
+    together.turn(cells, positions, rope, basis)
+    delta = positions - alone.positions[cells]
+    for _, layer in alone.k:
+        alone._turn_rows([layer[0]], cells, delta, rope, basis)
+    untouched = SeqState(data.copy())
+    assert not np.array_equal(together.k[3][1], untouched.k[3][1])  # it did turn them
+    for (_, a), (_, b) in zip(together.k, alone.k, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert list(together.positions[cells]) == list(positions)
+
+
 def test_the_hadamard_basis_is_orthonormal_and_its_own_inverse() -> None:
     h = hadamard(128)
     np.testing.assert_allclose(h @ h, np.eye(128), atol=1e-6)
