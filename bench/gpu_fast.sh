@@ -14,7 +14,8 @@
 #           on it: bench/turn_profile.py on llama.cpp ($VARIANTS, then beside / after with
 #           CUDA graphs off, GRAPHS_OFF=1), on the scale shape $2 ($SCALE_VARIANTS) and on
 #           the hf fast path ($HF_VARIANTS), then bench/length.py --backend both
-#           (PROFILE_HF_SECONDS=0 or LENGTH_SECONDS=0 leaves either out)
+#           (PROFILE_HF_SECONDS=0 or LENGTH_SECONDS=0 leaves either out; FORCED=1: the
+#           llama.cpp profiles teacher-forced, turn_profile.py --forced)
 set -u
 . "$(dirname "$0")/gpu_stage.sh"
 hide_pandas() {  # sqlite-utils' optional pandas import pulls in pyarrow, which aborts after llama_cpp
@@ -48,7 +49,8 @@ third)
   CCM_LEVELS="balanced: ccm,aggressive: ccm"
   timeout "${PROFILE_SECONDS:-130}" python3 bench/turn_profile.py --backend llamacpp \
     --device gpu --variants "${VARIANTS:-before,toggle,beside,after}" --turns "${TURNS:-12}" \
-    --configs "${CONFIGS:-$CCM_LEVELS}" --out $OUT/turn_profile_gpu.json >> $L 2>&1
+    --configs "${CONFIGS:-$CCM_LEVELS}" ${FORCED:+--forced} --out $OUT/turn_profile_gpu.json \
+    >> $L 2>&1
   if [ -n "${GRAPHS_OFF:-}" ]; then  # is it llama.cpp's CUDA graphs that a changed decode costs?
     GGML_CUDA_DISABLE_GRAPHS=1 timeout 60 python3 bench/turn_profile.py --backend llamacpp \
       --device gpu --variants beside,after --turns "${TURNS:-12}" --configs "$CCM_LEVELS" \
@@ -57,7 +59,7 @@ third)
   if [ -n "${2:-}" ]; then
     timeout "${SCALE_PROFILE_SECONDS:-90}" python3 bench/turn_profile.py --backend llamacpp \
       --device gpu --variants "${SCALE_VARIANTS:-beside,after}" --turns "${TURNS:-12}" \
-      --configs "$CCM_LEVELS" --model /root/scale/$2.gguf \
+      --configs "$CCM_LEVELS" ${FORCED:+--forced} --model /root/scale/$2.gguf \
       --compressor /root/scale/$2-ccm --out $OUT/turn_profile_gpu_$2.json >> $L 2>&1
   fi
   [ "${PROFILE_HF_SECONDS:-100}" = 0 ] || timeout "${PROFILE_HF_SECONDS:-100}" \

@@ -26,7 +26,11 @@ As the text moves into the next turn's prefill, the table shows the prefill and 
 with the after-turn work (`total`) too. `late` is the median over the last third of the
 turns (a level whose slots reached their cap drops a group every turn there).
 Each run ends with save -> restore checked exact (next-token logits of the live and the
-restored conversation). Prints a table and writes JSON.
+restored conversation), and each variant's memory is compared with the first's of its level:
+the same tokens, and the KL of its next-token distribution from the first's. With --forced
+the replies are the data's (teacher forcing), so every variant holds the same text and that
+compares how the cells were moved; the turn is then its prefill. Prints a table and writes
+JSON.
 
     python bench/turn_profile.py --backend llamacpp --device gpu \\
         --variants before,toggle,beside,after --out bench/results/turn_profile_gpu.json
@@ -42,6 +46,8 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 
 def _backend_arg() -> str:
@@ -70,12 +76,38 @@ VARIANTS = ("before", "toggle", "beside", "shift", "pinned", "per-layer", "after
 HF_VARIANTS = ("beside", "eager-rows", "after")
 
 
-def user_turns(data: Path) -> list[str]:
-    """MemoryBank's user turns in order (as bench/resume.py reads them, without its imports
-    of the app and storage, which a GPU host need not have)."""
+def exchanges(data: Path) -> list[tuple[str, str]]:
+    """MemoryBank's (user turn, reply) pairs in order (as bench/resume.py reads them, without
+    its imports of the app and storage, which a GPU host need not have)."""
     bank = json.loads((data / "memory_bank_en.json").read_text())
-    return [t["query"] for user in bank.values() for day in user["history"].values()
-            for t in day]
+    return [(t["query"], t["response"]) for user in bank.values()
+            for day in user["history"].values() for t in day]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    return p / p.sum()
+
+
+def memory_cell(row: dict) -> str:
+    if "same_memory_as_first" not in row:
+        return "(first)"
+    return f"{'same' if row['same_memory_as_first'] else 'differs'} ({row['kl_from_first']:.2g})"
+
+
+def compare_memories(rows: list[dict]) -> None:
+    """Each variant's memory against the first variant's of its level: the same tokens, and
+    (for teacher-forced chats, where every variant holds the same text) how far its
+    next-token distribution is from the first's (KL, nats)."""
+    for label in dict.fromkeys(r["level"] for r in rows):
+        same = [r for r in rows if r["level"] == label]
+        first = softmax(same[0]["next_logits"])
+        for r in same[1:]:
+            r["same_memory_as_first"] = r["memory_tokens"] == same[0]["memory_tokens"]
+            p = softmax(r["next_logits"])
+            r["kl_from_first"] = float(np.sum(first * (np.log(first) - np.log(p))))
+    for r in rows:
+        del r["memory_tokens"], r["next_logits"]
 
 
 def legacy_compact(ctx, last_token: int) -> None:
@@ -149,7 +181,8 @@ def device_sync(engine: Engine):
     return lambda ctx: llama_cpp.llama_synchronize(ctx.ptr)
 
 
-def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str) -> dict:
+def run(label: str, level: str, ccm: bool, chat: list[tuple[str, str]], args,
+        variant: str) -> dict:
     compressor = (args.compressor or True) if ccm else False
     engine = Engine.load(args.model, compression=level, device=args.device, n_ctx=4096,
                          compressor=compressor, backend=args.backend)
@@ -206,13 +239,18 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
     conv.policy.after_turn = timed  # type: ignore[method-assign]
     turn_s, prefill_s = [], []
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    for user in users:
+    for user, reply in chat:
         start = time.perf_counter()
-        for _ in conv.send(user, params):
-            pass
-        stats = conv.last_reply  # the turn ends (and the policy runs) here at the latest
+        if args.forced:  # the data's reply, so every variant holds the same text
+            conv.add_turn("user", user)
+            prefill_s.append(time.perf_counter() - start)
+            conv.add_turn("assistant", reply)
+        else:
+            for _ in conv.send(user, params):
+                pass
+            stats = conv.last_reply  # the turn ends (and the policy runs) here at the latest
+            prefill_s.append(stats.prefill_seconds)
         turn_s.append(time.perf_counter() - start - policy_s[-1])
-        prefill_s.append(stats.prefill_seconds)
     conv.next_token_logits()  # the header decoded; then the last cell again, as a restore does
     live = conv.next_token_logits()
     restored = engine.restore_conversation(conv.save_state())
@@ -225,11 +263,12 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
              for name in dict.fromkeys(k for t in per_turn for k in t)}
     turn = statistics.median(turn_s)
     policy = statistics.median(policy_s)
-    late = len(users) - len(users) // 3
+    late = len(chat) - len(chat) // 3
     late_share = statistics.median(p / t for p, t in zip(policy_s[late:], turn_s[late:],
                                                          strict=True))
     return {"level": label, "variant": variant, "method": engine.compression.method,
-            "turns": len(users), "turn_s_median": turn, "policy_ms_median": 1000 * policy,
+            "turns": len(chat), "forced": args.forced, "turn_s_median": turn,
+            "policy_ms_median": 1000 * policy,
             "prefill_ms_median": 1000 * statistics.median(prefill_s),
             "total_ms_median": 1000 * statistics.median(
                 t + p for t, p in zip(turn_s, policy_s, strict=True)),
@@ -237,7 +276,8 @@ def run(label: str, level: str, ccm: bool, users: list[str], args, variant: str)
             "share_late_median": late_share,
             "share_max": max(p / t for p, t in zip(policy_s, turn_s, strict=True)),
             "calls_ms_median": calls, "restore_max_abs": restore_diff,
-            "held": len(view.tokens), "memory_tokens": list(view.tokens)}
+            "held": len(view.tokens), "memory_tokens": list(view.tokens),
+            "next_logits": live}
 
 
 def main() -> None:
@@ -255,9 +295,13 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(VARIANTS)} (see above)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "CCM_CHAT_MEMORYBANK", DATA)), help="the MemoryBank folder")
+    parser.add_argument("--forced", action="store_true",
+                        help="teacher-forced: the data's replies, not generated ones (the "
+                             "variants' memories then compare token for token; the turn is "
+                             "its prefill)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/turn_profile.json"))
     args = parser.parse_args()
-    users = user_turns(args.data)[: args.turns]
+    chat = exchanges(args.data)[: args.turns]
     wanted = [c.strip() for c in args.configs.split(",")] if args.configs else None
     variants = [v.strip() for v in args.variants.split(",")]
     if args.backend == "hf" and not set(variants) <= set(HF_VARIANTS):
@@ -269,7 +313,7 @@ def main() -> None:
         if wanted is not None and label not in wanted:
             continue
         for variant in variants:
-            row = run(label, level, ccm, users, args, variant)
+            row = run(label, level, ccm, chat, args, variant)
             rows.append(row)
             calls = ", ".join(f"{k} {v:.1f}" for k, v in row["calls_ms_median"].items() if v)
             print(f"{label:20} {variant:6} turn {row['turn_s_median'] * 1000:6.1f} ms, work "
@@ -277,15 +321,11 @@ def main() -> None:
                   f"({100 * row['share_median']:.1f} % / {100 * row['share_max']:.1f} %, "
                   f"late {100 * row['share_late_median']:.1f} %), "
                   f"restore diff {row['restore_max_abs']:.2g}; {calls}", flush=True)
-    for label in dict.fromkeys(r["level"] for r in rows):
-        same = [r for r in rows if r["level"] == label]
-        for r in same[1:]:  # the variants keep the same memory
-            r["same_memory_as_first"] = r["memory_tokens"] == same[0]["memory_tokens"]
-    for r in rows:
-        del r["memory_tokens"]
+    compare_memories(rows)
     print("| level | variant | turn ms (prefill) | after-turn ms (median / max) | total ms | "
-          "share (median / late / max) | where it goes (median ms) | restore max diff |")
-    print("|---|---|---|---|---|---|---|---|")
+          "share (median / late / max) | where it goes (median ms) | restore max diff | "
+          "memory as the first row's (KL) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         calls = ", ".join(f"{k} {v:.1f}" for k, v in r["calls_ms_median"].items() if v >= 0.05)
         print(f"| {r['level']} | {r['variant']} | {1000 * r['turn_s_median']:.1f} "
@@ -293,7 +333,7 @@ def main() -> None:
               f"{r['policy_ms_median']:.1f} / {r['policy_ms_max']:.1f} | "
               f"{r['total_ms_median']:.1f} | {100 * r['share_median']:.1f} % / "
               f"{100 * r['share_late_median']:.1f} % / {100 * r['share_max']:.1f} % | {calls} | "
-              f"{r['restore_max_abs']:.2g} |")
+              f"{r['restore_max_abs']:.2g} | {memory_cell(r)} |")
     write_result(args.out, args.device, {"backend": args.backend, "rows": rows})
 
 
