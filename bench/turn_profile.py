@@ -47,8 +47,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 
 def _backend_arg() -> str:
     for i, arg in enumerate(sys.argv):
@@ -62,6 +60,7 @@ if _backend_arg() == "hf":  # torch before llama_cpp, which the engine imports f
 
 from ccm_chat.engine import Engine, SamplingParams  # noqa: E402  isort: skip
 from ccm_chat.engine.conversation import Conversation  # noqa: E402  isort: skip
+import numpy as np  # noqa: E402  isort: skip  (after llama_cpp: first, it segfaults on the GPU host)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from length import configs  # noqa: E402  isort: skip
