@@ -79,7 +79,7 @@ def exchanges(data: Path) -> list[tuple[str, str]]:
     """MemoryBank's (user turn, reply) pairs in order (as bench/resume.py reads them, without
     its imports of the app and storage, which a GPU host need not have)."""
     bank = json.loads((data / "memory_bank_en.json").read_text())
-    return [(t["query"], t["response"]) for user in bank.values()
+    return [(t["query"], t.get("response", "")) for user in bank.values()
             for day in user["history"].values() for t in day]
 
 
