@@ -263,6 +263,7 @@ class HostMoved:
     state: np.ndarray  # what llama.cpp loads
     kind: str  # what moved ("up", "down", "drop down", ...): each kind is checked once
     checked: bool  # a step of this kind gave what llama.cpp's shift gives
+    up: int  # how far the base moved (LlamaContext._base_step)
     restore: Callable[[], np.ndarray] | None = None  # checked: the source's cells as they were
 
 
@@ -439,16 +440,15 @@ class LlamaContext:
                 beside = self._beside_for(end + n, n, adapter)
                 self._copy_state(self, beside)
                 beside.decode_embeddings(vectors, end, adapter)
-                up = beside._base_step(start, end, drop, self.moves_on_host is not False,
-                                       self.n_ctx)
-                moved = self._host_moved(beside, start, end, drop, up)
+                moved = self._host_moved(beside, start, end, drop)
                 if moved is not None and moved.checked:
                     if self._loaded(moved.state):
                         return
                     moved = None
                     touched = True  # this cache is empty now: beside's result must land
-                if moved is None:  # llama.cpp's shift: the cells after the gap move down
-                    up = beside._base_step(start, end, drop, False, self.n_ctx)
+                # llama.cpp's shift: as the state to check against it has it, else the cells
+                # after the gap move down
+                up = moved.up if moved else beside._base_step(start, end, drop, False, self.n_ctx)
                 beside._shift_gaps(start, end, drop, up)
                 beside._apply_shift()
             except EngineError:
@@ -468,8 +468,7 @@ class LlamaContext:
         in host memory, as one state round trip with the compaction it needs anyway, where
         that is checked (`_host_moved`), else by llama.cpp's position shift."""
         base = self._base
-        up = self._base_step(start, end, drop, self.moves_on_host is not False, self.n_ctx)
-        moved = self._host_moved(self, start, end, drop, up)
+        moved = self._host_moved(self, start, end, drop)
         if moved is not None and moved.checked:
             if self._loaded(moved.state):
                 self._stale = True
@@ -481,8 +480,9 @@ class LlamaContext:
                                   "chat's memory has to be rebuilt from its messages.") from exc
             self._base = base  # not the first kept cell's: the indices are those before
             moved = None
-        if moved is None:  # llama.cpp's shift: the cells after the gap move down
-            up = self._base_step(start, end, drop, False, self.n_ctx)
+        # llama.cpp's shift: as the state to check against it has it, else the cells after
+        # the gap move down
+        up = moved.up if moved else self._base_step(start, end, drop, False, self.n_ctx)
         self._shift_gaps(start, end, drop, up)
         if moved is not None:
             self._apply_shift()
@@ -515,10 +515,11 @@ class LlamaContext:
         self.shift(end, -1, up - drop - (end - start))
         self._base += up
 
-    def _host_moved(self, source: LlamaContext, start: int, end: int, drop: int,
-                    up: int) -> HostMoved | None:
-        """Source's cache as `_shift_gaps(start, end, drop, up)` leaves it, made as state
-        bytes in host memory: the kept cells at their new positions, the moved ones' keys
+    def _host_moved(self, source: LlamaContext, start: int, end: int,
+                    drop: int) -> HostMoved | None:
+        """Source's cache as `_shift_gaps(start, end, drop, up)` leaves it, the side of the
+        gap with fewer cells moving (`up`: `_base_step`), made as state bytes in host
+        memory: the kept cells at their new positions, the moved ones' keys
         re-rotated with llama.cpp's RoPE angles. None where that cannot be done (then never
         again), or would re-rotate more than HOST_ROTATE_MAX key elements (this step only).
 
@@ -529,6 +530,7 @@ class LlamaContext:
         in host memory (2,000 cells of a light window are 35 MB)."""
         if self.moves_on_host is False or source._shifted:  # a shift pending: not in a state
             return None
+        up = source._base_step(start, end, drop, True, self.n_ctx)
         held = source.pos_max() + 1
         shifts = ((up - drop, start - drop), (up - drop - (end - start), held - end))
         signs = {int(np.sign(d)) for d, cells in shifts if d and cells > 0}
@@ -557,7 +559,7 @@ class LlamaContext:
                 undo = self._pristine.turn_from_first(state, rising)
                 made = state.moved(keep, new[keep], rope, self._made.array, basis)
                 undo()
-                return HostMoved(made, kind, False)
+                return HostMoved(made, kind, False, up)
             old = state.positions[turning].copy()
             self._pristine.turn_from_first(state, turning[new[turning] > old])
             state.turn(turning, new[turning], rope, basis)
@@ -568,7 +570,7 @@ class LlamaContext:
         def restore() -> np.ndarray:  # the cells back where they were, for llama.cpp's shift
             state.turn(turning, old, rope, basis)
             return state.buf
-        return HostMoved(state.buf, kind, True, restore)
+        return HostMoved(state.buf, kind, True, up, restore)
 
     def _check_moves(self, moved: HostMoved) -> None:
         """Compare a state made in host memory with llama.cpp's, in this cache just now."""
