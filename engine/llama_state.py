@@ -65,11 +65,13 @@ class Rope:
         angle = delta.astype(np.float64)[:, None] * self.theta[None, :]
         cos = np.cos(angle).astype(np.float32)[:, None, :]
         sin = np.sin(angle).astype(np.float32)[:, None, :]
+        if not self.neox:  # pairs (2i, 2i+1): complex numbers, turned by one product
+            turn = np.empty(cos.shape, dtype=np.complex64)
+            turn.real, turn.imag = cos, sin
+            heads[..., :self.n_rot].view(np.complex64)[...] *= turn
+            return heads.reshape(rows.shape)
         half = self.n_rot // 2
-        if self.neox:
-            x0, x1 = heads[..., :half], heads[..., half:self.n_rot]
-        else:
-            x0, x1 = heads[..., 0:self.n_rot:2], heads[..., 1:self.n_rot:2]
+        x0, x1 = heads[..., :half], heads[..., half:self.n_rot]
         y0, y1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
         x0[...], x1[...] = y0, y1  # views into `heads`
         return heads.reshape(rows.shape)
@@ -264,29 +266,15 @@ class SeqState:
         at = 16 + 12 * cells
         v_trans, n_layer = struct.unpack_from("<II", buf, at)
         self.v_trans = v_trans
-        at += 8
         # each layer's K, then each layer's V: (its 12-byte header, its data as an array of
         # (runs, cells, bytes of a cell in a run)): a run is a row of cells; a transposed V
         # stores one run per dimension, a cell's element in each
-        self.k: list[tuple[np.ndarray, np.ndarray]] = []
-        self.key_kind: int | None = None  # the ggml type of every layer's keys
-        self.v: list[tuple[np.ndarray, np.ndarray]] = []
-        for rows, transposed in ((self.k, False), (self.v, bool(v_trans))):
-            for _ in range(n_layer):
-                if transposed:
-                    kind, size, runs = struct.unpack_from("<iII", buf, at)
-                else:
-                    (kind, size), runs = struct.unpack_from("<iQ", buf, at), 1
-                n = runs * cells * size
-                if at + 12 + n > len(buf):
-                    raise ValueError("a truncated state")
-                data = buf[at + 12:at + 12 + n].reshape(runs, cells, size)
-                rows.append((buf[at:at + 12], data))
-                if rows is self.k:
-                    if kind not in KEY_CODECS or self.key_kind not in (None, kind):
-                        raise ValueError(f"keys of ggml type {kind}")
-                    self.key_kind = kind
-                at += 12 + n
+        self.k, self.key_rows, at = _layers(buf, at + 8, n_layer, cells, False)
+        self.v, _, at = _layers(buf, at, n_layer, cells, bool(v_trans))
+        kinds = {struct.unpack_from("<i", head)[0] for head, _ in self.k}
+        if len(kinds) > 1 or not kinds <= KEY_CODECS.keys():
+            raise ValueError(f"keys of ggml types {sorted(kinds)}")
+        self.key_kind: int | None = kinds.pop() if kinds else None
         if at != len(buf):
             raise ValueError("an unexpected layout")
 
@@ -327,7 +315,7 @@ class SeqState:
             out[at:at + 12] = head
             rows = out[at + 12:at + 12 + runs * n * cell].reshape(runs, n, cell)
             np.take(data, keep, axis=1, out=rows)
-            keys.append(rows[0])
+            keys.append(rows[:1])
             at += 12 + runs * n * cell
         self._turn_rows(keys[:len(self.k)], turn, delta[turn], rope, basis)
         return out
@@ -339,31 +327,61 @@ class SeqState:
         if not len(cells):
             return
         delta = positions - self.positions[cells]
-        self._turn_rows([data[0] for _, data in self.k], cells, delta, rope, basis)
+        blocks = [data for _, data in self.k] if self.key_rows is None else [self.key_rows]
+        self._turn_rows(blocks, cells, delta, rope, basis)
         self.positions[cells] = positions
 
-    def _turn_rows(self, layers: list[np.ndarray], cells: np.ndarray, delta: np.ndarray,
+    def _turn_rows(self, blocks: list[np.ndarray], cells: np.ndarray, delta: np.ndarray,
                    rope: Rope, basis: np.ndarray | None) -> None:
-        """Rotate rows `cells` of each layer's key rows (cells, bytes) by `delta` positions,
-        in their stored form, in place: every layer in one pass (a pass per layer cost the
-        default model's 30 layers 0.9 ms a CCM step on the dev CPU, most of it per call)."""
+        """Rotate rows `cells` of key rows (layers, cells, bytes) by `delta` positions, in
+        their stored form, in place, a block of layers at a time: the whole state's keys
+        are one block where every layer has the same layout (`key_rows`; a pass per layer
+        cost the default model's 30 layers 0.9 ms a CCM step on the dev CPU, most of it
+        per call)."""
         if not len(cells):
             return
-        alike: dict[int, list[np.ndarray]] = {}  # layers of one row size (most models: all)
-        for rows in layers:
-            alike.setdefault(rows.shape[1], []).append(rows)
-        for row_bytes, group in alike.items():
-            stacked = np.stack([rows[cells] for rows in group])  # (layers, cells, bytes)
-            flat = stacked.reshape(-1, row_bytes)
+        for block in blocks:
+            picked = block[:, cells]  # (layers, cells, bytes), a copy
+            flat = picked.reshape(-1, picked.shape[2])
             keys = self.codec.decode(flat)
             if basis is not None:
                 keys = in_basis(keys, basis)
-            keys = rope.rotate(keys.reshape(len(group), len(cells), -1), delta)
+            keys = rope.rotate(keys.reshape(len(block), len(cells), -1), delta)
             if basis is not None:
                 keys = in_basis(keys, basis)
-            turned = self.codec.encode(keys.reshape(len(flat), -1))
-            for rows, new in zip(group, turned.reshape(stacked.shape), strict=True):
-                rows[cells] = new
+            block[:, cells] = self.codec.encode(keys.reshape(len(flat), -1)).reshape(
+                picked.shape)
+
+
+def _layers(buf: np.ndarray, at: int, n_layer: int, cells: int, transposed: bool
+            ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None, int]:
+    """The n_layer (header, data) pairs that start at `at`, their data as one array
+    (layers, runs, cells, bytes) too where every layer has the same header (every model
+    this app runs: one view instead of a walk of n_layer steps), and where they end."""
+    def header(at: int) -> tuple[int, int]:  # (runs, bytes of a cell in a run)
+        if transposed:
+            _, size, runs = struct.unpack_from("<iII", buf, at)
+            return runs, size
+        return 1, struct.unpack_from("<iQ", buf, at)[1]
+
+    if n_layer:
+        runs, size = header(at)
+        stride = 12 + runs * cells * size
+        if at + n_layer * stride <= len(buf):
+            rows = buf[at:at + n_layer * stride].reshape(n_layer, stride)
+            if (rows[:, :12] == rows[0, :12]).all():
+                data = rows[:, 12:].reshape(n_layer, runs, cells, size)
+                return ([(rows[i, :12], data[i]) for i in range(n_layer)],
+                        data[:, 0] if runs == 1 else None, at + n_layer * stride)
+    layers = []
+    for _ in range(n_layer):
+        runs, size = header(at)
+        n = runs * cells * size
+        if at + 12 + n > len(buf):
+            raise ValueError("a truncated state")
+        layers.append((buf[at:at + 12], buf[at + 12:at + 12 + n].reshape(runs, cells, size)))
+        at += 12 + n
+    return layers, None, at
 
 
 class FirstKeys:

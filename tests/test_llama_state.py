@@ -3,6 +3,7 @@ factors, the key rotation, and a state written back unchanged when nothing moves
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -12,10 +13,13 @@ import pytest
 from ccm_chat.engine import CompressionConfig, Engine
 from ccm_chat.engine.host_buffer import HostBuffer, _cuda_runtime
 from ccm_chat.engine.llama_state import (
+    GGML_F16,
     GGML_Q4_0,
     GGML_Q8_0,
+    MAGIC,
     ROPE_NEOX,
     ROPE_NORM,
+    F16Keys,
     Rope,
     SeqState,
     hadamard,
@@ -126,13 +130,48 @@ def test_turning_every_layer_in_one_pass_writes_what_a_pass_per_layer_writes(kv_
     together, alone = SeqState(data.copy()), SeqState(data.copy())
     together.turn(cells, positions, rope, basis)
     delta = positions - alone.positions[cells]
+    assert together.key_rows is not None  # every layer alike: one block of all of them
     for _, layer in alone.k:
-        alone._turn_rows([layer[0]], cells, delta, rope, basis)
-    untouched = SeqState(data.copy())
-    assert not np.array_equal(together.k[3][1], untouched.k[3][1])  # it did turn them
-    for (_, a), (_, b) in zip(together.k, alone.k, strict=True):
-        np.testing.assert_array_equal(a, b)
+        alone._turn_rows([layer], cells, delta, rope, basis)
+    alone.positions[cells] = positions
+    assert not np.array_equal(together.buf, data)  # it did turn them, in the state's bytes
+    np.testing.assert_array_equal(together.buf, alone.buf)
     assert list(together.positions[cells]) == list(positions)
+
+
+def synthetic_state(row_elements: list[int], cells: int) -> np.ndarray:
+    """A one-sequence state in llama.cpp's layout with f16 K and V rows of the given
+    lengths, one layer each, random values, cells at positions 0.."""
+    rng = np.random.default_rng(1)
+    parts = [struct.pack("<IiII", MAGIC, 0, 1, cells),
+             np.array([[i, 1, 0] for i in range(cells)], dtype=np.int32).tobytes(),
+             struct.pack("<II", 0, len(row_elements))]
+    for _ in ("K", "V"):
+        for n in row_elements:
+            parts.append(struct.pack("<iQ", GGML_F16, 2 * n))
+            parts.append(rng.normal(size=(cells, n)).astype(np.float16).tobytes())
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
+
+
+def test_a_state_whose_layers_differ_is_read_layer_by_layer_and_turns_as_each_alone() -> None:
+    rope = Rope.plain(ROPE_NORM, n_rot=4, head_dim=4, base=100.0, freq_scale=1.0)
+    data = synthetic_state([8, 4, 8], cells=5)
+    state = SeqState(data.copy())
+    assert state.key_rows is None and [d.shape for _, d in state.k] == [
+        (1, 5, 16), (1, 5, 8), (1, 5, 16)]
+    assert state.key_elements == 20
+    cells, positions = np.array([1, 3]), np.array([7, 2])
+    state.turn(cells, positions, rope)
+    original = SeqState(data)
+    for (_, turned), (_, before) in zip(state.k, original.k, strict=True):
+        keys = F16Keys().decode(before[0][cells])
+        expected = F16Keys().encode(rope.rotate(keys, positions - np.array([1, 3])))
+        np.testing.assert_array_equal(turned[0][cells], expected)
+    alike = SeqState(synthetic_state([8, 8], cells=5))
+    assert alike.key_rows is not None and alike.key_rows.shape == (2, 5, 16)
+    assert np.shares_memory(alike.key_rows, alike.buf)
+    with pytest.raises(ValueError):
+        SeqState(data[:-2])
 
 
 def test_the_hadamard_basis_is_orthonormal_and_its_own_inverse() -> None:
