@@ -15,7 +15,11 @@
 #           CUDA graphs off, GRAPHS_OFF=1), on the scale shape $2 ($SCALE_VARIANTS) and on
 #           the hf fast path ($HF_VARIANTS), then bench/length.py --backend both
 #           (PROFILE_HF_SECONDS=0 or LENGTH_SECONDS=0 leaves either out; FORCED=1: the
-#           llama.cpp profiles teacher-forced, turn_profile.py --forced)
+#           llama.cpp profiles teacher-forced, turn_profile.py --forced; OLD_ENGINE=DIR: only
+#           the llama.cpp profile, `after`, once for each word of $ORDER (default `old new
+#           new old`): old, the engine in DIR, an earlier commit's (`git archive REV engine |
+#           tar -x -C .dev/old`, carried), new, this one's; MAX_TOKENS: the reply cap, 48 by
+#           default; TAG: in the JSON names)
 set -u
 . "$(dirname "$0")/gpu_stage.sh"
 hide_pandas() {  # sqlite-utils' optional pandas import pulls in pyarrow, which aborts after llama_cpp
@@ -47,14 +51,32 @@ third)
     CCM_CHAT_CHITCHAT=$S/dataset.json CCM_CHAT_MEMORYBANK=$S/memorybank_en \
     PYTHONPATH=/tmp/nopandas:/tmp/site:/tmp/ns PYTHONUNBUFFERED=1
   CCM_LEVELS="balanced: ccm,aggressive: ccm"
+  if [ -n "${OLD_ENGINE:-}" ]; then  # the engine of an earlier commit beside this one's
+    mkdir -p /tmp/oldns/ccm_chat && for p in app storage ui assets; do
+      ln -sfn "$PWD/$p" /tmp/oldns/ccm_chat/$p
+    done
+    ln -sfn "$PWD/$OLD_ENGINE" /tmp/oldns/ccm_chat/engine
+    n=0
+    for tree in old new new old; do
+      n=$((n + 1)); ns=/tmp/ns; [ $tree = old ] && ns=/tmp/oldns
+      PYTHONPATH=/tmp/nopandas:/tmp/site:$ns timeout "${PROFILE_SECONDS:-130}" python3 \
+        bench/turn_profile.py --backend llamacpp --device gpu --variants after \
+        --turns "${TURNS:-12}" --configs "${CONFIGS:-$CCM_LEVELS}" --max-tokens \
+        "${MAX_TOKENS:-48}" --out $OUT/turn_profile_gpu_${TAG:-engine}_${n}_$tree.json >> $L 2>&1
+    done
+    grep -v "^ " $L | grep -v "^|" | tail -n 60
+    exit 0
+  fi
   timeout "${PROFILE_SECONDS:-130}" python3 bench/turn_profile.py --backend llamacpp \
     --device gpu --variants "${VARIANTS:-before,toggle,beside,after}" --turns "${TURNS:-12}" \
-    --configs "${CONFIGS:-$CCM_LEVELS}" ${FORCED:+--forced} --out $OUT/turn_profile_gpu.json \
+    --configs "${CONFIGS:-$CCM_LEVELS}" ${FORCED:+--forced} --max-tokens "${MAX_TOKENS:-48}" \
+    --out $OUT/turn_profile_gpu${TAG:+_$TAG}.json \
     >> $L 2>&1
   if [ -n "${GRAPHS_OFF:-}" ]; then  # is it llama.cpp's CUDA graphs that a changed decode costs?
     GGML_CUDA_DISABLE_GRAPHS=1 timeout 60 python3 bench/turn_profile.py --backend llamacpp \
       --device gpu --variants beside,after --turns "${TURNS:-12}" --configs "$CCM_LEVELS" \
-      --out $OUT/turn_profile_gpu_graphs_off.json >> $L 2>&1
+      --max-tokens "${MAX_TOKENS:-48}" --out $OUT/turn_profile_gpu_graphs_off${TAG:+_$TAG}.json \
+      >> $L 2>&1
   fi
   if [ -n "${2:-}" ]; then
     timeout "${SCALE_PROFILE_SECONDS:-90}" python3 bench/turn_profile.py --backend llamacpp \
@@ -65,8 +87,8 @@ third)
   [ "${PROFILE_HF_SECONDS:-100}" = 0 ] || timeout "${PROFILE_HF_SECONDS:-100}" \
     python3 bench/turn_profile.py --backend hf --device gpu \
     --turns "${TURNS:-12}" --configs "${HF_CONFIGS:-$CCM_LEVELS}" \
-    --variants "${HF_VARIANTS:-eager-rows,after}" \
-    --out $OUT/turn_profile_gpu_hf.json >> $L 2>&1
+    --variants "${HF_VARIANTS:-eager-rows,after}" --max-tokens "${MAX_TOKENS:-48}" \
+    --out $OUT/turn_profile_gpu_hf${TAG:+_$TAG}.json >> $L 2>&1
   [ "${LENGTH_SECONDS:-230}" = 0 ] || timeout "${LENGTH_SECONDS:-230}" python3 bench/length.py \
     --backend both --device gpu --child-seconds "${CHILD_SECONDS:-110}" \
     --configs "${LENGTH_CONFIGS:-off}" --out $OUT/length_gpu_both.json >> $L 2>&1

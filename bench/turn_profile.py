@@ -204,8 +204,9 @@ def run(label: str, level: str, ccm: bool, chat: list[tuple[str, str]], args,
     if variant == "per-layer":
         from ccm_chat.engine.llama_state import SeqState
         turn_rows, clear = SeqState._turn_rows, kind.clear
-        patched[SeqState, "_turn_rows"] = lambda self, layers, *rest: [
-            turn_rows(self, [rows], *rest) for rows in layers]
+        patched[SeqState, "_turn_rows"] = lambda self, blocks, *rest: [
+            turn_rows(self, [block[i:i + 1]], *rest) for block in blocks
+            for i in range(len(block))]
         patched[kind, "clear"] = lambda self, data=True: clear(self, True)
     for (owner, name), replacement in list(patched.items()):
         patched[owner, name] = getattr(owner, name)
@@ -236,7 +237,7 @@ def run(label: str, level: str, ccm: bool, chat: list[tuple[str, str]], args,
         per_turn.append(dict(prof.turn))
 
     conv.policy.after_turn = timed  # type: ignore[method-assign]
-    turn_s, prefill_s = [], []
+    turn_s, prefill_s, reply_tokens = [], [], []
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     for user, reply in chat:
         start = time.perf_counter()
@@ -249,6 +250,7 @@ def run(label: str, level: str, ccm: bool, chat: list[tuple[str, str]], args,
                 pass
             stats = conv.last_reply  # the turn ends (and the policy runs) here at the latest
             prefill_s.append(stats.prefill_seconds)
+            reply_tokens.append(stats.tokens)
         turn_s.append(time.perf_counter() - start - policy_s[-1])
     conv.next_token_logits()  # the header decoded; then the last cell again, as a restore does
     live = conv.next_token_logits()
@@ -267,6 +269,7 @@ def run(label: str, level: str, ccm: bool, chat: list[tuple[str, str]], args,
                                                          strict=True))
     return {"level": label, "variant": variant, "method": engine.compression.method,
             "turns": len(chat), "forced": args.forced, "turn_s_median": turn,
+            "reply_tokens_median": statistics.median(reply_tokens) if reply_tokens else None,
             "policy_ms_median": 1000 * policy,
             "prefill_ms_median": 1000 * statistics.median(prefill_s),
             "total_ms_median": 1000 * statistics.median(
@@ -315,7 +318,9 @@ def main() -> None:
             row = run(label, level, ccm, chat, args, variant)
             rows.append(row)
             calls = ", ".join(f"{k} {v:.1f}" for k, v in row["calls_ms_median"].items() if v)
-            print(f"{label:20} {variant:6} turn {row['turn_s_median'] * 1000:6.1f} ms, work "
+            replies = row["reply_tokens_median"]
+            print(f"{label:20} {variant:6} turn {row['turn_s_median'] * 1000:6.1f} ms"
+                  f"{f' ({replies:g} tokens)' if replies is not None else ''}, work "
                   f"{row['policy_ms_median']:6.1f} / {row['policy_ms_max']:6.1f} ms "
                   f"({100 * row['share_median']:.1f} % / {100 * row['share_max']:.1f} %, "
                   f"late {100 * row['share_late_median']:.1f} %), "
