@@ -57,7 +57,7 @@ third)
     done
     ln -sfn "$PWD/$OLD_ENGINE" /tmp/oldns/ccm_chat/engine
     n=0
-    for tree in old new new old; do
+    for tree in ${ORDER:-old new new old}; do
       n=$((n + 1)); ns=/tmp/ns; [ $tree = old ] && ns=/tmp/oldns
       PYTHONPATH=/tmp/nopandas:/tmp/site:$ns timeout "${PROFILE_SECONDS:-130}" python3 \
         bench/turn_profile.py --backend llamacpp --device gpu --variants after \
