@@ -309,15 +309,14 @@ class SeqState:
         at = 24 + 12 * n
         delta = positions - self.positions[keep]
         turn = np.nonzero(delta)[0]
-        keys: list[np.ndarray] = []
         for head, data in layers:
             runs, _, cell = data.shape
             out[at:at + 12] = head
             rows = out[at + 12:at + 12 + runs * n * cell].reshape(runs, n, cell)
             np.take(data, keep, axis=1, out=rows)
-            keys.append(rows[:1])
             at += 12 + runs * n * cell
-        self._turn_rows(keys[:len(self.k)], turn, delta[turn], rope, basis)
+        written, block, _ = _layers(out, 24 + 12 * n, len(self.k), n, False)
+        self._turn_rows(_key_blocks(written, block), turn, delta[turn], rope, basis)
         return out
 
     def turn(self, cells: np.ndarray, positions: np.ndarray, rope: Rope,
@@ -327,8 +326,7 @@ class SeqState:
         if not len(cells):
             return
         delta = positions - self.positions[cells]
-        blocks = [data for _, data in self.k] if self.key_rows is None else [self.key_rows]
-        self._turn_rows(blocks, cells, delta, rope, basis)
+        self._turn_rows(_key_blocks(self.k, self.key_rows), cells, delta, rope, basis)
         self.positions[cells] = positions
 
     def _turn_rows(self, blocks: list[np.ndarray], cells: np.ndarray, delta: np.ndarray,
@@ -351,6 +349,12 @@ class SeqState:
                 keys = in_basis(keys, basis)
             block[:, cells] = self.codec.encode(keys.reshape(len(flat), -1)).reshape(
                 picked.shape)
+
+
+def _key_blocks(layers: list[tuple[np.ndarray, np.ndarray]], block: np.ndarray | None
+                ) -> list[np.ndarray]:
+    """What `_turn_rows` turns: every layer's keys as one block, or a block a layer."""
+    return [block] if block is not None else [data for _, data in layers]
 
 
 def _layers(buf: np.ndarray, at: int, n_layer: int, cells: int, transposed: bool
