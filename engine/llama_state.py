@@ -360,8 +360,8 @@ def _key_blocks(layers: list[tuple[np.ndarray, np.ndarray]], block: np.ndarray |
 def _layers(buf: np.ndarray, at: int, n_layer: int, cells: int, transposed: bool
             ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray | None, int]:
     """The n_layer (header, data) pairs that start at `at`, their data as one array
-    (layers, runs, cells, bytes) too where every layer has the same header (every model
-    this app runs: one view instead of a walk of n_layer steps), and where they end."""
+    (layers, runs, cells, bytes) too where every layer has the same header (the default
+    model's do: one view instead of a walk of n_layer steps), and where they end."""
     def header(at: int) -> tuple[int, int]:  # (runs, bytes of a cell in a run)
         if transposed:
             _, size, runs = struct.unpack_from("<iII", buf, at)
