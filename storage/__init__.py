@@ -3,6 +3,7 @@
 from ccm_chat.storage.store import (
     ConversationRecord,
     DatabaseLockedError,
+    DiskFullError,
     LeaseRecord,
     MemoryStateRecord,
     MessageRecord,
@@ -16,6 +17,7 @@ from ccm_chat.storage.store import (
 __all__ = [
     "ConversationRecord",
     "DatabaseLockedError",
+    "DiskFullError",
     "LeaseRecord",
     "MemoryStateRecord",
     "MessageRecord",

@@ -1,10 +1,13 @@
 """The SQLite store: conversations, messages and settings, through sqlite-utils.
 
 One connection guarded by a lock, because the UI writes from a worker thread while the main
-thread reads; WAL lets a second process (`ccm-chat list`) read while the app writes. A write
-takes SQLite's write lock up front (BEGIN IMMEDIATE), so nothing is ever half-written, and
-waits for it: short busy timeouts retried for up to `timeout` seconds, with this store's own
-lock let go between tries so that the UI thread's reads go on, then DatabaseLockedError.
+thread reads; WAL lets a second process (`ccm-chat list`) read while the app writes, and
+opening takes no write lock unless a migration is pending. A write takes SQLite's write lock
+up front (BEGIN IMMEDIATE), so nothing is ever half-written, and waits for it: short busy
+timeouts retried for up to `timeout` seconds, with this store's own lock let go between tries
+so that the UI thread's reads go on, then DatabaseLockedError. Chats are private: the folder
+it creates is 0700 and the database files 0600. On a full disk the memory states (a cache)
+give way to the transcript.
 """
 
 from __future__ import annotations
@@ -14,20 +17,22 @@ import json
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlite_utils
 
 from ccm_chat.storage.migrations import MIGRATIONS
 
 Clock = Callable[[], datetime]
+T = TypeVar("T")
 PAGE_SIZE = 16 << 10  # bytes a page of a new database holds
 WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept after a checkpoint
 WRITE_WAIT_SECONDS = 8.0  # how long a write waits for another program's lock
@@ -48,6 +53,10 @@ class NotFoundError(StorageError):
 
 class DatabaseLockedError(StorageError):
     """Another program held the write lock for longer than the store waits; nothing was written."""
+
+
+class DiskFullError(StorageError):
+    """The disk (or SQLite's size limit) had no room for a write; nothing of it was written."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +144,17 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, someone else's
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether the process has exited and waits only for its parent to reap it (Linux's
+    /proc tells; elsewhere: assume not)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat_line.rpartition(")")[2].split()[:1] == ["Z"]  # the name may hold ") "
 
 
 def checksum(data: bytes) -> str:
@@ -175,29 +194,67 @@ def _is_lock(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _is_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "is full" in str(exc)
+
+
+def _error(exc: sqlite3.Error, text: str) -> StorageError:
+    """The StorageError, in words, for an SQLite error."""
+    return DiskFullError(text) if _is_full(exc) else StorageError(text)
+
+
+def _private_dir(folder: Path) -> None:
+    """Create `folder` and the missing ones above it readable by this user only (0700); a
+    folder that exists is left as it is (it may be the user's home)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+
+
+def _private_files(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (SQLite gives its -wal and -shm the
+    mode of the main file), and take group and other access away from an existing one this
+    user owns. Best effort: a file that cannot be changed (read-only) is left as it is."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # SQLite says what is wrong, in its words
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            info = file.stat()
+            if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+                file.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+        except OSError:
+            continue
+
+
 class Store:
     """All persistent state of the app. Every write is one transaction.
 
     `timeout`: seconds a write waits for another program's write lock before it gives up with
-    DatabaseLockedError.
+    DatabaseLockedError. `read_only`: open it for reading only (SQLite's mode=ro); nothing is
+    created, and every write fails.
     """
 
     def __init__(self, path: Path | str, clock: Clock = utc_now,
-                 timeout: float = WRITE_WAIT_SECONDS) -> None:
+                 timeout: float = WRITE_WAIT_SECONDS, read_only: bool = False) -> None:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.RLock()
         self._timeout = timeout
+        self._read_only = read_only
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS,
-                                   check_same_thread=False)
-            self.db = sqlite_utils.Database(conn)
-            # a new file only (an existing one keeps its own): memory states are large BLOBs,
-            # written and freed whole, and 16 KiB pages move them in a quarter of the pages
-            self.db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            self.db = sqlite_utils.Database(self._connect())
+            if not read_only:
+                # a new file only (an existing one keeps its own): memory states are large
+                # BLOBs, written and freed whole, and 16 KiB pages move them in a quarter of
+                # the pages
+                self.db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+                self.db.enable_wal()
             self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.enable_wal()
             # the WAL file shrinks back after a checkpoint instead of staying at its peak
             self.db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             self._migrate()
@@ -206,6 +263,28 @@ class Store:
         except OSError as exc:
             raise StorageError(f"Cannot open the database at {self.path}: {exc}") from exc
 
+    def _connect(self) -> sqlite3.Connection:
+        """The connection; a read-write one creates the database privately first."""
+        if self._read_only:
+            return sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                                   timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+        _private_dir(self.path.parent)
+        _private_files(self.path)
+        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+
+    @property
+    def writable(self) -> bool:
+        """Whether a write could succeed: opened read-write, the file writable, and its folder
+        too unless the -wal and -shm SQLite needs are there and writable. Asks the file
+        system only (a read-only file, folder or mount, or an immutable file, says no):
+        nothing is written or locked, so the app may ask at open and warn at once."""
+        if self._read_only:
+            return False
+        logs = [Path(f"{self.path}{end}") for end in ("-wal", "-shm")]
+        logs_ready = all(os.access(p, os.W_OK) for p in logs)
+        return os.access(self.path, os.W_OK) and (
+            logs_ready or os.access(self.path.parent, os.W_OK | os.X_OK))
+
     def _explain(self, exc: sqlite3.Error) -> str:
         text = str(exc)
         if _is_lock(exc):
@@ -213,6 +292,17 @@ class Store:
                 f"The database {self.path} is locked by another program, which kept it for "
                 f"more than {self._timeout:g} s. Try again in a moment; if it stays locked, "
                 "close the program that holds it (or pass --db to use another file)."
+            )
+        if _is_full(exc):
+            return (
+                f"The disk that holds {self.path} is full ({text}), so nothing of this was "
+                "written. Free some space on it and try again, or pass --db to use a database "
+                "on another disk."
+            )
+        if "readonly" in text or "read-only" in text:
+            return (
+                f"The database {self.path} is read-only ({text}), so nothing can be saved to "
+                "it. Make the file and its folder writable, or pass --db to use another file."
             )
         if "not a database" in text or "malformed" in text or "corrupt" in text:
             return (
@@ -233,10 +323,36 @@ class Store:
             if self.db.conn.in_transaction:
                 self.db.conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise StorageError(self._explain(exc)) from exc
+                raise _error(exc, self._explain(exc)) from exc
             raise
         finally:
             self._lock.release()
+
+    def _write_making_room(self, write: Callable[[sqlite_utils.Database], T]) -> T:
+        """`write` in one transaction; when the disk is full, the memory states (a cache the
+        transcript rebuilds) are dropped and the WAL given back, and it is tried once more,
+        so a chat's words never lose their place to its cache."""
+        try:
+            with self._tx() as db:
+                return write(db)
+        except DiskFullError:
+            self._make_room()
+        with self._tx() as db:
+            return write(db)
+
+    def _make_room(self) -> None:
+        """Free what the transcript may use: the WAL checkpointed and truncated, then every
+        memory state deleted and its pages given back. Best effort."""
+        self._checkpoint()
+        with suppress(StorageError), self._tx() as db:  # no room even for this: the retry says
+            db.execute("DELETE FROM memory_states")
+        self._reclaim()
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it to nothing (best effort: a reader
+        in another program may keep part of it)."""
+        with self._lock, suppress(sqlite3.Error):
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _begin(self) -> None:
         """BEGIN IMMEDIATE, retried while another program writes, for up to `timeout` s."""
@@ -249,7 +365,7 @@ class Store:
             except sqlite3.Error as exc:
                 self._lock.release()
                 if not (isinstance(exc, sqlite3.OperationalError) and _is_lock(exc)):
-                    raise StorageError(self._explain(exc)) from exc
+                    raise _error(exc, self._explain(exc)) from exc
                 if time.monotonic() >= deadline:
                     raise DatabaseLockedError(self._explain(exc)) from exc
             time.sleep(RETRY_PAUSE_SECONDS)  # without the lock: reads go on meanwhile
@@ -263,28 +379,52 @@ class Store:
 
     # -- schema ---------------------------------------------------------------------------------
 
+    def _applied(self) -> set[str]:
+        """The migrations this database has had (none for a new file): plain reads, which
+        another program's write does not block."""
+        if not self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                          "AND name = '_migrations'"):
+            return set()
+        return {row["name"] for row in self._read("SELECT name FROM _migrations")}
+
     def _migrate(self) -> None:
+        """Bring the schema up to date. Opening an up-to-date database takes no write lock,
+        so list, search and export work while another window writes; after migrations the
+        WAL is checkpointed (with 16 KiB pages SQLite's own waits for about 16 MB)."""
+        if {fn.__name__ for fn in MIGRATIONS} <= self._applied():
+            return
+        if self._read_only:
+            raise StorageError(f"The database {self.path} was made by an older ccm-chat and "
+                               "must be upgraded, which a read-only open cannot do. Open it "
+                               "once with write access.")
         with self._tx() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT)"
             )
-        done = {row["name"] for row in self._read("SELECT name FROM _migrations")}
         for fn in MIGRATIONS:
-            if fn.__name__ in done:
-                continue
-            if getattr(fn, "outside_transaction", False):
-                with self._lock:
-                    fn(self.db)
-                with self._tx() as db:
-                    db["_migrations"].insert({"name": fn.__name__, "applied": self._now()})
-                continue
+            self._apply(fn)
+        self._checkpoint()
+
+    def _apply(self, fn: Callable[[sqlite_utils.Database], None]) -> None:
+        """Run one migration unless it ran (in this or another process) and record it."""
+        record = "INSERT OR IGNORE INTO _migrations (name, applied) VALUES (?, ?)"
+        if getattr(fn, "outside_transaction", False):
+            if fn.__name__ in self._applied():
+                return
+            with self._lock:
+                fn(self.db)
             with self._tx() as db:
-                fn(db)
-                db["_migrations"].insert({"name": fn.__name__, "applied": self._now()})
+                db.execute(record, (fn.__name__, self._now()))
+            return
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM _migrations WHERE name = ?", (fn.__name__,)).fetchone():
+                return
+            fn(db)
+            db.execute(record, (fn.__name__, self._now()))
 
     @property
     def schema_version(self) -> int:
-        return len(self._read("SELECT name FROM _migrations"))
+        return len(self._applied())
 
     def _now(self) -> str:
         return self._clock().isoformat(timespec="milliseconds")
@@ -303,16 +443,15 @@ class Store:
         settings: dict[str, Any] | None = None,
     ) -> ConversationRecord:
         now = self._now()
-        with self._tx() as db:
-            row = {
-                "title": title,
-                "created": now,
-                "updated": now,
-                "model": model,
-                "system_prompt": system_prompt,
-                "settings": json.dumps(settings or {}),
-            }
-            conv_id = db["conversations"].insert(row).last_pk
+        row = {
+            "title": title,
+            "created": now,
+            "updated": now,
+            "model": model,
+            "system_prompt": system_prompt,
+            "settings": json.dumps(settings or {}),
+        }
+        conv_id = self._write_making_room(lambda db: db["conversations"].insert(row).last_pk)
         return self.get_conversation(conv_id)
 
     def get_conversation(self, conversation_id: int) -> ConversationRecord:
@@ -366,22 +505,23 @@ class Store:
     ) -> MessageRecord:
         """Append a message; `title` and `model`, when given, update the conversation in the
         same transaction (a first message names its chat; a reply names its model)."""
-        with self._tx() as db:
-            msg_id = self._insert_message(db, conversation_id, role, content, status,
-                                          token_count, title=title, model=model)
+        msg_id = self._write_making_room(lambda db: self._insert_message(
+            db, conversation_id, role, content, status, token_count, title=title, model=model))
         return self.get_message(msg_id)
 
     def start_conversation(self, title: str, model: str | None, system_prompt: str | None,
                            first_message: str) -> MessageRecord:
         """A new conversation and its first user message, in one transaction."""
         now = self._now()
-        with self._tx() as db:
+
+        def write(db: sqlite_utils.Database) -> int:
             conv_id = db["conversations"].insert({
                 "title": title, "created": now, "updated": now, "model": model,
                 "system_prompt": system_prompt, "settings": "{}",
             }).last_pk
-            msg_id = self._insert_message(db, conv_id, "user", first_message, "complete", None)
-        return self.get_message(msg_id)
+            return self._insert_message(db, conv_id, "user", first_message, "complete", None)
+
+        return self.get_message(self._write_making_room(write))
 
     def _insert_message(self, db: sqlite_utils.Database, conversation_id: int, role: str,
                         content: str, status: str, token_count: int | None,
@@ -416,12 +556,15 @@ class Store:
         """Replace a message's text, and with `drop_later` delete every message after it, in
         one transaction."""
         found = self.get_message(message_id)
-        with self._tx() as db:
+
+        def write(db: sqlite_utils.Database) -> None:
             db.execute("UPDATE messages SET content = ? WHERE id = ?", (content, message_id))
             if drop_later:
                 db.execute("DELETE FROM messages WHERE conversation_id = ? AND id > ?",
                            (found.conversation_id, message_id))
             db["conversations"].update(found.conversation_id, {"updated": self._now()})
+
+        self._write_making_room(write)
         return self.get_message(message_id)
 
     def message_counts(self) -> dict[int, int]:
@@ -506,10 +649,13 @@ class Store:
         position: int,
         tokens_held: int,
         tokens_seen: int,
-    ) -> int:
-        """Store a new state and prune the older ones, in one transaction.
+    ) -> int | None:
+        """Store a new state and prune the older ones, in one transaction; its id, or None
+        when the disk had no room for it.
 
-        Until that transaction commits, the previous state is still the one on disk.
+        Until that transaction commits, the previous state is still the one on disk. A state
+        is a cache of the transcript, so a full disk drops it quietly (the WAL it grew is given
+        back) rather than fail the chat: the memory is rebuilt from the transcript when needed.
         """
         view = memoryview(blob)  # the chunks are slices of it, not copies
         row = {
@@ -526,15 +672,19 @@ class Store:
             "checksum": checksum(blob),
             "blob": view[:STATE_CHUNK],
         }
-        with self._tx() as db:
-            state_id = db["memory_states"].insert(row).last_pk
-            for seq, start in enumerate(range(STATE_CHUNK, len(blob), STATE_CHUNK), 1):
-                db.execute("INSERT INTO memory_state_chunks VALUES (?, ?, ?)",
-                           (state_id, seq, view[start:start + STATE_CHUNK]))
-            db.execute(
-                "DELETE FROM memory_states WHERE conversation_id = ? AND id != ?",
-                (conversation_id, state_id),
-            )
+        try:
+            with self._tx() as db:
+                state_id = db["memory_states"].insert(row).last_pk
+                for seq, start in enumerate(range(STATE_CHUNK, len(blob), STATE_CHUNK), 1):
+                    db.execute("INSERT INTO memory_state_chunks VALUES (?, ?, ?)",
+                               (state_id, seq, view[start:start + STATE_CHUNK]))
+                db.execute(
+                    "DELETE FROM memory_states WHERE conversation_id = ? AND id != ?",
+                    (conversation_id, state_id),
+                )
+        except DiskFullError:
+            self._reclaim()
+            return None
         self._reclaim(keep=len(blob))
         return state_id
 
@@ -575,9 +725,9 @@ class Store:
                 excess = free - keep // page
                 if excess > 0:  # executescript steps it to the end (execute() frees one page)
                     self.db.conn.executescript(f"PRAGMA incremental_vacuum({excess});")
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass
+            self._checkpoint()
 
     def size_on_disk(self) -> tuple[int, int]:
         """(bytes the database files take, bytes of free pages in them)."""
@@ -603,7 +753,8 @@ class Store:
         heartbeat is older than `stale_after` seconds. `force` takes it whatever it is.
         """
         now = self._clock()
-        with self._tx() as db:
+
+        def write(db: sqlite_utils.Database) -> LeaseRecord | None:
             rows = list(db.query("SELECT * FROM leases WHERE conversation_id = ?",
                                  (conversation_id,)))
             held = LeaseRecord(**rows[0]) if rows else None
@@ -623,7 +774,10 @@ class Store:
                 """,
                 (conversation_id, owner, os.getpid(), socket.gethostname(), stamp, stamp),
             )
-        return None
+            return None
+
+        # every message is written under this lease: a full disk makes room here too
+        return self._write_making_room(write)
 
     def lease(self, conversation_id: int) -> LeaseRecord | None:
         rows = self._read("SELECT * FROM leases WHERE conversation_id = ?", (conversation_id,))
