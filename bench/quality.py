@@ -38,17 +38,18 @@ from ccm_chat.engine.ccm.files import CARD, CompressorFiles
 from ccm_chat.engine.ccm.recipe import load_for_training, model_tokens
 
 TURNS = (4, 8, 16, 32)
-LONGCHAT = Path(__file__).resolve().parents[2] / "shared/data/longchat_topics/5_topics.jsonl"
 
 
-def datasets(tok, limit: int, longchat: Path, only: list[str] | None = None):
+def datasets(tok, limit: int, longchat: Path | None, only: list[str] | None = None):
     if only == ["longchat"]:
+        if longchat is None:
+            raise SystemExit("The longchat set needs --longchat (LongEval's 5_topics.jsonl).")
         return {"longchat": longchat_cases(longchat, tok, limit)}
     held = chitchat_pool(load_chitchat(), held_out=True)
     sets = {f"ppl@{t}": [conversation_episode(tok, pairs, t - 1)
                          for pairs in held if len(pairs) >= t][:limit] for t in TURNS}
     sets["recall"] = list(islice(recall_cases(tok, held, held_out=True, seed=123), limit))
-    if longchat.exists():
+    if longchat is not None and longchat.exists():
         sets["longchat"] = longchat_cases(longchat, tok, limit)
     return {k: v for k, v in sets.items() if not only or k in only}
 
@@ -124,7 +125,8 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--limit", type=int, default=100, help="cases per set")
-    parser.add_argument("--longchat", type=Path, default=LONGCHAT)
+    parser.add_argument("--longchat", type=Path, default=None,
+                        help="LongChat's 5_topics.jsonl (LongEval topics): the longchat set")
     parser.add_argument("--sets", default="", help="comma list of sets to run (default all)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

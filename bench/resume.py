@@ -2,7 +2,7 @@
 
 Restored from the SQLite memory state vs rebuilt by re-reading the transcript, at several
 transcript lengths, for compression off and balanced, side by side in one process. The
-transcripts are MemoryBank exchanges (../shared/data/memorybank_en), repeated to length.
+transcripts are MemoryBank exchanges (assets/dialogue/memorybank_en), repeated to length.
 Prints a table and writes JSON.
 
     python bench/resume.py --device cpu --out bench/results/resume_cpu.json
@@ -17,23 +17,28 @@ import sys
 import tempfile
 import threading
 import time
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from ccm_chat.app.service import ChatService
 from ccm_chat.app.settings import Settings
 from ccm_chat.engine import Engine, SamplingParams
+from ccm_chat.engine.ccm.data import default_data_dir, read_dialogue
 from ccm_chat.storage import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 from plots import line_chart  # noqa: E402  (a sibling script module)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
+DATA = default_data_dir() / "memorybank_en"  # the copy shipped in the package
 QUESTION = "What did we talk about first?"
 
 
-def exchanges(data: Path = DATA) -> list[tuple[str, str]]:
-    bank = json.loads((data / "memory_bank_en.json").read_text())
+def exchanges(data: Traversable = DATA) -> list[tuple[str, str]]:
+    text = read_dialogue(data, "memory_bank_en.json")
+    if text is None:
+        raise SystemExit(f"No memory_bank_en.json(.gz) in {data}: pass --data.")
+    bank = json.loads(text)
     pairs = []
     for user in bank.values():
         for day in user["history"].values():

@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 
@@ -59,6 +60,7 @@ if _backend_arg() == "hf":  # torch before llama_cpp, which the engine imports f
     import torch
 
 from ccm_chat.engine import Engine, SamplingParams  # noqa: E402  isort: skip
+from ccm_chat.engine.ccm.data import default_data_dir, read_dialogue  # noqa: E402  isort: skip
 from ccm_chat.engine.conversation import Conversation  # noqa: E402  isort: skip
 import numpy as np  # noqa: E402  isort: skip  (after llama_cpp: first, it segfaults on the GPU host)
 
@@ -66,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from length import configs  # noqa: E402  isort: skip
 from machine import write_result  # noqa: E402  isort: skip
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memorybank_en"
+DATA = default_data_dir() / "memorybank_en"  # the copy shipped in the package
 
 CALLS = ("decode", "decode_embeddings", "slots_over_text", "_copy_state", "_use_adapter",
          "remove", "shift", "compact", "_round_trip", "_apply_shift", "redecode", "merge_slots",
@@ -75,10 +77,13 @@ VARIANTS = ("before", "toggle", "beside", "shift", "pinned", "per-layer", "after
 HF_VARIANTS = ("beside", "eager-rows", "after")
 
 
-def exchanges(data: Path) -> list[tuple[str, str]]:
+def exchanges(data: Traversable) -> list[tuple[str, str]]:
     """MemoryBank's (user turn, reply) pairs in order (as bench/resume.py reads them, without
     its imports of the app and storage, which a GPU host need not have)."""
-    bank = json.loads((data / "memory_bank_en.json").read_text())
+    text = read_dialogue(data, "memory_bank_en.json")
+    if text is None:
+        raise SystemExit(f"No memory_bank_en.json(.gz) in {data}: pass --data.")
+    bank = json.loads(text)
     return [(t["query"], t.get("response", "")) for user in bank.values()
             for day in user["history"].values() for t in day]
 
@@ -295,8 +300,9 @@ def main() -> None:
     parser.add_argument("--configs", default="", help="comma-separated labels (default: all)")
     parser.add_argument("--variants", default="after",
                         help=f"comma-separated, of {', '.join(VARIANTS)} (see above)")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "CCM_CHAT_MEMORYBANK", DATA)), help="the MemoryBank folder")
+    memorybank = os.environ.get("CCM_CHAT_MEMORYBANK")
+    parser.add_argument("--data", type=Path, default=Path(memorybank) if memorybank else DATA,
+                        help="the MemoryBank folder (default: the copy in the package)")
     parser.add_argument("--forced", action="store_true",
                         help="teacher-forced: the data's replies, not generated ones (the "
                              "variants' memories then compare token for token; the turn is "

@@ -343,7 +343,8 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path) -> None:
                                                  strict=True))
 
 
-def test_dialogue_data_splits_three_ways_and_plants_facts(hf_engine) -> None:
+def test_dialogue_data_splits_three_ways_and_plants_facts(
+        hf_engine, monkeypatch: pytest.MonkeyPatch) -> None:
     import random
     from collections import Counter
 
@@ -358,6 +359,7 @@ def test_dialogue_data_splits_three_ways_and_plants_facts(hf_engine) -> None:
     )
     from ccm_chat.engine.ccm.recipe import model_tokens
 
+    monkeypatch.delenv("CCM_CHAT_DATA", raising=False)  # the sets shipped in the package
     conversations = load_corpora()
     sources = Counter(k.split(":")[0] for k in conversations)
     assert {"chitchat", "topical_chat", "synthetic_persona_chat", "memorybank"} <= set(sources)

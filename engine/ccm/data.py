@@ -9,6 +9,7 @@ and recall values by a hash of the value, so the held-apart side never changes.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata as md
 import json
@@ -17,6 +18,8 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from ccm_chat.engine.errors import ModelError
@@ -223,7 +226,7 @@ def mixed_episodes(tok: Tokens, pool: list[list[tuple[str, str]]], seed: int = 0
 # -- dialogues: every exchange's reply scored, many corpora, long episodes --------------------
 
 SPLITS = ("train", "validation", "test")
-DATA_ENV = "CCM_CHAT_DATA"  # the folder of the shared dialogue sets (topical_chat, ...)
+DATA_ENV = "CCM_CHAT_DATA"  # another folder of dialogue sets (topical_chat, ...) to read instead
 CHITCHAT_ENV = "CCM_CHAT_CHITCHAT"  # a chitchat dataset.json, where the package is not installed
 
 
@@ -234,11 +237,24 @@ def split_of(key: str) -> str:
     return "test" if digit == 0 else "validation" if digit == 1 else "train"
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[3] / "shared/data")
+def default_data_dir() -> Traversable:
+    """$CCM_CHAT_DATA, else the sets shipped in the package (assets/dialogue): nothing
+    outside the installed code is read."""
+    override = os.environ.get(DATA_ENV)
+    return Path(override) if override else resources.files("ccm_chat.assets") / "dialogue"
 
 
-def load_corpora(data_dir: Path | None = None) -> dict[str, list[tuple[str, str]]]:
+def read_dialogue(folder: Traversable, filename: str) -> str | None:
+    """A dialogue file's text, plain or gzipped (`filename`.gz); None when neither is there."""
+    for name in (filename, f"{filename}.gz"):
+        file = folder / name
+        if file.is_file():
+            data = file.read_bytes()
+            return (gzip.decompress(data) if name.endswith(".gz") else data).decode()
+    return None
+
+
+def load_corpora(data_dir: Traversable | None = None) -> dict[str, list[tuple[str, str]]]:
     """Every dialogue we may train and evaluate on, as (user, assistant) exchanges, keyed
     "source:id": chitchat-dataset, Topical-Chat, Synthetic-Persona-Chat and MemoryBank (a
     user's days, in order, as one long conversation). Sets not present are skipped."""
@@ -253,14 +269,12 @@ def load_corpora(data_dir: Path | None = None) -> dict[str, list[tuple[str, str]
         convs = {}
     out.update({f"chitchat:{cid}": _pairs(turns) for cid, turns in convs.items()})
     for name in ("topical_chat", "synthetic_persona_chat"):
-        path = data_dir / name / "conversations.jsonl"
-        if path.exists():
-            for line in path.read_text().splitlines():
-                conv = json.loads(line)
-                out[f"{name}:{conv['id']}"] = _pairs([t["text"] for t in conv["turns"]])
-    bank = data_dir / "memorybank_en" / "memory_bank_en.json"
-    if bank.exists():
-        for user, record in json.loads(bank.read_text()).items():
+        for line in (read_dialogue(data_dir / name, "conversations.jsonl") or "").splitlines():
+            conv = json.loads(line)
+            out[f"{name}:{conv['id']}"] = _pairs([t["text"] for t in conv["turns"]])
+    bank = read_dialogue(data_dir / "memorybank_en", "memory_bank_en.json")
+    if bank is not None:
+        for user, record in json.loads(bank).items():
             days = [record["history"][day] for day in sorted(record["history"])]
             out[f"memorybank:{user}"] = [(x["query"], x["response"]) for d in days for x in d]
     return {k: v for k, v in out.items() if len(v) >= 2}
