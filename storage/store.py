@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import stat
@@ -35,12 +36,18 @@ Clock = Callable[[], datetime]
 T = TypeVar("T")
 PAGE_SIZE = 16 << 10  # bytes a page of a new database holds
 WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept after a checkpoint
+# pages of WAL after which a commit checkpoints (SQLite's 1000 are 16 MB with our pages): the
+# file then grows with the transcript while the disk has room, and a full disk does not
+# leave committed messages in a WAL that can no longer be copied into the file
+WAL_AUTOCHECKPOINT_PAGES = 64
 WRITE_WAIT_SECONDS = 8.0  # how long a write waits for another program's lock
 BUSY_TIMEOUT_SECONDS = 0.2  # SQLite's own wait, each try
 RETRY_PAUSE_SECONDS = 0.05
 # SQLite refuses a value over 1e9 bytes (SQLITE_MAX_LENGTH): a bigger memory state is saved
 # in chunks of this size, the first in memory_states.blob, the rest in memory_state_chunks
 STATE_CHUNK = 256 << 20
+# bytes of disk a memory state must leave free: the transcript's room, which a cache never takes
+STATE_HEADROOM = 4 << 20
 
 
 class StorageError(RuntimeError):
@@ -257,6 +264,7 @@ class Store:
             self.db.execute("PRAGMA foreign_keys = ON")
             # the WAL file shrinks back after a checkpoint instead of staying at its peak
             self.db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            self.db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StorageError(self._explain(exc)) from exc
@@ -342,10 +350,21 @@ class Store:
 
     def _make_room(self) -> None:
         """Free what the transcript may use: the WAL checkpointed and truncated, then every
-        memory state deleted and its pages given back. Best effort."""
+        memory state deleted and its pages given back. Best effort.
+
+        The delete runs with secure_delete FAST: where SQLite is built to zero freed pages
+        (Debian's is), a 1.3 MB state would otherwise need 1.3 MB of WAL to be deleted.
+        """
         self._checkpoint()
-        with suppress(StorageError), self._tx() as db:  # no room even for this: the retry says
-            db.execute("DELETE FROM memory_states")
+        with self._lock:
+            was = self.db.execute("PRAGMA secure_delete").fetchone()[0]
+            self.db.execute("PRAGMA secure_delete = FAST")
+        try:
+            with suppress(StorageError), self._tx() as db:  # no room even for this: the
+                db.execute("DELETE FROM memory_states")     # retry says what is wrong
+        finally:
+            with self._lock:
+                self.db.execute(f"PRAGMA secure_delete = {('OFF', 'ON', 'FAST')[was]}")
         self._reclaim()
 
     def _checkpoint(self) -> None:
@@ -654,9 +673,12 @@ class Store:
         when the disk had no room for it.
 
         Until that transaction commits, the previous state is still the one on disk. A state
-        is a cache of the transcript, so a full disk drops it quietly (the WAL it grew is given
+        is a cache of the transcript, so one the disk cannot take with room to spare is not
+        written, and one a full disk refuses is dropped quietly (the WAL it grew is given
         back) rather than fail the chat: the memory is rebuilt from the transcript when needed.
         """
+        if not self._room_for_state(len(blob)):
+            return None
         view = memoryview(blob)  # the chunks are slices of it, not copies
         row = {
             "conversation_id": conversation_id,
@@ -687,6 +709,20 @@ class Store:
             return None
         self._reclaim(keep=len(blob))
         return state_id
+
+    def _room_for_state(self, size: int) -> bool:
+        """Whether the disk takes a state of `size` bytes and keeps STATE_HEADROOM free: it is
+        written to the WAL, then copied into the file (which grows by what its free pages
+        cannot hold). Once a committed state is in a WAL that a full disk keeps from being
+        checkpointed, not even a delete can be written: the transcript is stuck."""
+        try:
+            free_disk = shutil.disk_usage(self.path.parent).free
+            with self._lock:
+                page = self.db.execute("PRAGMA page_size").fetchone()[0]
+                free_pages = self.db.execute("PRAGMA freelist_count").fetchone()[0] * page
+        except (OSError, sqlite3.Error):
+            return True  # unknown: SQLite says if it does not fit
+        return free_disk >= size + max(0, size - free_pages) + STATE_HEADROOM
 
     def latest_memory_state(self, conversation_id: int) -> MemoryStateRecord | None:
         rows = self._read(

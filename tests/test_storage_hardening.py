@@ -72,6 +72,7 @@ def test_a_full_disk_drops_memory_states_before_refusing_a_message(db_path: Path
     store = Store(db_path, clock=TickingClock())
     conv = store.create_conversation("Small disk")
     store.add_message(conv.id, "user", "hello")
+    secure = store.db.execute("PRAGMA secure_delete").fetchone()[0]
     page = store.db.execute("PRAGMA page_size").fetchone()[0]
     fill_to_the_limit(store, room_pages=(1_500_000 // page))
     assert save_state(store, conv.id, 1_300_000) is not None  # fits, and fills the disk
@@ -82,6 +83,7 @@ def test_a_full_disk_drops_memory_states_before_refusing_a_message(db_path: Path
     assert [m.content for m in store.messages(conv.id)][1:] == [
         long_message, "a reply, kept too"]
     assert store.memory_state_count() == 0  # the cache made room: rebuilt from the transcript
+    assert store.db.execute("PRAGMA secure_delete").fetchone()[0] == secure  # as it was
 
 
 def test_a_memory_state_without_room_is_dropped_quietly(db_path: Path) -> None:
