@@ -253,9 +253,24 @@ class Store:
         self._lock = threading.RLock()
         self._timeout = timeout
         self._read_only = read_only
+        self._immutable = False
         try:
-            self.db = sqlite_utils.Database(self._connect())
-            if not read_only:
+            try:
+                self._open()
+            except sqlite3.OperationalError:
+                if read_only or not self._on_read_only_media():
+                    raise
+                self._read_only = self._immutable = True  # for reading, as it is
+                self._open()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(self._explain(exc)) from exc
+        except OSError as exc:
+            raise StorageError(f"Cannot open the database at {self.path}: {exc}") from exc
+
+    def _open(self) -> None:
+        self.db = sqlite_utils.Database(self._connect())
+        try:
+            if not self._read_only:
                 # a new file only (an existing one keeps its own): memory states are large
                 # BLOBs, written and freed whole, and 16 KiB pages move them in a quarter of
                 # the pages
@@ -266,19 +281,28 @@ class Store:
             self.db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             self.db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise StorageError(self._explain(exc)) from exc
-        except OSError as exc:
-            raise StorageError(f"Cannot open the database at {self.path}: {exc}") from exc
+        except BaseException:
+            self.db.conn.close()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         """The connection; a read-write one creates the database privately first."""
         if self._read_only:
-            return sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+            flags = "mode=ro&immutable=1" if self._immutable else "mode=ro"
+            return sqlite3.connect(f"{self.path.absolute().as_uri()}?{flags}", uri=True,
                                    timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
         _private_dir(self.path.parent)
         _private_files(self.path)
         return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+
+    def _on_read_only_media(self) -> bool:
+        """Whether the database is where nothing can be written (a read-only mount, or a
+        read-only file and folder) with no WAL waiting to be read: SQLite cannot make the
+        -shm a WAL database needs there, and no other program can change it, so it is read
+        as it is (immutable)."""
+        wal = Path(f"{self.path}-wal")
+        return (self.path.is_file() and not (wal.exists() and wal.stat().st_size > 0)
+                and not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)))
 
     @property
     def writable(self) -> bool:
