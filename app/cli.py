@@ -18,9 +18,10 @@ from pathlib import Path
 
 from ccm_chat.app import paths
 from ccm_chat.app.errors import ChatError
-from ccm_chat.app.export import EXPORT_DIR_ENV, FORMATS, default_export_dir
+from ccm_chat.app.export import EXPORT_DIR_ENV, FORMATS, default_export_dir, write_export
 from ccm_chat.app.service import ChatService, load_engine, sampling_params
 from ccm_chat.app.settings import Settings
+from ccm_chat.app.terminal_text import PlainStream, plain_text
 from ccm_chat.engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, EngineError
 from ccm_chat.engine.models import MODEL_ENV_VAR
 from ccm_chat.storage import StorageError, Store, database_size
@@ -140,6 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def say(text: str, err: bool = False) -> None:
+    """Print a line for the user: stored text and model output can hold escape sequences
+    that a terminal would obey, so every line goes out through plain_text."""
+    print(plain_text(text), file=sys.stderr if err else sys.stdout)
+
+
+def lenient_utf8(text: str) -> str:
+    """An argument or stdin as text, bytes that are not UTF-8 made U+FFFD: Python keeps them
+    as lone surrogates (surrogateescape), which no encoder downstream accepts."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that did not come from a byte
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
+def read_stdin() -> str:
+    """All of stdin as text, read as bytes so that invalid UTF-8 is replaced, not fatal."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        return lenient_utf8(sys.stdin.read())
+    return buffer.read().decode("utf-8", "replace")
+
+
 def _open_store(args: argparse.Namespace) -> Store:
     return Store(paths.db_path(getattr(args, "db", None)))
 
@@ -181,7 +206,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     """One answer from the engine the app would load (model, level, GPU layers, back end,
     threads), with nothing saved."""
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else lenient_utf8(args.prompt)
     if not prompt.strip():
         raise ValueError("The prompt is empty.")
     store = _open_store(args)
@@ -191,12 +216,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
                              temperature=args.temperature, seed=args.seed)
     engine = load_engine(settings, getattr(args, "model", None))
     try:
-        system = args.system if args.system is not None else settings.system_prompt
+        system = lenient_utf8(args.system) if args.system is not None else settings.system_prompt
         conv = engine.new_conversation(system=system or DEFAULT_SYSTEM_PROMPT,
                                        compression=engine.compression_for(settings.compression))
+        shown = PlainStream()
         for piece in conv.send(prompt, params):
-            sys.stdout.write(piece)
+            sys.stdout.write(shown.feed(piece))
             sys.stdout.flush()
+        sys.stdout.write(shown.close())
     finally:
         engine.close()
     sys.stdout.write("\n")
@@ -209,30 +236,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     counts = store.message_counts()
     for rec in records:
         count = counts.get(rec.id, 0)
-        print(f"{rec.id}\t{rec.updated[:16].replace('T', ' ')}\t{count} messages\t{rec.title}")
+        say(f"{rec.id}\t{rec.updated[:16].replace('T', ' ')}\t{count} messages\t{rec.title}")
     if not records:
-        print("No conversations yet. Start one with `ccm-chat`.", file=sys.stderr)
+        say("No conversations yet. Start one with `ccm-chat`.", err=True)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     store = _open_store(args)
     text = ChatService(store).export(args.id, args.format)
-    if args.output:
-        args.output.write_text(text, encoding="utf-8")
-        print(f"Wrote {args.output}", file=sys.stderr)
+    if args.output:  # the file keeps the text as it is
+        write_export(args.output, text)
+        say(f"Wrote {args.output}", err=True)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(plain_text(text))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Hits, one a line; none is an answer too (exit 0), said on stderr."""
-    hits = _open_store(args).search(args.query)
+    query = lenient_utf8(args.query)
+    hits = _open_store(args).search(query)
     for hit in hits:
-        print(f"{hit.conversation_id}\t{hit.conversation_title}\t{hit.role}: {hit.snippet}")
+        say(f"{hit.conversation_id}\t{hit.conversation_title}\t{hit.role}: {hit.snippet}")
     if not hits:
-        print(f"No messages match {args.query!r}.", file=sys.stderr)
+        say(f"No messages match {query!r}.", err=True)
     return 0
 
 
@@ -250,25 +278,25 @@ def human_size(n: int) -> str:
 def cmd_paths(args: argparse.Namespace) -> int:
     db = paths.db_path(getattr(args, "db", None))
     size = f"{human_size(database_size(db))}" if db.exists() else "not created yet"
-    print(f"database:  {db}   ({size})")
-    print("settings:  stored in the database (settings table)")
-    print(f"data dir:  {paths.data_dir()}   (${paths.DATA_DIR_ENV})")
-    print(f"cache dir: {paths.cache_dir()}   (${paths.CACHE_DIR_ENV})")
-    print(f"exports:   {default_export_dir()}   (${EXPORT_DIR_ENV})")
+    say(f"database:  {db}   ({size})")
+    say("settings:  stored in the database (settings table)")
+    say(f"data dir:  {paths.data_dir()}   (${paths.DATA_DIR_ENV})")
+    say(f"cache dir: {paths.cache_dir()}   (${paths.CACHE_DIR_ENV})")
+    say(f"exports:   {default_export_dir()}   (${EXPORT_DIR_ENV})")
     from ccm_chat.engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
 
-    print(f"compressors: {user_compressor_dir()}   (trained ones the app picks up; also "
+    say(f"compressors: {user_compressor_dir()}   (trained ones the app picks up; also "
           f"${EXTRA_DIRS_ENV})")
     model = getattr(args, "model", None) or os.environ.get(MODEL_ENV_VAR)
     if model:
-        print(f"model:     {model}")
+        say(f"model:     {model}")
     else:
         from ccm_chat.engine import default_model_path
 
         try:
-            print(f"model:     {default_model_path()} (embedded default)")
+            say(f"model:     {default_model_path()} (embedded default)")
         except EngineError as exc:
-            print(f"model:     not found: {exc}")
+            say(f"model:     not found: {exc}")
     return 0
 
 
@@ -308,10 +336,10 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
     )
     if not card:  # a data-parallel run's other processes: the first one reports
         return 0
-    print(f"held-apart reply NLL: {card['held_apart_reply_nll_before']:.3f} -> "
+    say(f"held-apart reply NLL: {card['held_apart_reply_nll_before']:.3f} -> "
           f"{card['held_apart_reply_nll_after']:.3f}; written to {out}")
     if out.resolve().parent != user_compressor_dir().resolve():
-        print(f"The app looks for compressors in {user_compressor_dir()} and in the folders "
+        say(f"The app looks for compressors in {user_compressor_dir()} and in the folders "
               f"listed in ${EXTRA_DIRS_ENV}: move it there, or run "
               f"`{EXTRA_DIRS_ENV}={out} ccm-chat ...`.")
     return 0
@@ -342,7 +370,7 @@ def main(argv: Sequence[str] | None = None, chat_runner: ChatRunner | None = Non
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except (ChatError, EngineError, StorageError, ValueError, OSError) as exc:
-        print(f"ccm-chat: error: {exc}", file=sys.stderr)
+        say(f"ccm-chat: error: {exc}", err=True)
         return 2
     except KeyboardInterrupt:
         print("\nccm-chat: interrupted", file=sys.stderr)

@@ -35,6 +35,19 @@ def default_export_path(conv: ConversationRecord, fmt: str = "md") -> Path:
     return default_export_dir() / f"ccm-chat-{conv.id}-{stem}.{fmt}"
 
 
+PRIVATE_FILE = 0o600  # a chat is private: only its owner reads an export
+
+
+def write_export(path: Path, text: str) -> None:
+    """Write an export readable by its owner only: the file is created 0600 (never briefly
+    wider), and a file already there is narrowed to 0600 before its new text goes in."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        if hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
+            os.fchmod(out.fileno(), PRIVATE_FILE)
+        out.write(text)
+
+
 def to_markdown(conv: ConversationRecord, messages: Sequence[MessageRecord],
                 model_name: str | None = None) -> str:
     model = model_name or conv.model or "unknown"
