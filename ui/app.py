@@ -16,11 +16,13 @@ from pathlib import Path
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.containers import Horizontal
+from textual.driver import Driver
 from textual.message import Message
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
-from ccm_chat.app.export import default_export_path
+from ccm_chat.app.export import default_export_path, write_export
 from ccm_chat.app.records import ConversationRecord
 from ccm_chat.app.service import ChatService
 from ccm_chat.app.settings import Settings
@@ -64,6 +66,23 @@ class ChatApp(App[None]):
         self.resume_last = resume_last
         self.load_engine_on_start = load_engine_on_start
         self.quitting = False
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Every notice of the app, its widgets' and screens' included, is plain text: they
+        carry titles, paths and error messages, in which `[/b]` would crash the toast and
+        `[@click=...]` would make a live action. No notice of ccm-chat uses markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
+
+    def get_driver_class(self) -> type[Driver]:
+        """Textual's choice, but on Linux and macOS the driver whose input thread survives
+        bytes that are not UTF-8 (ui/input_driver.py)."""
+        chosen = super().get_driver_class()
+        if chosen.__module__ != "textual.drivers.linux_driver":
+            return chosen  # Windows, or a driver named in $TEXTUAL_DRIVER
+        from ccm_chat.ui.input_driver import LenientLinuxDriver  # imports termios: POSIX only
+
+        return LenientLinuxDriver if chosen.__name__ == "LinuxDriver" else chosen
 
     # -- layout ----------------------------------------------------------------------------------
 
@@ -275,7 +294,7 @@ class ChatApp(App[None]):
         if error is None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text, encoding="utf-8")
+                write_export(path, text)
             except OSError as exc:
                 error = f"Could not write {path}: {exc.strerror or exc}"
         if error:

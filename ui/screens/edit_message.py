@@ -8,6 +8,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, TextArea
 
+from ccm_chat.app.terminal_text import plain_text
+
 
 class EditMessageScreen(ModalScreen[str | None]):
     """Dismisses with the edited text, or None when cancelled (or left empty)."""
@@ -33,7 +35,7 @@ class EditMessageScreen(ModalScreen[str | None]):
             self.dismiss(None)
 
     def action_save(self) -> None:
-        text = self.query_one("#text", TextArea).text.strip()
+        text = plain_text(self.query_one("#text", TextArea).text).strip()
         if not text:
             self.notify("A message cannot be empty: delete it instead.", severity="warning")
             return

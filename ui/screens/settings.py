@@ -101,7 +101,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     [(level, level) for level in LEVELS], value=s.compression,
                     allow_blank=False, id="compression", compact=True))
                 yield Label(describe_level(s.compression, s.backend, s.model_path),
-                            id="method_note")
+                            id="method_note", markup=False)  # it names the model path
                 yield from _row("Key bindings (action=keys; …)",
                                 Input(value=format_keymap(s.keymap), id="keymap",
                                       placeholder="regenerate=ctrl+g; stop=escape",

@@ -8,6 +8,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label
 
+from ccm_chat.app.terminal_text import plain_text
+
 
 class TextPromptScreen(ModalScreen[str | None]):
     """Dismisses with the text entered, or None when cancelled."""
@@ -38,6 +40,7 @@ class TextPromptScreen(ModalScreen[str | None]):
             self.dismiss(None)
 
     def _finish(self, text: str) -> None:
+        text = plain_text(text)  # a title or prompt holds no control characters
         if not text.strip() and not self.allow_empty:
             self.notify("Please enter some text.", severity="warning")
             return

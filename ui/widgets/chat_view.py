@@ -37,7 +37,7 @@ class MessageBox(Vertical, can_focus=True):
         return cls(record.role, record.content, record.interrupted, record.id)
 
     def compose(self) -> ComposeResult:
-        yield Label(self._title(), classes="role")
+        yield Label(self._title(), classes="role", markup=False)  # a stored role is data
         yield Markdown(self.content)
 
     def _title(self) -> str:

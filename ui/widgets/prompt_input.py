@@ -1,10 +1,16 @@
-"""The message box: Enter sends, Shift+Enter / Ctrl+J add a line, and it grows with its text."""
+"""The message box: Enter sends, Shift+Enter / Ctrl+J add a line, and it grows with its text.
+
+What it sends holds no control characters or escape sequences (plain_text): a paste can
+carry them, and stored raw they would reach a terminal later through `ccm-chat list` or
+`export`."""
 
 from __future__ import annotations
 
 from textual import events
 from textual.message import Message
 from textual.widgets import TextArea
+
+from ccm_chat.app.terminal_text import plain_text
 
 NEWLINE_KEYS = {"shift+enter", "ctrl+j", "alt+enter"}
 
@@ -23,8 +29,9 @@ class PromptInput(TextArea):
         if event.key == "enter":
             event.stop()
             event.prevent_default()
-            if self.text.strip():
-                self.post_message(self.Submitted(self.text))
+            text = plain_text(self.text)
+            if text.strip():
+                self.post_message(self.Submitted(text))
             return
         if event.key in NEWLINE_KEYS:
             event.stop()
@@ -32,3 +39,8 @@ class PromptInput(TextArea):
             self.insert("\n")
             return
         await super()._on_key(event)
+
+    def _on_paste(self, event: events.Paste) -> None:
+        """A paste goes in without its control characters, as it would be sent. (Textual
+        runs TextArea's own _on_paste after this one, on the text left here.)"""
+        event.text = plain_text(event.text)
