@@ -9,7 +9,8 @@ adapter off): "answer as if you had read it all".
 
 Checkpoints hold everything a run needs to go on exactly where it stopped: the trainable
 tensors, AdamW's moments, the schedule, the step, the RNG states; the data is a function of
-(seed, step), so the step is the data position.
+(seed, step), so the step is the data position. They are tensors (safetensors) and JSON only:
+a run folder may come from elsewhere, and a pickle in it would run code on resume.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -36,7 +38,9 @@ from ccm_chat.engine.ccm.layout import Block, block_layout
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
-OPTIMIZER = "checkpoint_optimizer.pt"
+OPTIMIZER = "checkpoint_optimizer.safetensors"  # AdamW's moments, the RNG states' tensors
+OPTIMIZER_STATE = "checkpoint_optimizer.json"  # the rest of the optimizer, schedule and RNGs
+LEGACY_OPTIMIZER = "checkpoint_optimizer.pt"  # what runs wrote before: a torch pickle
 LOG = "train_log.jsonl"
 LOGIT_CHUNK = 1 << 26  # float32 logits held at once in the loss: 256 MB
 
@@ -228,13 +232,96 @@ def save_checkpoint(out_dir: Path, compressor: Compressor, optimizer, scheduler,
                     step: int, config: TrainConfig, processes: int = 1) -> None:
     """Every piece of the run's state; written to temporary names, then moved into place."""
     save_file(_trainable_state(compressor), out_dir / (CHECKPOINT + ".tmp"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state()}, out_dir / (OPTIMIZER + ".tmp"))
+    tensors: dict[str, torch.Tensor] = {}
+    rest = _split({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "rng": _rng_state()}, tensors, "")
+    save_file(tensors, out_dir / (OPTIMIZER + ".tmp"))
+    (out_dir / (OPTIMIZER_STATE + ".tmp")).write_text(json.dumps(rest))
     (out_dir / (STATE + ".tmp")).write_text(json.dumps(
         {"step": step, "data_position": step * config.batch, "processes": processes,
          "config": asdict(config)}, indent=1))
-    for name in (CHECKPOINT, OPTIMIZER, STATE):
+    for name in (CHECKPOINT, OPTIMIZER, OPTIMIZER_STATE, STATE):
         (out_dir / (name + ".tmp")).replace(out_dir / name)
+    (out_dir / LEGACY_OPTIMIZER).unlink(missing_ok=True)  # a resumed old run's: superseded
+
+
+# How _split marks in JSON what JSON has no form of: a tensor (kept in the safetensors file
+# under this name), a tuple, a dict whose keys are not all strings (AdamW's state is by index)
+TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+def _split(value, tensors: dict[str, torch.Tensor], name: str):
+    """`value` (state dicts: tensors, numbers, strings, None, lists, tuples, dicts) as JSON,
+    its tensors moved into `tensors`; anything else is refused, so what is written reads back."""
+    if isinstance(value, torch.Tensor):
+        if name in tensors:
+            raise TypeError(f"two tensors of a checkpoint would share the name {name}")
+        tensors[name] = value.detach().cpu().contiguous()
+        return {TENSOR: name}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple):
+        return {TUPLE: [_split(v, tensors, _child(name, i)) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_split(v, tensors, _child(name, i)) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and not {TENSOR, TUPLE, ITEMS} & set(value):
+            return {k: _split(v, tensors, _child(name, k)) for k, v in value.items()}
+        return {ITEMS: [[k, _split(v, tensors, _child(name, k))] for k, v in value.items()]}
+    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__} ({name})")
+
+
+def _child(name: str, key: object) -> str:
+    return f"{name}.{key}" if name else str(key)
+
+
+def _join(value, tensors: dict[str, torch.Tensor]):
+    """What _split wrote, put back together (ValueError for what it never writes)."""
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {TENSOR}:
+        if value[TENSOR] not in tensors:
+            raise ValueError(f"tensor {value[TENSOR]!r} is missing")
+        return tensors[value[TENSOR]]
+    if set(value) == {TUPLE}:
+        return tuple(_join(v, tensors) for v in value[TUPLE])
+    if set(value) == {ITEMS}:
+        items = value[ITEMS]
+        if not isinstance(items, list) or any(
+                not isinstance(kv, list) or len(kv) != 2 or not isinstance(kv[0], int | str)
+                for kv in items):
+            raise ValueError("a malformed item list")
+        return {k: _join(v, tensors) for k, v in items}
+    return {k: _join(v, tensors) for k, v in value.items()}
+
+
+def read_run_state(out_dir: Path) -> dict:
+    """The optimizer, schedule and RNG states of the checkpoint in `out_dir`. Tensors and
+    JSON only: a checkpoint written before these were (a torch pickle) is read with torch's
+    weights-only loader, which refuses any object but tensors and plain containers.
+    ValueError says what is wrong and what to do."""
+    try:
+        if (out_dir / OPTIMIZER_STATE).exists():
+            rest = json.loads((out_dir / OPTIMIZER_STATE).read_text())
+            saved = _join(rest, load_file(out_dir / OPTIMIZER))
+        else:
+            saved = torch.load(out_dir / LEGACY_OPTIMIZER, weights_only=True,
+                               map_location="cpu")
+        if not isinstance(saved, dict) or not {"optimizer", "scheduler", "rng"} <= set(saved):
+            raise ValueError("it lacks the optimizer, schedule or RNG state")
+    except pickle.UnpicklingError as exc:  # torch's own text tells how to load it unsafely
+        raise ValueError(
+            f"The checkpoint in {out_dir} cannot be resumed: {LEGACY_OPTIMIZER} holds objects "
+            "other than tensors and plain values, which could run code; nothing from it was "
+            "run. Resume only runs you made yourself, or start a new run in an empty --out "
+            "folder.") from exc
+    except Exception as exc:  # safetensors and json raise their own types
+        raise ValueError(
+            f"The checkpoint in {out_dir} cannot be resumed: its optimizer state is damaged "
+            f"({_said(exc)}). Start a new run in an empty --out folder.") from exc
+    return saved
 
 
 def enable_checkpointing(compressor: Compressor) -> None:
@@ -387,21 +474,38 @@ def _scaled_loss(compressor: Compressor, dialogue: Dialogue, plan: Plan, config:
     return {**parts, "step_loss": parts["loss"].detach(), "loss": parts["loss"] / share}
 
 
+def _said(exc: Exception) -> str:
+    """An error's type and the start of its first line, printable characters only."""
+    first = (str(exc).splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: " + "".join(c for c in first if c.isprintable())
+
+
 def _resume(out_dir: Path, compressor: Compressor, optimizer, scheduler,
             config: TrainConfig) -> int:
     """The step a run in `out_dir` stopped at (0 for a new one), with its state loaded."""
     if not (out_dir / STATE).exists():
         return 0
-    state = json.loads((out_dir / STATE).read_text())
-    batch = state.get("config", {}).get("batch", 1)
+    try:
+        state = json.loads((out_dir / STATE).read_text())
+        step = state["step"]
+        batch = state.get("config", {}).get("batch", 1)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{out_dir / STATE} is not a training checkpoint ({exc}); start a "
+                         "new run in an empty --out folder.") from exc
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{out_dir / STATE} gives no step to resume at ({step!r}).")
     if batch != config.batch:
         raise ValueError(f"the checkpoint in {out_dir} was made with {batch} dialogues a step "
                          f"(--batch); resume it with the same")
-    compressor.load_state_dict(load_file(out_dir / CHECKPOINT), strict=False)
-    if (out_dir / OPTIMIZER).exists():
-        saved = torch.load(out_dir / OPTIMIZER, weights_only=False,
-                           map_location=compressor.comp.device)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
-    return state["step"]
+    has_optimizer = (out_dir / OPTIMIZER_STATE).exists() or (out_dir / LEGACY_OPTIMIZER).exists()
+    saved = read_run_state(out_dir) if has_optimizer else None  # checked before any change
+    try:
+        compressor.load_state_dict(load_file(out_dir / CHECKPOINT), strict=False)
+        if saved is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            _set_rng_state(saved["rng"])
+    except Exception as exc:  # safetensors, torch and random raise their own types
+        raise ValueError(f"The checkpoint in {out_dir} does not fit this run "
+                         f"({_said(exc)}); start a new run in an empty --out folder.") from exc
+    return step
