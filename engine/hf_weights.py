@@ -39,7 +39,7 @@ def load_pretrained(path: Path, cache_dir: Path, dtype: torch.dtype):
     hf_logging.set_verbosity_error()  # progress bars and warnings would scribble on the UI
     hf_logging.disable_progress_bar()
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / "config.json").is_file():
             raise ModelError(
                 f"{path} is not a transformers model folder (no config.json). Pass a folder "
                 "saved with save_pretrained, or a .gguf file."

@@ -63,7 +63,7 @@ def resolve_model_path(model: str | os.PathLike[str] | None, allow_dir: bool = F
     chosen = model if model else os.environ.get(MODEL_ENV_VAR) or None
     path = Path(chosen).expanduser() if chosen else default_model_path()
     if allow_dir and path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / "config.json").is_file():
             raise ModelError(
                 f"{path} is a folder without config.json, so not a transformers model. Pass "
                 "a folder saved with save_pretrained, or a .gguf file."
@@ -83,6 +83,11 @@ def check_gguf_file(path: Path) -> None:
         raise ModelError(
             f"{path} is a folder; the llama.cpp back end needs a .gguf file (a transformers "
             "model folder runs with --backend hf)."
+        )
+    if not path.is_file():  # a FIFO would block the read below until something wrote to it
+        raise ModelError(
+            f"{path} is not a regular file (a pipe, device or socket), so not a model. Pass "
+            "the path of a .gguf file, or leave --model out to use the embedded default model."
         )
     try:
         with path.open("rb") as fh:
