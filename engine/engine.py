@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from ccm_chat.engine.backend import BACKENDS as BACKEND_MODULES
-from ccm_chat.engine.backend import BackendOptions, Context, Model, open_backend, pick_backend
-from ccm_chat.engine.ccm.files import CompressorFiles, LoadedCompressor, find_compressor
+from ccm_chat.engine.backend import (
+    BackendOptions,
+    Context,
+    Model,
+    Opened,
+    open_backend,
+    pick_backend,
+)
+from ccm_chat.engine.ccm.files import CompressorFiles, LoadedCompressor, find_compressors
 from ccm_chat.engine.config import CompressionConfig
 from ccm_chat.engine.conversation import Conversation
-from ccm_chat.engine.errors import EngineError
+from ccm_chat.engine.errors import EngineError, ModelError
 from ccm_chat.engine.models import (
     DEFAULT_MODEL_NAME,
     MODEL_ENV_VAR,
@@ -51,6 +60,9 @@ class Engine:
         self.evicts = ctx.evicts  # whether its conversations may run evicting policies
         self.flash_attn: bool | None = ctx.flash_attn  # None on the hf back end
         self.ccm: LoadedCompressor | None = None
+        # compressors found for this model but passed over (the file and why), so a level
+        # that falls back to the training-free policy says so
+        self.skipped_compressors: list[str] = []
         self._fingerprint: str | None = None
         self._active: Conversation | None = None
         self._lock = threading.RLock()
@@ -86,14 +98,31 @@ class Engine:
             raise EngineError(f"Unknown device {device!r}; pick one of {DEVICES}.")
         path = resolve_model_path(model, allow_dir=backend != "llamacpp")
         backend = pick_backend(backend, path)
-        files = _compressor_files(compressor, path)
-        if isinstance(compression, str):
-            compression = CompressionConfig.for_level(compression, backend == "llamacpp", files)
-        opened = open_backend(backend, BackendOptions(
-            path=path, device=device, n_ctx=n_ctx, kv_type=compression.kv_type,
-            evicts=compression.policy().budget is not None, n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads, cache_dir=Path(cache_dir) if cache_dir else None,
-            flash_attn=flash_attn))
+        skipped: list[str] = []
+        candidates = _compressor_candidates(compressor, path, skipped)
+        level = compression if isinstance(compression, str) else None
+
+        def config_for(files: CompressorFiles | None) -> CompressionConfig:
+            if level is None:
+                return compression  # type: ignore[return-value]  (a CompressionConfig)
+            return CompressionConfig.for_level(level, backend == "llamacpp", files)
+
+        def opened_with(config: CompressionConfig) -> Opened:
+            return open_backend(backend, BackendOptions(
+                path=path, device=device, n_ctx=n_ctx, kv_type=config.kv_type,
+                evicts=config.policy().budget is not None, n_gpu_layers=n_gpu_layers,
+                n_threads=n_threads, cache_dir=Path(cache_dir) if cache_dir else None,
+                flash_attn=flash_attn))
+
+        config = config_for(candidates[0] if candidates else None)
+        opened = opened_with(config)
+        files, vectors = _first_that_fits(candidates, opened, compressor is not True, skipped)
+        if candidates and files is not candidates[0]:
+            before, config = config, config_for(files)
+            if (before.kv_type, before.policy().budget is None) != (
+                    config.kv_type, config.policy().budget is None):
+                _close(opened)  # its cache was made for the compressor passed over
+                opened = opened_with(config)
         default = model is None and not os.environ.get(MODEL_ENV_VAR)
         info = EngineInfo(
             model_name=DEFAULT_MODEL_NAME if default else opened.model.name,
@@ -103,11 +132,13 @@ class Engine:
             n_ctx=opened.ctx.n_ctx,
             n_gpu_layers=opened.n_gpu_layers,
         )
-        engine = cls(opened.model, opened.ctx, info, compression)
+        engine = cls(opened.model, opened.ctx, info, config)
+        engine.skipped_compressors = skipped
+        engine.compression = engine._noted(config)
         if files is not None:
             try:
                 engine.ccm = LoadedCompressor(files, opened.model.load_compressor(files),
-                                              files.vectors())
+                                              vectors)
             except Exception:
                 engine.close()
                 raise
@@ -115,8 +146,15 @@ class Engine:
 
     def compression_for(self, level: str) -> CompressionConfig:
         """What `level` means on this engine's back end, with its compressor if it has one."""
-        return CompressionConfig.for_level(level, self.info.backend == "llamacpp",
-                                           self.ccm.files if self.ccm else None)
+        return self._noted(CompressionConfig.for_level(
+            level, self.info.backend == "llamacpp", self.ccm.files if self.ccm else None))
+
+    def _noted(self, config: CompressionConfig) -> CompressionConfig:
+        """`config`, its reason telling of the compressors passed over, if any were."""
+        if not self.skipped_compressors or config.method == "full":
+            return config
+        why = " ".join(self.skipped_compressors)
+        return replace(config, reason=f"{config.reason} (a compressor was passed over: {why})")
 
     @property
     def fingerprint(self) -> str:
@@ -162,14 +200,39 @@ class Engine:
         self.close()
 
 
-def _compressor_files(compressor: str | os.PathLike[str] | bool,
-                      model_path: Path) -> CompressorFiles | None:
+def _close(opened: Opened) -> None:
+    opened.ctx.close()
+    opened.model.close()
+
+
+def _compressor_candidates(compressor: str | os.PathLike[str] | bool, model_path: Path,
+                           skipped: list[str]) -> list[CompressorFiles]:
+    """The compressors to try, first choice first: the one named (refused, ModelError, if
+    unsound or made for another model file), or those found for this model file (unsound
+    ones passed over, noted in `skipped`), or none."""
     if compressor is False:
-        return None
+        return []
     if compressor is True:
-        return find_compressor(model_fingerprint(model_path))
+        return find_compressors(model_fingerprint(model_path), skipped=skipped)
     files = CompressorFiles.open(compressor)
+    files.tensors()
     if files.card["base_fingerprint"] != model_fingerprint(model_path):
         raise EngineError(f"The compressor in {files.folder} was trained for another model "
                           f"file ({files.card.get('base_model', '?')}).")
-    return files
+    return [files]
+
+
+def _first_that_fits(candidates: list[CompressorFiles], opened: Opened, named: bool,
+                     skipped: list[str]) -> tuple[CompressorFiles | None, np.ndarray | None]:
+    """The first compressor whose tensors fit the opened model, with its <COMP> vectors,
+    checked before any reaches the back end; one named that does not is refused (the
+    back end closed), one found is passed over and noted in `skipped`."""
+    for files in candidates:
+        try:
+            return files, files.vectors(opened.model.compressor_shape)
+        except ModelError as exc:
+            if named:
+                _close(opened)
+                raise
+            skipped.append(str(exc))
+    return None, None

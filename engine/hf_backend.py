@@ -22,7 +22,8 @@ from safetensors.torch import save as save_tensors
 from transformers import DynamicCache
 
 from ccm_chat.engine.backend import BackendOptions, Opened, close_gaps, slots_in_place
-from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.ccm.files import ModelShape, check_embeddings
+from ccm_chat.engine.chat import ChatMessage, for_model
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
 from ccm_chat.engine.hf_weights import load_pretrained, torch_placement
@@ -85,10 +86,8 @@ class HFModel:
             )
         self.n_vocab = config.vocab_size
         self.n_ctx_train = getattr(config, "max_position_embeddings", 0) or 0
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // (
-            config.num_attention_heads)
-        n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.f16_bytes_per_token = 2 * 2 * config.num_hidden_layers * n_kv * head_dim
+        shape = self.compressor_shape
+        self.f16_bytes_per_token = 2 * 2 * shape.n_layer * shape.kv_out
         self.bos = self.tokenizer.bos_token_id
         probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         self.add_bos = self.bos is not None and bool(probe) and probe[0] == self.bos
@@ -98,6 +97,16 @@ class HFModel:
         self._eog = self._end_of_generation_ids()
         self.name = Path(str(config.name_or_path or path.stem)).name or path.stem
         self.compressor = None
+
+    @property
+    def compressor_shape(self) -> ModelShape:
+        """What a compressor's tensors must fit (CompressorFiles.check)."""
+        config = self.config
+        n_head = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_head
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+        return ModelShape(config.hidden_size, config.num_hidden_layers, n_head * head_dim,
+                          n_kv * head_dim)
 
     def load_compressor(self, files) -> object:
         """Put a trained compressor's LoRA and <COMP> table on this model (it wraps q/k/v/o;
@@ -147,7 +156,9 @@ class HFModel:
         return token in self._eog
 
     def render_chat(self, messages: Sequence[ChatMessage], add_assistant: bool) -> bytes:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
+        """Format messages with the model's chat template; a NUL goes in as U+FFFD, as on
+        llama.cpp (chat.for_model), so both back ends show the model the same text."""
+        chat = [{"role": for_model(m.role), "content": for_model(m.content)} for m in messages]
         text = self.tokenizer.apply_chat_template(
             chat, tokenize=False, add_generation_prompt=add_assistant)
         return text.encode()
@@ -184,6 +195,7 @@ class HFContext:
         comp = self.model.compressor
         if comp is None:
             raise EngineError("No compressor is installed on this model.")
+        check_embeddings(vectors, self.model.config.hidden_size)
         n = len(vectors)
         self._check_room(start_pos, n)
         device = self.model.device

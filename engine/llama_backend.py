@@ -20,7 +20,8 @@ import llama_cpp
 import numpy as np
 
 from ccm_chat.engine.backend import BackendOptions, Opened, slots_in_place
-from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.ccm.files import ModelShape, check_embeddings
+from ccm_chat.engine.chat import ChatMessage, for_model
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
 from ccm_chat.engine.host_buffer import HostBuffer
@@ -179,8 +180,17 @@ class LlamaModel:
         except (ValueError, OSError, KeyError, struct.error):  # a file this cannot read
             return None
 
+    @functools.cached_property
+    def compressor_shape(self) -> ModelShape:
+        """What a compressor's tensors must fit (CompressorFiles.check)."""
+        n_head = llama_cpp.llama_model_n_head(self.ptr)
+        n_head_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
+        return ModelShape(self.n_embd, llama_cpp.llama_model_n_layer(self.ptr),
+                          n_head * self.head_dim, n_head_kv * self.head_dim)
+
     def load_compressor(self, files) -> object:
-        """The compressor's LoRA as a llama.cpp adapter (files: CompressorFiles)."""
+        """The compressor's LoRA as a llama.cpp adapter (files: CompressorFiles, checked
+        against this model first: see Engine.load)."""
         return self.load_adapter(files.adapter)
 
     def load_adapter(self, path: Path) -> object:
@@ -228,13 +238,14 @@ class LlamaModel:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
     def render_chat(self, messages: Sequence[ChatMessage], add_assistant: bool) -> bytes:
-        """Format messages with the model's own chat template (llama.cpp's built-in renderer)."""
+        """Format messages with the model's own chat template (llama.cpp's built-in renderer),
+        which takes them as C strings: a NUL goes in as U+FFFD (chat.for_model)."""
         if self.chat_template is None:
             raise ModelError(
                 f"{self.path.name} has no chat template in its metadata, so ccm-chat cannot "
                 "format a conversation for it. Use an instruction-tuned (chat) GGUF."
             )
-        keep = [(m.role.encode(), m.content.encode()) for m in messages]
+        keep = [(for_model(m.role).encode(), for_model(m.content).encode()) for m in messages]
         arr = (llama_cpp.llama_chat_message * max(1, len(keep)))()
         for i, (role, content) in enumerate(keep):
             arr[i].role = role
@@ -390,9 +401,11 @@ class LlamaContext:
     def decode_embeddings(self, vectors: np.ndarray, start_pos: int,
                           adapter: object | None = None) -> None:
         """Decode rows of input embeddings (the <COMP> vectors) at start_pos.., with the LoRA
-        `adapter` on for them only (here in this context: see slots_over_text)."""
+        `adapter` on for them only (here in this context: see slots_over_text). llama.cpp
+        reads n_embd floats a row whatever the array holds, so any other width is refused."""
+        check_embeddings(vectors, self.model.n_embd)
         n = len(vectors)
-        batch = llama_cpp.llama_batch_init(n, vectors.shape[1], 1)
+        batch = llama_cpp.llama_batch_init(n, self.model.n_embd, 1)
         try:
             self._use_adapter(adapter)
             flat = np.ascontiguousarray(vectors, dtype=np.float32).ravel()

@@ -50,10 +50,15 @@ class Compressor(nn.Module):
 
     def load_trainable(self, path) -> None:
         """Load trained tensors (a compressor.safetensors); every one must fit, or nothing
-        would say that the LoRA stayed at zero."""
+        would say that the LoRA stayed at zero, and be finite floats (a NaN would turn every
+        reply to noise with no word)."""
         from safetensors.torch import load_file
 
-        result = self.load_state_dict(load_file(path), strict=False)
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: tensor {name} is not a tensor of finite floats")
+        result = self.load_state_dict(tensors, strict=False)
         wanted = {n for n, p in self.named_parameters() if any(p is t for t in self.trainable())}
         missing = wanted & set(result.missing_keys)
         if missing or result.unexpected_keys:

@@ -13,10 +13,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ccm_chat.engine.ccm.files import GGUF_NAMES
 from ccm_chat.engine.ccm.lora import ConditionalLoRALinear
 
 ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
 
 
 def permute_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
