@@ -313,7 +313,7 @@ def test_training_learns_to_recall_through_the_comp_slots(tmp_path) -> None:
 def test_training_resumes_exactly_where_it_stopped(tmp_path) -> None:
     """3 steps, stop, 3 more from the checkpoint == 6 steps straight: the same weights, the
     same AdamW moments, the same losses (the data at a step is a function of the step)."""
-    from ccm_chat.engine.ccm.train import OPTIMIZER, STATE, train
+    from ccm_chat.engine.ccm.train import STATE, read_run_state, train
 
     def run(out, stops):
         _, comp = with_active_lora(n_comp=2, std=0.0)
@@ -329,8 +329,8 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path) -> None:
     assert [r["loss"] for r in log_resumed] == [r["loss"] for r in log_straight]
     for a, b in zip(straight.trainable(), resumed.trainable(), strict=True):
         assert torch.equal(a, b)
-    state_a = torch.load(tmp_path / "a" / OPTIMIZER, weights_only=False)
-    state_b = torch.load(tmp_path / "b" / OPTIMIZER, weights_only=False)
+    state_a = read_run_state(tmp_path / "a")
+    state_b = read_run_state(tmp_path / "b")
     for k, v in state_a["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg_sq"], state_b["optimizer"]["state"][k]["exp_avg_sq"])
     assert state_a["scheduler"] == state_b["scheduler"]
