@@ -34,8 +34,8 @@ MAX_KEYS = 4096  # metadata entries a header may hold
 MAX_KEY_BYTES = 256  # a metadata key's length (the spec allows 65535; none is this long)
 MAX_VALUE_BYTES = 4096  # a string value we keep (general.name)
 MAX_SKIP_BYTES = 1 << 20  # a string value we skip over (a chat template)
-MAX_ARRAY_ITEMS = 1 << 22  # tokenizer vocabularies are ~150k
-MAX_HEADER_BYTES = 64 << 20  # metadata read in all before the file is given up on
+MAX_ARRAY_ITEMS = 1 << 20  # tokenizer vocabularies and merges are 32k-300k
+MAX_HEADER_BYTES = 32 << 20  # metadata read in all before the file is given up on
 MAX_FILES = 2000  # files looked at under one root
 MAX_DEPTH = 8  # folders deep under one root
 MAX_MANIFEST_BYTES = 1 << 20
@@ -198,6 +198,8 @@ def _parse(r: _Reader) -> GGUFInfo:
         if raw_key is None:
             raise NotGGUF("a metadata key is longer than any model's")
         key = raw_key.decode("utf-8", "replace")
+        if key.startswith("tokenizer.") and _enough(found):
+            break  # the vocabulary follows: megabytes of arrays holding nothing shown here
         kind = int(r.number("<I"))
         value = _value(r, kind, wanted=key in _WANTED or key.endswith(_ARCH_KEYS))
         if value is not None:
@@ -228,6 +230,15 @@ def _value(r: _Reader, kind: int, wanted: bool) -> object:
         raise NotGGUF(f"a metadata value of unknown type {kind}")
     number = r.number(_SCALARS[kind])
     return number if wanted else None
+
+
+def _enough(found: Mapping[str, object]) -> bool:
+    """The keys a shape needs are in (key and value lengths are optional: most models leave
+    them to embedding_length / head_count)."""
+    arch = found.get("general.architecture")
+    return isinstance(arch, str) and all(
+        f"{arch}.{k}" in found for k in ("context_length", "block_count", "embedding_length",
+                                         "attention.head_count"))
 
 
 def _complete(found: Mapping[str, object]) -> bool:
