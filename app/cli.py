@@ -350,7 +350,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         say(f"  {model.name}  {model.title}, {model.filename}, "
             f"{model_discovery.human_size(model.size)}, {model.licence}; {state}; "
             f"compressor: {'yes' if compressor else 'no'}")
-    folders = [*getattr(settings, "model_folders", []), *args.folder]
+    folders = [*settings.model_folders, *args.folder]
     found = model_discovery.discover(folders)
     if args.hash:
         found = [_hashed(m) for m in found]

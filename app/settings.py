@@ -9,6 +9,7 @@ from ccm_chat.engine import BACKENDS, DEFAULT_SYSTEM_PROMPT, LEVELS, SamplingPar
 from ccm_chat.storage import Store
 
 MAX_THREADS = 512
+MAX_MODEL_FOLDERS = 64
 SAMPLING = SamplingParams()  # the engine's defaults: they hold the default model off loops
 
 
@@ -27,6 +28,7 @@ class Settings:
     backend: str = "auto"  # auto: llama.cpp for a .gguf file, transformers for a model folder
     threads: int = 0  # CPU threads for the model; 0: the engine's default (leaves the UI room)
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> keys
+    model_folders: list[str] = field(default_factory=list)  # more places the model picker looks
 
     def problems(self) -> list[str]:
         found = []
@@ -50,6 +52,10 @@ class Settings:
             found.append(f"Back end must be one of {', '.join(BACKENDS)}.")
         if self.compression not in LEVELS:
             found.append(f"Compression level must be one of {', '.join(LEVELS)}.")
+        if not (isinstance(self.model_folders, list)
+                and len(self.model_folders) <= MAX_MODEL_FOLDERS
+                and all(isinstance(f, str) and 0 < len(f) <= 4096 for f in self.model_folders)):
+            found.append(f"Model folders must be at most {MAX_MODEL_FOLDERS} folder paths.")
         return found
 
     def engine_key(self) -> tuple[Any, ...]:

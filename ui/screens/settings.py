@@ -1,4 +1,5 @@
-"""Settings: model, back end, the numbers (GPU layers, threads, context, sampling), system
+"""Settings: model (typed, or picked from the models on this machine), the folders the
+picker also looks in, back end, the numbers (GPU layers, threads, context, sampling), system
 prompt, compression level (with what it means on this model) and keys.
 
 Every number field of Settings gets a row, so a new one shows up here without a change; the
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -18,6 +19,7 @@ from textual.widgets import Button, Input, Label, Select
 from ccm_chat.app.levels import describe_level
 from ccm_chat.app.settings import Settings
 from ccm_chat.app.ui_support import BACKENDS, LEVELS
+from ccm_chat.ui.screens.model_picker import ModelPickerScreen
 
 LABELS = {  # the number fields' labels; one not listed is labelled from its name
     "n_gpu_layers": "GPU layers (-1 all, 0 CPU only)",
@@ -65,16 +67,24 @@ def format_keymap(keymap: dict[str, str]) -> str:
     return "; ".join(f"{k}={v}" for k, v in keymap.items())
 
 
-def _row(label: str, field: Input | Select) -> ComposeResult:
+def parse_folders(text: str) -> list[str]:
+    """'~/models; /data/gguf' -> ['~/models', '/data/gguf']."""
+    return [part.strip() for part in text.split(";") if part.strip()]
+
+
+def _row(label: str, *widgets: Input | Select | Button) -> ComposeResult:
     with Horizontal(classes="row"):
         yield Label(label, classes="field-label")
-        yield field
+        yield from widgets
 
 
 class SettingsScreen(ModalScreen[Settings | None]):
     """Dismisses with the new, validated settings, or None when cancelled."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+    DEFAULT_CSS = """
+    SettingsScreen #pick_model { width: auto; min-width: 7; margin-left: 1; }
+    """
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -87,7 +97,11 @@ class SettingsScreen(ModalScreen[Settings | None]):
             with VerticalScroll(classes="form", id="form"):
                 yield from _row("Model file (.gguf; empty = embedded default)",
                                 Input(value=s.model_path, id="model_path", compact=True,
-                                      placeholder="(embedded SmolLM2-135M-Instruct)"))
+                                      placeholder="(embedded SmolLM2-135M-Instruct)"),
+                                Button("Pick…", id="pick_model", compact=True))
+                yield from _row("More folders Pick… looks in (a; b)",
+                                Input(value="; ".join(s.model_folders), id="model_folders",
+                                      placeholder="~/models; /data/gguf", compact=True))
                 yield from _row("Back end", Select(
                     [(b, b) for b in BACKENDS], value=s.backend, allow_blank=False,
                     id="backend", compact=True))
@@ -117,6 +131,32 @@ class SettingsScreen(ModalScreen[Settings | None]):
                               self.query_one("#model_path", Input).value.strip())
         self.query_one("#method_note", Label).update(note)
 
+    def action_pick_model(self) -> None:
+        folders = parse_folders(self.query_one("#model_folders", Input).value)
+        try:
+            context = int(self.query_one("#context_size", Input).value)
+        except ValueError:
+            context = self.settings.context_size
+        self.app.push_screen(ModelPickerScreen(folders, context), self._picked)
+
+    def _picked(self, path: str | None) -> None:
+        if path:
+            self.query_one("#model_path", Input).value = path
+            self.query_one("#method_note", Label).update("Reading the model…")
+            self._describe(str(self.query_one("#compression", Select).value),
+                           str(self.query_one("#backend", Select).value), path)
+
+    @work(thread=True, exclusive=True, group="method-note", exit_on_error=False)
+    def _describe(self, level: str, backend: str, path: str) -> None:
+        """What the level means on the picked model: its sha256 is read to find its
+        compressor, seconds for a large file, so off the UI thread."""
+        note = describe_level(level, backend, path)
+        self.app.call_from_thread(self._show_note, note)
+
+    def _show_note(self, note: str) -> None:
+        if self.is_attached:  # the dialog may have closed meanwhile
+            self.query_one("#method_note", Label).update(note)
+
     def read_form(self) -> Settings:
         values: dict[str, object] = {}
         for name, (label, kind, optional) in NUMBER_FIELDS.items():
@@ -129,6 +169,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
             except ValueError as exc:
                 raise ValueError(f"{label}: {raw!r} is not a number.") from exc
         values["model_path"] = self.query_one("#model_path", Input).value.strip()
+        values["model_folders"] = parse_folders(self.query_one("#model_folders", Input).value)
         values["system_prompt"] = self.query_one("#system_prompt", Input).value.strip()
         values["compression"] = str(self.query_one("#compression", Select).value)
         values["backend"] = str(self.query_one("#backend", Select).value)
@@ -150,6 +191,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "save":
             self.action_save()
+        elif event.button.id == "pick_model":
+            self.action_pick_model()
         else:
             self.dismiss(None)
 
