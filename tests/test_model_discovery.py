@@ -227,3 +227,28 @@ def test_the_vocabulary_is_not_read_once_the_shape_is_known(tmp_path: Path) -> N
     path.write_bytes(path.read_bytes().replace(b"tokenizer.ggml.tokens", b"tokenizer_ggml_tokens"))
     with pytest.raises(NotGGUF, match="2\\*\\*60|claims"):
         read_gguf_info(path)
+
+
+def test_the_embedded_model_has_its_shipped_compressor_once_hashed(home: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    from ccm_chat.engine import default_model_path
+
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / "smol.gguf").symlink_to(default_model_path())
+    assert main(["models", "--folder", str(folder)]) == 0
+    assert "compressor: unknown" in capsys.readouterr().out
+    assert main(["models", "--folder", str(folder), "--hash"]) == 0
+    out = capsys.readouterr().out
+    assert "llama, Q4_1" in out and "compressor: yes" in out
+    [model] = discover([str(folder)])  # the hash is cached by (path, size, mtime) now
+    assert model.compressor is True
+
+
+def test_model_folders_from_a_damaged_settings_table_are_refused(store) -> None:
+    from ccm_chat.app.settings import Settings
+
+    store.save_settings({"model_folders": "/not/a/list", "temperature": 0.3})
+    assert Settings.load(store) == Settings()
+    store.save_settings({"model_folders": ["/models", "~/gguf"]})
+    assert Settings.load(store).model_folders == ["/models", "~/gguf"]
