@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ccm_chat.app.engine_api import EngineConversation, EngineLike, Progress
-from ccm_chat.engine import CompressionConfig, EngineError, StateError
+from ccm_chat.engine import CompressionConfig, ContextFullError, EngineError, StateError
 from ccm_chat.engine.state_blob import origin_mismatch
 from ccm_chat.storage import ConversationRecord, MemoryStateRecord, MessageRecord, Store
 
@@ -98,6 +98,38 @@ def _unusable(state: MemoryStateRecord | None, engine: EngineLike,
     return None
 
 
+def _catch_up(engine: EngineLike, live: EngineConversation, wanted: list[tuple[str, str]]
+              ) -> tuple[EngineConversation | None, str | None]:
+    """A restored memory brought up to the transcript (the messages saved after it replayed
+    onto it), or None and why it cannot serve: it stands for another transcript, or it
+    fails to decode (a memory that cannot take a message must never keep a chat from
+    sending: it is dropped, and the memory rebuilt from the transcript)."""
+    held = [(m.role, m.content) for m in live.messages]
+    if wanted[: len(held)] != held:
+        _release(engine, live)
+        return None, "the saved memory does not match the transcript"
+    behind = wanted[len(held):]
+    try:
+        for role, content in behind:
+            live.add_turn(role, content)
+    except ContextFullError:  # the transcript does not fit: a rebuild would say the same
+        raise
+    except EngineError as exc:
+        _release(engine, live)
+        return None, f"the saved memory failed when the newer messages were added ({exc})"
+    if behind:
+        return live, (f"the saved memory was {len(behind)} message(s) behind the transcript; "
+                      "replayed them")
+    return live, None
+
+
+def _release(engine: EngineLike, live: EngineConversation) -> None:
+    """Free the context cells of a memory that is dropped."""
+    release = getattr(engine, "release", None)
+    if release is not None:
+        release(live)
+
+
 def resume(
     engine: EngineLike,
     store: Store,
@@ -124,16 +156,7 @@ def resume(
         except (StateError, EngineError) as exc:
             reason = f"the saved memory could not be loaded ({exc})"
     if live is not None:
-        held = [(m.role, m.content) for m in live.messages]
-        if wanted[: len(held)] != held:
-            reason, live = "the saved memory does not match the transcript", None
-        else:
-            behind = wanted[len(held):]
-            for role, content in behind:
-                live.add_turn(role, content)
-            if behind:
-                reason = (f"the saved memory was {len(behind)} message(s) behind the "
-                          "transcript; replayed them")
+        live, reason = _catch_up(engine, live, wanted)
     if live is None:
         live = engine.new_conversation(system=record.system_prompt, compression=compression)
         for m in messages:

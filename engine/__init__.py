@@ -27,6 +27,7 @@ _EXPORTS = {
     "ReplyStats": "ccm_chat.engine.reply",
     "BACKENDS": "ccm_chat.engine.engine", "DEFAULT_SYSTEM_PROMPT": "ccm_chat.engine.engine",
     "Engine": "ccm_chat.engine.engine", "EngineInfo": "ccm_chat.engine.engine",
+    "CancelledError": "ccm_chat.engine.errors",
     "ContextFullError": "ccm_chat.engine.errors", "EngineError": "ccm_chat.engine.errors",
     "ModelError": "ccm_chat.engine.errors", "StateError": "ccm_chat.engine.errors",
     "default_model_path": "ccm_chat.engine.models", "resolve_model_path": "ccm_chat.engine.models",

@@ -11,23 +11,32 @@ cannot be undone in place, so the memory is rebuilt from the messages instead.
 from __future__ import annotations
 
 import codecs
+import copy
+import re
 import threading
 import time
+import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.chat import ChatMessage, for_model
 from ccm_chat.engine.config import CompressionConfig, SamplingParams
-from ccm_chat.engine.errors import ContextFullError, EngineError, StateError
+from ccm_chat.engine.errors import CancelledError, ContextFullError, EngineError, StateError
 from ccm_chat.engine.kv_sequence import KVSequence, MemoryView
 from ccm_chat.engine.memory import MemoryPolicy
 from ccm_chat.engine.reply import Reply, ReplyStats
-from ccm_chat.engine.state_blob import StateBlob, origin_mismatch
+from ccm_chat.engine.state_blob import (
+    StateBlob,
+    origin_mismatch,
+    runtime,
+    runtime_mismatch,
+    transcript_digest,
+)
 from ccm_chat.engine.stops import StopStringMatcher
 
 if TYPE_CHECKING:
@@ -35,6 +44,14 @@ if TYPE_CHECKING:
 
 ROLES = ("system", "user", "assistant")
 GENERATION_HEADROOM = 64  # cells a policy frees at once when a reply fills the context
+# The longest message a compression level takes in, in context windows (a 2 MB paste is
+# about 90 at 4,096 tokens, and minutes of decoding on a CPU for the last window of it)
+MESSAGE_WINDOWS = 16
+# A saved state's content fingerprint (Conversation._probe): the logits after this text,
+# decoded behind the cells; the top ones are kept, and a restore must give them again
+PROBE_TEXT = b" the"
+PROBE_TOP = 16
+PROBE_TOLERANCE = 0.05
 
 Progress = Callable[[int, int], None]
 
@@ -69,6 +86,88 @@ def _common_prefix(a: bytes, b: bytes) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Chat-template text, and the byte ranges of it that are message text (`plain`; None
+    where the template's output could not be lined up with the messages)."""
+
+    text: bytes
+    plain: tuple[tuple[int, int], ...] | None = None
+
+
+def render(model, messages: Sequence[ChatMessage], add_assistant: bool) -> Rendered:
+    """The chat as the model's template renders it, with where each message's text lies."""
+    text = model.render_chat(messages, add_assistant)
+    return Rendered(text, _message_spans(model, messages, add_assistant, text))
+
+
+def _message_spans(model, messages: Sequence[ChatMessage], add_assistant: bool,
+                   text: bytes) -> tuple[tuple[int, int], ...] | None:
+    """Where each message's text lies in `text`. The chat rendered with a marker in place
+    of each message gives the template's own text around them; the messages fill the gaps,
+    whole or trimmed (some templates trim them). None when the two do not line up."""
+    tag = b"ccmspan"
+    while tag in text:
+        tag += b"x"
+    marks = [b"%s%d%s" % (tag, i, tag) for i in range(len(messages))]
+    shape = model.render_chat([ChatMessage(m.role, mark.decode())
+                               for m, mark in zip(messages, marks, strict=True)], add_assistant)
+    fixed, at = [], 0
+    for mark in marks:
+        found = shape.find(mark, at)
+        if found < 0:
+            return None
+        fixed.append(shape[at:found])
+        at = found + len(mark)
+    fixed.append(shape[at:])
+    spans, at = [], 0
+    for m, before, after in zip(messages, fixed, fixed[1:], strict=False):
+        if not text.startswith(before, at):
+            return None
+        at += len(before)
+        body = for_model(m.content).encode()
+        fits = [b for b in (body, body.strip()) if text.startswith(b + after, at)]
+        if not fits:
+            return None
+        spans.append((at, at + len(fits[0])))
+        at += len(fits[0])
+    return tuple(spans) if text[at:] == fixed[-1] else None
+
+
+_PER_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _per_model(model, name: str, make: Callable[[], Any]) -> Any:
+    """`make()`, made once per model (a fact about its vocabulary)."""
+    facts = _PER_MODEL.setdefault(model, {})
+    if name not in facts:
+        facts[name] = make()
+    return facts[name]
+
+
+def control_texts(model) -> re.Pattern[bytes] | None:
+    """The texts of the model's control tokens (`<|im_start|>`...), which a tokenizer told
+    to parse special tokens turns into them, as one pattern."""
+    def make() -> re.Pattern[bytes] | None:
+        texts = set()
+        for token in range(model.n_vocab):
+            shown = model.piece(token, special=True)
+            if shown and model.piece(token, special=False) != shown:
+                texts.add(shown)
+        by_length = sorted(texts, key=len, reverse=True)
+        return re.compile(b"|".join(re.escape(t) for t in by_length)) if texts else None
+    return _per_model(model, "control", make)
+
+
+def spells_text(model) -> bool:
+    """Whether the model's token pieces spell the text they came from (byte-level BPE's
+    do; a tokenizer that puts a space before the first word does not)."""
+    sample = b"Hello world,\n  x = [1, 2] caf\xc3\xa9!"
+    return _per_model(model, "spells", lambda: b"".join(
+        model.piece(t, special=True)
+        for t in model.tokenize(sample, add_special=False, parse_special=False)) == sample)
 
 
 class Conversation:
@@ -158,18 +257,24 @@ class Conversation:
         self._pending = Reply(self, params, cancel)
         return self._pending
 
-    def add_turn(self, role: str, text: str, decode: bool = True) -> None:
+    def add_turn(self, role: str, text: str, decode: bool = True,
+                 cancel: threading.Event | None = None) -> None:
         """Append a turn without generating (teacher forcing); its tokens go into memory now.
 
         The memory policy runs at the end of each exchange, after an assistant turn, as it
-        does after a generated reply.
+        does after a generated reply. `cancel`, checked between decode batches, stops a long
+        message with CancelledError: the turn is dropped and the memory is as it was.
         """
         self._settle()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.messages.append(ChatMessage(role, text))
         if decode:
-            self._sync(self.engine.model.render_chat(self.messages, add_assistant=False))
+            try:
+                self._sync(self._render(add_assistant=False), cancel=cancel)
+            except CancelledError:
+                self.messages.pop()
+                raise
             if role == "assistant":
                 self._end_turn()
 
@@ -184,7 +289,7 @@ class Conversation:
         tokens = self.engine.model.tokenize(reply.encode(), False, False)
         if not tokens:
             raise ValueError("Cannot score an empty reply.")
-        self._sync(self.engine.model.render_chat(self.messages, add_assistant=True))
+        self._sync(self._render(add_assistant=True))
         ctx = self._ctx()
         if not self.policy.make_room(self, len(tokens), ctx.n_ctx - 1):
             raise ContextFullError("The reply does not fit in the context window.")
@@ -208,7 +313,7 @@ class Conversation:
     def next_token_logits(self) -> np.ndarray:
         """The model's next-token logits for an assistant reply to the transcript as it is."""
         self._settle()
-        decoded, _ = self._sync(self.engine.model.render_chat(self.messages, add_assistant=True))
+        decoded, _ = self._sync(self._render(add_assistant=True))
         ctx = self._ctx()
         if decoded == 0:  # logits are only current after a decode
             self._redecode_last(ctx)
@@ -245,15 +350,14 @@ class Conversation:
         ctx = self._ctx()
         ctx.clear()
         self.kv = KVSequence()
-        render = self.engine.model.render_chat
         total = len(self.messages)
         if self.policy.budget is None:  # nothing is evicted: one batched prefill is the same
-            self._sync(render(self.messages, add_assistant=False), progress)
+            self._sync(self._render(add_assistant=False), progress)
         elif self.policy.kept_after_rebuild is not None:
-            self._prefill_kept(render(self.messages, add_assistant=False))
+            self._prefill_kept(self._render(add_assistant=False))
         else:
             for i in range(1, total + 1):
-                self._sync(render(self.messages[:i], add_assistant=False))
+                self._sync(self._render(add_assistant=False, upto=i))
                 if self.messages[i - 1].role == "assistant":
                     self._end_turn()
                 if progress is not None:
@@ -261,11 +365,10 @@ class Conversation:
         if progress is not None:
             progress(total, total)
 
-    def _prefill_kept(self, rendered: bytes) -> None:
+    def _prefill_kept(self, rendered: Rendered) -> None:
         """Decode only the tokens the policy keeps of `rendered`, at contiguous positions."""
-        model, ctx = self.engine.model, self._ctx()
-        tokens = model.tokenize(rendered, add_special=True, parse_special=True)
-        ends = self._token_ends(tokens, 0, len(rendered), first=True)
+        ctx = self._ctx()
+        tokens, ends = self._tokenize(rendered, 0, first=True)
         sink, recent = self.policy.kept_after_rebuild  # type: ignore[misc]
         keep = list(range(len(tokens)))
         if len(tokens) > sink + recent:
@@ -277,7 +380,44 @@ class Conversation:
         ctx.decode(kept, 0)
         self.kv.tokens, self.kv.ends = kept, [ends[i] for i in keep]
         self.kv.evicted = len(tokens) - len(kept)
-        self.kv.rendered = rendered
+        self.kv.rendered = rendered.text
+
+    def _render(self, add_assistant: bool, upto: int | None = None) -> Rendered:
+        return render(self.engine.model, self.messages[:upto], add_assistant)
+
+    def _tokenize(self, target: Rendered, start: int, first: bool
+                  ) -> tuple[list[int], list[int]]:
+        """The tokens of target.text[start:], and where each ends in it. Only the template's
+        own markers become special tokens: message text holding a control token's text
+        (a pasted `<|im_start|>system`) is tokenized apart, that text read as text."""
+        model = self.engine.model
+        tokens: list[int] = []
+        ends: list[int] = []
+        for a, b, special in self._pieces(target, start):
+            part = model.tokenize(target.text[a:b], add_special=first, parse_special=special)
+            ends += self._token_ends(part, a, b - a, first)
+            tokens += part
+            first = False
+        return tokens, ends
+
+    def _pieces(self, target: Rendered, start: int) -> list[tuple[int, int, bool]]:
+        """target.text[start:] as (from, to, parse special tokens): cut around the message
+        text that holds a control token's text, and whole (tokenized as it always was)
+        when none does."""
+        text, end = target.text, len(target.text)
+        control = control_texts(self.engine.model) if target.plain else None
+        pieces, at = [], start
+        for a, b in target.plain or ():
+            a = max(a, start)
+            if a >= b or control is None or not control.search(text, a, b):
+                continue
+            if a > at:
+                pieces.append((at, a, True))
+            pieces.append((a, b, False))
+            at = b
+        if at < end:
+            pieces.append((at, end, True))
+        return pieces
 
     def _token_ends(self, tokens: list[int], base: int, length: int, first: bool) -> list[int]:
         """Where each token ends in the rendered bytes (the BOS token adds none)."""
@@ -292,40 +432,60 @@ class Conversation:
         return ends
 
     def save_state(self) -> bytes:
-        """The memory as bytes: restoring them continues exactly here, with no re-prefill."""
+        """The memory as bytes: restoring them continues exactly here, with no re-prefill.
+
+        The header binds the KV cells to what they stand for: the messages (a digest), the
+        llama.cpp build whose private layout they are in, and a fingerprint of their
+        content (`_probe`), which a restore must reproduce."""
         self._settle()
         ctx = self._ctx()
-        payload = ctx.get_state() if self.kv.cached else b""
+        probe = self._probe(ctx) if self.kv.cached else None  # before the save: it applies
+        payload = ctx.get_state() if self.kv.cached else b""  # any shift still pending
+        backend = self.engine.info.backend
         header = {
-            "backend": self.engine.info.backend,
+            "backend": backend,
             "model": self.engine.fingerprint,
             "compression": {"level": self.compression.level, **self.compression.key()},
             "flash_attn": self.engine.flash_attn,
+            "runtime": runtime(backend),
             "messages": [[m.role, m.content] for m in self.messages],
+            "transcript": transcript_digest((m.role, m.content) for m in self.messages),
+            "probe": probe,
             **self.kv.header(),
         }
         return StateBlob(header, payload).to_bytes()
 
+    def _probe(self, ctx) -> dict[str, Any]:
+        """A fingerprint of the cached cells' content: the top next-token logits after a
+        probe token decoded behind them (and removed again). The probe attends to every
+        cell, so cells other than those saved (another chat's, edited ones) give other
+        logits, where the same cells give the same ones."""
+        row = self._probe_row(ctx)
+        top = np.argsort(row)[::-1][:PROBE_TOP]
+        return {"ids": [int(i) for i in top],
+                "logits": [round(float(row[i]), 4) for i in top]}
+
+    def _probe_row(self, ctx) -> np.ndarray:
+        at = self.kv.cached
+        ctx.decode(self._probe_tokens(), at)
+        try:
+            return ctx.logits(-1)
+        finally:
+            ctx.remove(at)
+
+    def _probe_tokens(self) -> list[int]:
+        return self.engine.model.tokenize(PROBE_TEXT, add_special=False, parse_special=False)
+
     @classmethod
-    def from_state(cls, engine: Engine, data: bytes) -> Conversation:
+    def from_state(cls, engine: Engine, data: bytes,
+                   transcript: Sequence[tuple[str, str]] | None = None) -> Conversation:
+        """The conversation a `save_state` blob holds, checked before it is trusted: its
+        origin, its header against itself, its KV cells against its header (positions,
+        layout, and the content fingerprint, which also proves the cells decode).
+        `transcript`: the (role, content) pairs it must stand for a prefix of."""
         blob = StateBlob.from_bytes(data)
         head = blob.header
-        foreign = origin_mismatch(head.get("model"), head.get("backend"), engine.fingerprint,
-                                  engine.info.backend)
-        if foreign:
-            raise StateError(f"The memory state was {foreign}.")
-        kv_type = (head.get("compression") or {}).get("kv_type")
-        if kv_type != engine.kv_type:
-            raise StateError(
-                f"The memory state holds a {kv_type} KV cache; this engine's is {engine.kv_type}."
-            )
-        saved_flash = head.get("flash_attn")
-        if None not in (saved_flash, engine.flash_attn) and saved_flash != engine.flash_attn:
-            raise StateError(
-                "The memory state's V cache is laid out for flash attention "
-                f"{'on' if saved_flash else 'off'}, this engine's for "
-                f"{'on' if engine.flash_attn else 'off'} (saved on another device or setting)."
-            )
+        _check_origin(engine, head)
         try:
             comp = CompressionConfig(**head["compression"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -335,10 +495,18 @@ class Conversation:
         except ValueError as exc:  # e.g. made with a compressor this engine does not have
             raise StateError(str(exc)) from exc
         try:
-            conv.messages = [ChatMessage(r, c) for r, c in head["messages"]]
+            conv.messages = [ChatMessage(str(r), str(c)) for r, c in head["messages"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"The memory state header is malformed ({exc}).") from exc
+        pairs = [(m.role, m.content) for m in conv.messages]
+        if head.get("transcript") != transcript_digest(pairs):
+            raise StateError("The memory state's messages do not match their digest.")
+        if transcript is not None and (
+                transcript_digest(list(transcript)[: len(pairs)]) != head["transcript"]):
+            raise StateError("The memory state was saved for another transcript.")
         conv.kv = KVSequence.from_header(head, engine.n_ctx)
+        conv._check_text()
+        conv._check_payload(blob.payload)
         conv._parked = blob.payload
         try:
             conv._ctx()  # load it now, so a bad payload fails here and not mid-reply
@@ -349,7 +517,75 @@ class Conversation:
         if conv.engine.ctx.pos_max() != conv.kv.cached - 1:
             engine.release(conv)
             raise StateError("The memory state's KV payload does not match its header.")
+        conv._check_probe(head.get("probe"))
         return conv
+
+    def _check_text(self) -> None:
+        """The header's cells against its text: token ids of this vocabulary (slots at the
+        front), ends in order inside the text, each token's text where it ends (for a
+        tokenizer whose pieces spell the text), and the text the messages' rendering."""
+        kv, model = self.kv, self.engine.model
+        text_cells = kv.tokens[kv.slots:]
+        if any(t != -1 for t in kv.tokens[:kv.slots]) or any(
+                not 0 <= t < model.n_vocab for t in text_cells):
+            raise StateError("The memory state's token ids do not belong to this model.")
+        size = len(kv.rendered)
+        if (kv.ends != sorted(kv.ends) or (kv.ends and not 0 <= kv.ends[0] <= kv.ends[-1] <= size)
+                or not 0 <= kv.frozen <= size or kv.evicted < 0):
+            raise StateError("The memory state's token bounds do not fit its text.")
+        if spells_text(model):
+            last = kv.ends[kv.slots - 1] if kv.slots else 0
+            for token, end in zip(text_cells, kv.ends[kv.slots:], strict=True):
+                if end > last:
+                    piece = model.piece(token, special=True)
+                    if kv.rendered[max(0, end - len(piece)):end] != piece:
+                        raise StateError("The memory state's tokens do not spell its text.")
+                last = end
+        target = self._render(add_assistant=False).text
+        if _common_prefix(kv.rendered, target) < kv.frozen:
+            raise StateError("The memory state's text is not that of its messages.")
+
+    def _check_payload(self, payload: bytes | memoryview) -> None:
+        """The KV payload against the header, where its layout is known (llama.cpp's): the
+        header's cells, at contiguous increasing positions in range, and nothing after."""
+        if bool(len(payload)) != bool(self.kv.cached):
+            raise StateError("The memory state's KV payload does not match its header.")
+        if self.engine.info.backend != "llamacpp" or not self.kv.cached:
+            return
+        from ccm_chat.engine.llama_state import payload_problem
+
+        problem = payload_problem(np.frombuffer(payload, dtype=np.uint8), self.kv.cached,
+                                  self.engine.n_ctx, self.engine.model.position_limit)
+        if problem:
+            raise StateError(f"The memory state's KV payload does not match its header "
+                             f"({problem}).")
+
+    def _check_probe(self, saved: Any) -> None:
+        """The restored cells give the logits they gave when saved (`_probe`); run now, it
+        also proves they decode, so a memory that cannot is refused here, not at a send."""
+        if not self.kv.cached:
+            return
+        try:
+            ids = [int(i) for i in saved["ids"]]
+            logits = np.asarray(saved["logits"], dtype=np.float64)
+            if not ids or len(ids) != len(logits) or not all(
+                    0 <= i < self.engine.model.n_vocab for i in ids):
+                raise ValueError("ids and logits do not pair up")
+        except (KeyError, TypeError, ValueError) as exc:
+            self.engine.release(self)
+            raise StateError(f"The memory state's content fingerprint is malformed "
+                             f"({exc}).") from exc
+        try:
+            row = self._probe_row(self._ctx())
+        except EngineError as exc:
+            self.engine.release(self)
+            raise StateError(f"The restored memory could not be decoded ({exc}).") from exc
+        off = max(float(np.abs(row[ids] - logits).max()), abs(float(row.max()) - logits[0]))
+        if not off <= PROBE_TOLERANCE:
+            self.engine.release(self)
+            raise StateError(
+                "The memory state's KV cells are not the ones it was saved with (their "
+                f"next-token logits are off by {off:.3g}): edited, or from another chat.")
 
     # -- the KVMemory handle policies edit -------------------------------------------------------
 
@@ -491,41 +727,40 @@ class Conversation:
             ctx.set_state(self._parked)
         self._parked = None
 
-    def _sync(self, target: bytes, progress: Progress | None = None) -> tuple[int, float]:
+    def _sync(self, target: Rendered, progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> tuple[int, float]:
         """Make the KV cache hold exactly `target`; return (tokens decoded, seconds).
 
-        `progress(done, total)` hears of each batch of tokens decoded.
+        `progress(done, total)` hears of each batch of tokens decoded. `cancel` is checked
+        between batches: once set, the cache and its bookkeeping go back to what they were
+        before the new text, and CancelledError is raised.
         """
         ctx = self._ctx()
-        common = _common_prefix(self.kv.rendered, target)
+        common = _common_prefix(self.kv.rendered, target.text)
         if common < self.kv.frozen:
             self.rebuild()
             ctx = self._ctx()
-            common = _common_prefix(self.kv.rendered, target)
+            common = _common_prefix(self.kv.rendered, target.text)
         if common < len(self.kv.rendered):
             keep = bisect_right(self.kv.ends, common)
             if keep < self.kv.cached:
                 ctx.remove(keep)
             self.kv.truncate(keep)
-        delta = target[len(self.kv.rendered) :]
-        if not delta:
+        if len(target.text) == len(self.kv.rendered):  # nothing new
             start = time.perf_counter()
             return self._catch_up(ctx), time.perf_counter() - start
-        model = self.engine.model
-        first = not self.kv.tokens
-        tokens = model.tokenize(delta, add_special=first, parse_special=True)
+        tokens, ends = self._tokenize(target, len(self.kv.rendered), first=not self.kv.tokens)
         capacity = ctx.n_ctx - 1
-        if self.policy.budget is None and self.held + len(tokens) > capacity:
-            raise ContextFullError(
-                f"This conversation needs {self.held + len(tokens)} tokens, more than "
-                f"the context window of {ctx.n_ctx}. Start a new chat, raise the context size, "
-                "or pick a compression level in settings."
-            )
-        ends = self._token_ends(tokens, len(self.kv.rendered), len(delta), first)
+        self._check_fits(len(tokens), ctx.n_ctx)
+        undo = self._undo_point(ctx, len(tokens), capacity) if cancel is not None else None
         backlog = self.kv.undecoded  # decoded with the first batch
         start = time.perf_counter()
         done = 0
         while done < len(tokens):
+            if undo is not None and cancel.is_set():  # type: ignore[union-attr]
+                self._roll_back(ctx, undo)
+                raise CancelledError("Stopped before the whole message was read: it was not "
+                                     "sent, and the chat's memory is as it was before it.")
             room = capacity - self.held
             if room < len(tokens) - done:
                 self._catch_up(ctx)  # the policy edits the cache as it stands
@@ -542,8 +777,45 @@ class Conversation:
             done += n
             if progress is not None:
                 progress(done, len(tokens))
-        self.kv.rendered = target
+        self.kv.rendered = target.text
         return len(tokens) + backlog, time.perf_counter() - start
+
+    def _check_fits(self, n: int, n_ctx: int) -> None:
+        """Refuse, before decoding any of them, `n` new tokens that can never fit: beyond the
+        context window with compression off; with a level, more than MESSAGE_WINDOWS
+        windows (a level slides over a message longer than the window, keeping its end, so
+        of a longer one it would keep only a sliver, after minutes of decoding)."""
+        capacity = n_ctx - 1
+        if self.policy.budget is None:
+            if self.held + n > capacity:
+                raise ContextFullError(
+                    f"This conversation needs {self.held + n} tokens, more than the context "
+                    f"window of {n_ctx}. Start a new chat, raise the context size, or pick a "
+                    "compression level in settings."
+                )
+        elif n > MESSAGE_WINDOWS * n_ctx:
+            raise ContextFullError(
+                f"This message is {n:,} tokens long, more than a compression level takes in "
+                f"at once ({MESSAGE_WINDOWS * n_ctx:,} tokens: {MESSAGE_WINDOWS} times the "
+                f"context window of {n_ctx:,}, of which it keeps only the end). Shorten "
+                "it, or send it in parts."
+            )
+
+    def _undo_point(self, ctx, n: int, capacity: int) -> tuple[KVSequence, bytes | None]:
+        """What a cancelled sync puts back: the bookkeeping, and the cache's bytes too when
+        the policy will have to make room for the `n` new tokens (an eviction or a
+        compression cannot be undone in place)."""
+        saved = copy.deepcopy(self.kv)
+        state = ctx.get_state() if self.held + n > capacity and self.kv.cached else None
+        return saved, state
+
+    def _roll_back(self, ctx, undo: tuple[KVSequence, bytes | None]) -> None:
+        saved, state = undo
+        if state is not None:
+            ctx.set_state(state)
+        else:  # only cells after the saved ones were added
+            ctx.remove(saved.cached)
+        self.kv = saved
 
     def _end_turn(self) -> None:
         """An exchange is finished: mark where its text ends, then let the policy work."""
@@ -562,8 +834,12 @@ class Conversation:
         """Generate the reply's tokens; the turn is finished apart, by `_finish`."""
         params, cancel = reply.params, reply.cancel_event
         model = self.engine.model
-        prompt = model.render_chat(self.messages, add_assistant=True)
-        reply.prompt_tokens, reply.prefill_seconds = self._sync(prompt)
+        try:
+            reply.prompt_tokens, reply.prefill_seconds = self._sync(
+                self._render(add_assistant=True), cancel=cancel)
+        except CancelledError:  # stopped while reading the prompt in: no reply, memory as was
+            return
+        reply.prompt_read = True
         ctx = self._ctx()
         if reply.prompt_tokens == 0:
             self._redecode_last(ctx)
@@ -622,11 +898,13 @@ class Conversation:
         if self._pending is reply:
             self._pending = None
         if self.policy.reads_finished_exchange:
-            if not reply.failed:  # after a failed decode the cache is left for a rebuild
+            # after a failed decode the cache is left for a rebuild; after a prompt not read
+            # in (cancelled), for the next message's sync
+            if reply.prompt_read and not reply.failed:
                 # the reply's end-of-turn marker, which generation stops before, goes in
                 # too: a compressor was trained on exchanges as the template renders them
                 with suppress(ContextFullError):
-                    self._sync(self.engine.model.render_chat(self.messages, add_assistant=False))
+                    self._sync(self._render(add_assistant=False))
                 self._end_turn()
         else:
             self._end_turn()
@@ -647,6 +925,30 @@ class Conversation:
         """How the last reply went (finishing it, if its caller stopped reading early)."""
         self._settle()
         return self._last_reply
+
+
+def _check_origin(engine: Engine, head: dict[str, Any]) -> None:
+    """Refuse a state made elsewhere: by another model, back end or llama.cpp build, or
+    for another KV cache type or V layout."""
+    foreign = origin_mismatch(head.get("model"), head.get("backend"), engine.fingerprint,
+                              engine.info.backend)
+    if foreign:
+        raise StateError(f"The memory state was {foreign}.")
+    build = runtime_mismatch(head.get("runtime"), engine.info.backend)
+    if build:
+        raise StateError(f"The memory state was {build}, whose memory layout may differ.")
+    kv_type = (head.get("compression") or {}).get("kv_type")
+    if kv_type != engine.kv_type:
+        raise StateError(
+            f"The memory state holds a {kv_type} KV cache; this engine's is {engine.kv_type}."
+        )
+    saved_flash = head.get("flash_attn")
+    if None not in (saved_flash, engine.flash_attn) and saved_flash != engine.flash_attn:
+        raise StateError(
+            "The memory state's V cache is laid out for flash attention "
+            f"{'on' if saved_flash else 'off'}, this engine's for "
+            f"{'on' if engine.flash_attn else 'off'} (saved on another device or setting)."
+        )
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, object]) -> SamplingParams:

@@ -15,3 +15,7 @@ class ContextFullError(EngineError):
 
 class StateError(EngineError):
     """A saved memory state cannot be used here (corrupt, truncated, other model or config)."""
+
+
+class CancelledError(EngineError):
+    """Taking a message in was stopped; the memory is back where it was before it."""

@@ -448,3 +448,38 @@ def same_cells(a: np.ndarray, b: np.ndarray) -> bool:
         if not (diff <= step + 2e-3 * np.abs(codec.decode(rows_b)) + 5e-4).all():
             return False
     return True
+
+
+def payload_problem(buf: np.ndarray, cells: int, n_ctx: int, limit: int) -> str | None:
+    """Why a saved sequence state (bytes, as an array) is not `cells` cells of one sequence
+    at contiguous, increasing positions from a base that leaves the context its room below
+    `limit`, ending where its layout ends; None when it is, or when its layout is not one
+    this reads (llama.cpp's own checks then stand alone). llama.cpp itself accepts cells at
+    any positions, in any order, and bytes left over after them."""
+    if len(buf) < 16:
+        return "it is too short to hold a sequence"
+    magic, _, n_stream, count = struct.unpack_from("<IiII", buf, 0)
+    if magic != MAGIC or n_stream != 1 or len(buf) < 16 + 12 * count + 8:
+        return None
+    if count != cells:
+        return f"it holds {count} cells where its header says {cells}"
+    meta = np.frombuffer(buf, dtype=np.int32, count=3 * count, offset=16).reshape(count, 3)
+    if count and not (meta[:, 1] == 1).all():
+        return None
+    if count:
+        positions = meta[:, 0].astype(np.int64)
+        base = int(positions[0])
+        if not 0 <= base <= max(0, limit - n_ctx):
+            return f"its cells start at position {base}, outside this context's range"
+        if not np.array_equal(positions, base + np.arange(count)):
+            return "its cells' positions are not contiguous and in order"
+    at = 16 + 12 * count
+    v_trans, n_layer = struct.unpack_from("<II", buf, at)
+    try:
+        _, _, at = _layers(buf, at + 8, n_layer, count, False)
+        _, _, at = _layers(buf, at, n_layer, count, bool(v_trans))
+    except (ValueError, struct.error):
+        return "it is truncated"
+    if at != len(buf):
+        return f"{len(buf) - at} bytes follow its cells"
+    return None

@@ -58,6 +58,7 @@ class Reply:
         self.decode_seconds = 0.0
         self.finish_reason = "cancelled"
         self.failed = False
+        self.prompt_read = False  # the prompt is in the memory (a cancel can stop it before)
         self.running = False  # inside a step of the stream (the conversation must not end it)
         self._stream: Iterator[str] | None = None
         self._pieces: Iterator[str] | None = None

@@ -6,16 +6,19 @@ The header says which model and config made it, so a foreign state is refused, n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from ccm_chat.engine.errors import StateError
 
 MAGIC = b"CCMSTATE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bound to its transcript, its llama.cpp build and its KV content
 _DIGEST = 32
 
 
@@ -57,7 +60,9 @@ class StateBlob:
         if hashlib.sha256(body).digest() != digest:
             raise StateError("The memory state is corrupt (checksum mismatch).")
         if header.get("format") != FORMAT_VERSION:
-            raise StateError(f"Memory state format {header.get('format')} is not supported.")
+            raise StateError(f"The memory state is in format {header.get('format')}, written by "
+                             f"another version of ccm-chat; this one reads format "
+                             f"{FORMAT_VERSION}.")
         return cls(header=header, payload=payload)
 
 
@@ -73,3 +78,32 @@ def origin_mismatch(saved_model: Any, saved_backend: Any, model: str, backend: s
         return "made by another model"
     return None
 
+
+
+def transcript_digest(messages: Iterable[tuple[str, str]]) -> str:
+    """A digest of the (role, content) pairs a state stands for: what binds it to them."""
+    body = json.dumps([[role, content] for role, content in messages], ensure_ascii=False,
+                      separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@functools.cache
+def runtime(backend: str) -> str | None:
+    """The library build whose private KV layout a state of `backend` holds, or None where
+    the layout is the back end's own (the hf back end writes safetensors)."""
+    if backend != "llamacpp":
+        return None
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        import llama_cpp
+
+        return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+def runtime_mismatch(saved: Any, backend: str) -> str | None:
+    """Why a state of `backend` written by `saved` cannot be read by this build, or None."""
+    here = runtime(backend)
+    if saved == here:
+        return None
+    return f"saved by llama-cpp-python {saved or 'of an unknown version'}, this is {here}"

@@ -40,7 +40,8 @@ class ScriptedConversation:
     last_reply: ReplyStats | None = None
     replies_started: dict[str, int] = field(default_factory=dict)  # by the message answered
 
-    def add_turn(self, role: str, text: str, decode: bool = True) -> None:
+    def add_turn(self, role: str, text: str, decode: bool = True,
+                 cancel: threading.Event | None = None) -> None:
         self.messages.append(ChatMessage(role, text))  # kept on failure, as the engine does
         if decode:
             self._check_fits()
