@@ -40,6 +40,7 @@ from ccm_chat.engine import (
     MemoryStats,
     SamplingParams,
 )
+from ccm_chat.engine.errors import CancelledError
 from ccm_chat.engine.models import DEFAULT_MODEL_NAME
 from ccm_chat.storage import (
     ConversationRecord,
@@ -63,6 +64,34 @@ LARGE_STATE_SAVE_S = 60.0
 PROCESS_OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 EngineFactory = Callable[[Settings, str | None], EngineLike]
+STOPPED_BEFORE_SENT = "Stopped before the message was sent; it is back in the box."
+READ_ONLY_DATABASE = ("This database is read-only: you can read and search, but nothing new "
+                      "can be saved.")
+CLOSE_WAIT_S = 3.0  # how long closing waits for a reply still in the engine before it goes
+
+
+class SendCancelled(NotSavedError):
+    """The user stopped a send while the model took the message in: nothing was saved."""
+
+
+class ReplyNotSaved(ChatError):
+    """The reply was written but the store refused it (locked, disk full): it is kept here
+    (ChatService.unsaved_reply) and saved again later, never dropped."""
+
+
+@dataclass(frozen=True)
+class UnsavedReply:
+    """A generated reply the store has not taken yet, with all it needs to be saved."""
+
+    text: str
+    status: str  # complete or interrupted
+    tokens: int
+    model: str | None
+    error: str  # why the last save failed
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == "interrupted"
 
 
 def load_engine(settings: Settings, model_override: str | None) -> EngineLike:
@@ -153,6 +182,7 @@ class ChatService:
         self.memory_error: str | None = None  # why the last memory save failed, if it did
         self._saved_at: dict[int, float] = {}  # when each chat's memory was last saved
         self._unsaved: set[int] = set()  # chats whose large memory a reply left unsaved
+        self._unsaved_replies: dict[int, UnsavedReply] = {}  # replies the store refused
         self._lock = threading.RLock()
         self._use = threading.RLock()  # held while a conversation's memory is in the engine
         self.owner = owner or PROCESS_OWNER
@@ -208,14 +238,36 @@ class ChatService:
                 self._engine.close()
                 self._engine = None
 
-    def close(self) -> None:
-        """Save what a reply left unsaved, release every conversation this window holds,
-        stop the heartbeat, unload."""
-        self.save_pending()
+    def close(self) -> bool:
+        """Save what a reply left unsaved (the reply, then the memory), release every
+        conversation this window holds, stop the heartbeat, unload; True when all of it ran.
+
+        Quitting is never held hostage by the engine: a reply or intake that has not
+        stopped within CLOSE_WAIT_S is left to the end of the process (its thread is a
+        daemon), the engine is not freed under it, and False says so (the caller may then
+        end the process at once, without the interpreter's teardown)."""
         self._stop.set()
+        if not self._use.acquire(timeout=CLOSE_WAIT_S):
+            self._release_all()
+            return False
+        try:
+            self.save_unsaved_replies()
+            self.save_pending()
+            self._release_all()
+            self.close_engine()
+        finally:
+            self._use.release()
+        return True
+
+    def _release_all(self) -> None:
         with suppress(StorageError):
             self.store.release_leases(self.owner)
-        self.close_engine()
+
+    @property
+    def writable(self) -> bool:
+        """False when the database cannot be written (a read-only file or mount): the chats
+        can be read and searched, and nothing new is sent."""
+        return self.store.writable
 
     def update_settings(self, settings: Settings) -> None:
         with user_errors("The settings were not saved"):
@@ -273,6 +325,7 @@ class ChatService:
         with user_errors("The chat was not deleted"):
             self.store.delete_conversation(conversation_id)
         self._forget(conversation_id)
+        self._unsaved_replies.pop(conversation_id, None)  # deleted with its chat
         self._shown.pop(conversation_id, None)
 
     def set_system_prompt(self, conversation_id: int, prompt: str) -> ConversationRecord:
@@ -462,7 +515,7 @@ class ChatService:
         engine's use (_use) before the engine's lock, as a reply does: never call it under
         _lock."""
         with self._use:
-            for conversation_id in sorted(self._unsaved):
+            for conversation_id in sorted(self._unsaved - set(self._unsaved_replies)):
                 live = self._live.get(conversation_id)
                 try:
                     signature = self.store.transcript_signature(conversation_id)
@@ -489,12 +542,19 @@ class ChatService:
         transaction, so a refused message leaves no empty chat). Before anything is saved it
         may raise NotSavedError (a ChatError): no model, the message does not fit, the
         database is locked, or the chat is open in another window; the text is then the
-        caller's to keep. `on_saved(message)` is called once the message is committed.
+        caller's to keep. Setting `cancel` while the message is taken in (a long paste under
+        a compression level) stops it with SendCancelled, a NotSavedError: nothing is saved.
+        `on_saved(message)` is called once the message is committed. A reply the store
+        refuses is kept (ReplyNotSaved, then unsaved_reply) and saved again before the next
+        message.
         """
         text = text.strip()
         if not text:
             raise NotSavedError("Cannot send an empty message.")
+        if not self.writable:
+            raise NotSavedError(f"Your message was not sent: {READ_ONLY_DATABASE}")
         with self._use:
+            _stop_if_cancelled(cancel)
             engine = self._require_engine()
             with user_errors("Your message was not sent", NotSavedError):
                 if conversation_id is None:
@@ -505,10 +565,11 @@ class ChatService:
                 else:
                     record = self.store.get_conversation(conversation_id)
                     self._writable(conversation_id, "Your message was not sent")
+                    self._flush_reply(conversation_id, "Your message was not sent")
                     before = self.store.messages(conversation_id)
                     self._follow(conversation_id, before)
-                    live = self._engine_conversation(record, before)
-            self._take_in(conversation_id, live, text)
+                    live = self._resume_for_send(record, before, cancel)
+            self._take_in(conversation_id, live, text, cancel)
             saved = self._commit_user(record, before, live, text)
             conversation_id = saved.conversation_id
             if record is None:
@@ -521,11 +582,31 @@ class ChatService:
                 on_saved(saved)
             yield from self._stream(conversation_id, live, cancel)
 
-    def _take_in(self, conversation_id: int | None, live: EngineConversation, text: str) -> None:
-        """Decode the user's message into memory, or refuse it (nothing is saved yet)."""
+    def _resume_for_send(self, record: ConversationRecord, before: list[MessageRecord],
+                         cancel: threading.Event | None) -> EngineConversation:
+        """The chat's live memory; a rebuild it needs first stops when the send is cancelled."""
+        try:
+            return self._engine_conversation(record, before, cancel=cancel)
+        except RebuildCancelled as exc:
+            raise SendCancelled(STOPPED_BEFORE_SENT) from exc
+
+    def _take_in(self, conversation_id: int | None, live: EngineConversation, text: str,
+                 cancel: threading.Event | None = None) -> None:
+        """Decode the user's message into memory, or refuse it (nothing is saved yet).
+
+        `cancel` is checked between decode batches: a long message stops within one batch,
+        and the engine rolls its memory back to where it was."""
         n = len(live.messages)
         try:
-            live.add_turn("user", text)
+            if cancel is None:  # nothing to stop it with: the plain call every engine takes
+                live.add_turn("user", text)
+            else:
+                live.add_turn("user", text, cancel=cancel)
+        except CancelledError as exc:
+            live.truncate(n)  # the engine rolled its cells back: the memory stays usable
+            if conversation_id is None:
+                self._drop_after_failure(None, live, n)
+            raise SendCancelled(STOPPED_BEFORE_SENT) from exc
         except ContextFullError as exc:
             self._drop_after_failure(conversation_id, live, n)
             raise NotSavedError(self._too_long(exc)) from exc
@@ -533,6 +614,12 @@ class ChatService:
             self._drop_after_failure(conversation_id, live, n)
             why = f"Your message was not sent: the model failed on it ({exc})."
             raise NotSavedError(why) from exc
+        except BaseException:  # Ctrl+C in a terminal: the memory must not keep half of it
+            self._drop_after_failure(conversation_id, live, n)
+            raise
+        if cancel is not None and cancel.is_set():  # stopped as the intake ended: not sent
+            self._drop_after_failure(conversation_id, live, n)
+            raise SendCancelled(STOPPED_BEFORE_SENT)
 
     def _drop_after_failure(self, conversation_id: int | None, live: EngineConversation,
                             n: int) -> None:
@@ -583,6 +670,7 @@ class ChatService:
             with user_errors("No new reply"):
                 record = self.store.get_conversation(conversation_id)
                 self._writable(conversation_id, "No new reply")
+                self._discard_reply(conversation_id)
                 stored = self.store.messages(conversation_id)
                 if not stored:
                     raise ChatError("There is no message to reply to yet.")
@@ -609,20 +697,78 @@ class ChatService:
                 self._commit_reply(conversation_id, live, reply)
 
     def _commit_reply(self, conversation_id: int, live: EngineConversation, reply: Any) -> None:
-        status = "interrupted" if reply.interrupted else "complete"
+        """Save the reply, or keep it (and its place in the memory) when the store refuses
+        it: a locked database or a full disk must never cost a generated reply."""
+        self._unsaved_replies[conversation_id] = UnsavedReply(
+            reply.text, "interrupted" if reply.interrupted else "complete", reply.tokens,
+            self._engine.info.model_name if self._engine is not None else None, "")
+        self._store_reply(conversation_id)
+
+    def _store_reply(self, conversation_id: int) -> MessageRecord:
+        """Write the chat's unsaved reply, then its memory; ReplyNotSaved when it fails."""
+        kept = self._unsaved_replies[conversation_id]
         try:
             saved = self.store.add_message(
-                conversation_id, "assistant", reply.text, status=status,
-                token_count=reply.tokens, model=self._engine.info.model_name
-                if self._engine is not None else None,
-            )
+                conversation_id, "assistant", kept.text, status=kept.status,
+                token_count=kept.tokens, model=kept.model)
         except StorageError as exc:
-            live.truncate(len(live.messages) - 1)  # the memory stays in step with the text
-            raise ChatError(f"The reply could not be saved: {exc} Regenerate it (Ctrl+R) "
-                            "once the database is free.") from exc
+            self._unsaved_replies[conversation_id] = replace(kept, error=str(exc))
+            raise ReplyNotSaved(
+                f"The reply is on screen but not saved yet: {exc} It is kept, and saved as "
+                "soon as the database can be written (tried again every few seconds, and "
+                "before your next message).") from exc
+        del self._unsaved_replies[conversation_id]
+        live = self._live.get(conversation_id)
+        if live is not None and not _holds_reply(live, kept):
+            self._forget(conversation_id)  # re-read since: it follows the transcript again
+            live = None
         self._wrote(conversation_id)
-        stats = self._stats[conversation_id] = live.stats()
-        self._save(conversation_id, saved.id, live, reply_bytes=stats.memory_bytes)
+        if live is not None:  # the memory stands for the reply too: save it with it
+            stats = self._stats[conversation_id] = live.stats()
+            self._save(conversation_id, saved.id, live, reply_bytes=stats.memory_bytes)
+        return saved
+
+    def unsaved_reply(self, conversation_id: int | None) -> UnsavedReply | None:
+        """The chat's reply that the store refused and that is kept to be saved, if any."""
+        return self._unsaved_replies.get(conversation_id) if conversation_id else None
+
+    @property
+    def has_unsaved_replies(self) -> bool:
+        return bool(self._unsaved_replies)
+
+    def save_unsaved_replies(self, wait: bool = True) -> list[int]:
+        """Try again to save every reply the store refused; return the chats whose reply is
+        saved now. Without `wait`, a reply running in the engine means: not now."""
+        if not self._use.acquire(blocking=wait):
+            return []
+        try:
+            saved = []
+            for conversation_id in sorted(self._unsaved_replies):
+                with suppress(ReplyNotSaved):
+                    self._store_reply(conversation_id)
+                    saved.append(conversation_id)
+            return saved
+        finally:
+            self._use.release()
+
+    def _flush_reply(self, conversation_id: int, doing: str) -> None:
+        """A chat's unsaved reply goes into the store before anything comes after it."""
+        if conversation_id not in self._unsaved_replies:
+            return
+        try:
+            self._store_reply(conversation_id)
+        except ReplyNotSaved as exc:
+            raise NotSavedError(
+                f"{doing}: the last reply is not saved yet, and it must be first "
+                f"({self._unsaved_replies[conversation_id].error}). Try again once the "
+                "database can be written.") from exc
+
+    def _discard_reply(self, conversation_id: int) -> None:
+        """The user asked for a new reply: the unsaved one leaves the memory too."""
+        kept = self._unsaved_replies.pop(conversation_id, None)
+        live = self._live.get(conversation_id)
+        if kept is not None and live is not None and _holds_reply(live, kept):
+            live.truncate(len(live.messages) - 1)
 
     # -- editing the transcript -----------------------------------------------------------------
 
@@ -675,6 +821,7 @@ class ChatService:
     def _locate(self, conversation_id: int, message_id: int,
                 doing: str) -> tuple[list[MessageRecord], int]:
         self._writable(conversation_id, doing)
+        self._flush_reply(conversation_id, doing)
         stored = self.store.messages(conversation_id)
         self._follow(conversation_id, stored)
         for index, message in enumerate(stored):
@@ -757,10 +904,22 @@ def _decode_threads(engine: EngineLike) -> int | None:
     return getattr(picked, "decode", None)
 
 
+def _holds_reply(live: EngineConversation, kept: UnsavedReply) -> bool:
+    """Whether the live memory ends with this reply (not re-read from the store since)."""
+    last = live.messages[-1] if live.messages else None
+    return last is not None and last.role == "assistant" and last.content == kept.text
+
+
 def _signature(messages: list[MessageRecord]) -> tuple[int, int, int]:
     """As Store.transcript_signature, from messages already read."""
     return (len(messages), messages[-1].id if messages else 0,
             sum(len(m.content) for m in messages))
+
+
+def _stop_if_cancelled(cancel: threading.Event | None) -> None:
+    """A send stopped before its message reached the model: nothing to undo."""
+    if cancel is not None and cancel.is_set():
+        raise SendCancelled(STOPPED_BEFORE_SENT)
 
 
 def _cancellable(progress: Progress | None, cancel: threading.Event | None) -> Progress | None:
