@@ -1,10 +1,14 @@
 """The chat pane: one open conversation's transcript, message box, reply worker and memory.
 
-The model runs in a thread worker that streams pieces back as messages, so the screen never
-waits on it; Esc sets a cancel event the engine checks between tokens (and stops a memory
-rebuild the same way). Every service call made for the pane is caught where it is made: a
-failure becomes a notice that says what happened, and a message that could not be saved goes
-back into the message box, so nothing typed is lost.
+The model runs in a daemon thread that streams pieces back as messages, so the screen never
+waits on it and quitting never waits for it longer than QUIT_WAIT_S; Esc sets a cancel event
+the engine checks between tokens and between the decode batches of a long message (and stops
+a memory rebuild the same way). Every service call made for the pane is caught where it is
+made: a failure becomes a notice that says what happened, a message that could not be saved
+goes back into the message box, so nothing typed is lost, and a reply the database refused
+stays on screen, marked "not saved yet", until a retry saves it.
+
+Notices here are plain text (markup off): they carry titles, paths and error strings.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
+from textual.widgets import Label
 
 from ccm_chat.app.errors import ChatError, RebuildCancelled
 from ccm_chat.app.records import MessageRecord
-from ccm_chat.app.service import ChatService, Status
+from ccm_chat.app.service import READ_ONLY_DATABASE, ChatService, SendCancelled, Status
 from ccm_chat.ui.screens.confirm import ConfirmScreen
 from ccm_chat.ui.screens.edit_message import EditMessageScreen
 from ccm_chat.ui.widgets.chat_view import ChatView, MessageBox
@@ -32,6 +37,8 @@ from ccm_chat.ui.widgets.rebuild_bar import RebuildBar
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 CHECK_EVERY_S = 2.0  # how often an idle pane asks whether another window changed its chat
+QUIT_WAIT_S = 3.0  # how long quitting waits for a running reply to stop and be saved
+UNSAVED_MARK = "not saved yet"
 TAKE_OVER_HINT = 'Ctrl+P, "Take over chat"'
 
 
@@ -58,6 +65,7 @@ class ChatPane(Vertical):
     # held the GIL the decode thread needs: the UI decoded at 62 % of the engine's speed on a
     # 2-core CPU, against 96 % so (bench/ui_speed.py)
     reply_flush_s = 0.2
+    retry_reply_s = 5.0  # how often a reply the database refused is tried again
 
     class StatusChanged(Message):
         """Show this in the status bar: a Status, or a line of text; and a flag, or none."""
@@ -72,8 +80,11 @@ class ChatPane(Vertical):
 
     # the pane's own messages, from its workers to itself: they do not bubble up
 
+    @dataclass
     class ReplyPiece(Message, bubble=False):
-        """The reply's first piece is queued: write it now, and the rest as it comes."""
+        """The reply's first piece: write it now, and the rest as it comes (the timer)."""
+
+        text: str
 
     @dataclass
     class Saved(Message, bubble=False):
@@ -88,6 +99,7 @@ class ChatPane(Vertical):
         error: str | None
         status: Status | None
         notice: str | None
+        cancelled: bool = False  # stopped while the model took the message in
 
     @dataclass
     class MemoryProgress(Message, bubble=False):
@@ -115,6 +127,8 @@ class ChatPane(Vertical):
         self._reply_done.set()
         self._rebuild_cancel: threading.Event | None = None
         self._noticed: dict[int, Any] = {}  # the memory report last shown for each chat
+        self._retrying = False  # a retry of unsaved replies is running
+        self.read_only_db = False  # the database cannot be written: the chats are for reading
 
     def compose(self) -> ComposeResult:
         yield ChatView(id="transcript")
@@ -126,6 +140,18 @@ class ChatPane(Vertical):
         self._queued: list[str] = []  # reply pieces from the worker, not on screen yet
         self._queue_lock = threading.Lock()
         self._flush_timer = self.set_interval(self.reply_flush_s, self._flush_reply, pause=True)
+        self._retry_timer = self.set_interval(self.retry_reply_s, self._retry_replies,
+                                              pause=True)
+        writable, _ = attempt(lambda: self.service.writable)
+        if writable is False:  # said once, at open, not at the first send that fails
+            self.read_only_db = True
+            self.notify(READ_ONLY_DATABASE, title="Read-only database", severity="warning",
+                        timeout=20)
+
+    def notify(self, message: str, *, markup: bool = False, **kwargs: Any) -> None:
+        """A notice in plain text unless asked otherwise: what the pane says holds titles,
+        paths and error strings, and `[/b]` in one must neither crash nor act."""
+        super().notify(message, markup=markup, **kwargs)
 
     @property
     def chat_view(self) -> ChatView:
@@ -149,6 +175,8 @@ class ChatPane(Vertical):
     # -- status ----------------------------------------------------------------------------------
 
     def _flag(self) -> str | None:
+        if self.read_only_db:
+            return "read-only database"
         return "read-only (open in another window)" if self.held_by else None
 
     def show_status(self, status: Status | str | None = None) -> None:
@@ -174,7 +202,7 @@ class ChatPane(Vertical):
         self.held_by = None
         self._rebuild_cancel = None  # the left chat's rebuild stops; its news is ignored
         self.rebuild_bar.hide()
-        await self.chat_view.show_messages(messages)
+        await self._show(messages)
         self.show_status()
         if conversation_id is not None and messages:
             self.prepare_memory(conversation_id)
@@ -199,8 +227,15 @@ class ChatPane(Vertical):
         if error:
             self.notify(error, title="Could not reload the chat", severity="error")
             return
-        await self.chat_view.show_messages(messages)
+        await self._show(messages)
         self.show_status()
+
+    async def _show(self, messages: list[MessageRecord]) -> None:
+        """The stored transcript, and after it the reply the database refused, if any."""
+        await self.chat_view.show_messages(messages)
+        kept = self.service.unsaved_reply(self.conversation_id)
+        if kept is not None:
+            self._mark_unsaved(await self.chat_view.add_message("assistant", kept.text), kept)
 
     @work(thread=True, group="memory", exclusive=True)
     def prepare_memory(self, conversation_id: int) -> None:
@@ -308,6 +343,8 @@ class ChatPane(Vertical):
         """Why nothing may be written to this chat now, if something forbids it."""
         if self.generating:
             return "Wait for the reply to finish, or press Esc to stop it."
+        if self.read_only_db:
+            return READ_ONLY_DATABASE
         if self.held_by:
             return (f"This chat is open in another window ({self.held_by}): it is read-only "
                     f"here. Take it over ({TAKE_OVER_HINT}) to write in it here.")
@@ -322,6 +359,10 @@ class ChatPane(Vertical):
 
     async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         event.stop()
+        if self.read_only_db and not self.generating:
+            self.notify(f"{READ_ONLY_DATABASE} Your message was not sent; it stays in the box.",
+                        title="Not sent", severity="error", timeout=15)
+            return
         if self.busy():
             return
         if self.no_model:
@@ -363,13 +404,15 @@ class ChatPane(Vertical):
         self._reply_done.clear()
         await self.chat_view.start_reply()
         self.show_status("Thinking…")
-        self._reply_worker(conversation_id, text, self._cancel)
+        # a daemon thread, not a Textual worker (an executor thread the process waits for):
+        # an engine that does not stop when asked must not keep the process alive
+        threading.Thread(target=self._reply_worker, args=(conversation_id, text, self._cancel),
+                         name="ccm-chat-reply", daemon=True).start()
 
-    @work(thread=True, group="reply", exclusive=True)
     def _reply_worker(
         self, conversation_id: int | None, text: str | None, cancel: threading.Event
     ) -> None:
-        cid, error, saved = conversation_id, None, text is None
+        cid, error, saved, cancelled = conversation_id, None, text is None, False
         first = True
 
         def on_saved(message: MessageRecord) -> None:
@@ -383,18 +426,21 @@ class ChatPane(Vertical):
             else:  # a new chat (None) is made by the service with its first message
                 pieces = self.service.send(conversation_id, text, cancel, on_saved=on_saved)
             for piece in pieces:
+                if first:  # on screen at once, by itself; the timer writes the rest
+                    self.post_message(self.ReplyPiece(piece))
+                    first = False
+                    continue
                 with self._queue_lock:
                     self._queued.append(piece)
-                if first:  # on screen at once; the timer writes the rest
-                    self.post_message(self.ReplyPiece())
-                    first = False
+        except SendCancelled as exc:
+            error, cancelled = fault(exc), True
         except Exception as exc:  # noqa: BLE001 - said in a notice, the app goes on
             error = fault(exc)
         finally:
             self._reply_done.set()
         status, _ = attempt(lambda: self.service.status(cid))
         notice, _ = attempt(lambda: self.service.reply_notice(cid)) if cid else (None, None)
-        self.post_message(self.ReplyDone(cid, text, saved, error, status, notice))
+        self.post_message(self.ReplyDone(cid, text, saved, error, status, notice, cancelled))
 
     def on_chat_pane_saved(self, event: ChatPane.Saved) -> None:
         """The message is in the store: this is its chat now (a new one, on a first message)."""
@@ -405,7 +451,7 @@ class ChatPane(Vertical):
         self.post_message(self.ListChanged())
 
     async def on_chat_pane_reply_piece(self, event: ChatPane.ReplyPiece) -> None:
-        await self._flush_reply()
+        await self.chat_view.write_reply(event.text)
         self._flush_timer.resume()
 
     async def _flush_reply(self) -> None:
@@ -425,17 +471,22 @@ class ChatPane(Vertical):
             return
         await self._flush_reply()
         cid = event.conversation_id
+        kept = self.service.unsaved_reply(cid) if event.saved else None
         if not event.saved:
-            await self._give_back(event.text or "", event.error)
+            await self._give_back(event.text or "", event.error, event.cancelled)
+        elif kept is not None:
+            await self._keep_unsaved(kept, event.error)
         else:
             messages, _ = attempt(lambda: self.service.messages(cid)) if cid else ([], None)
             last = messages[-1] if messages else None
             if last is not None and last.role == "assistant" and not event.error:
                 await self.chat_view.finish_reply(last.content, last.interrupted)
                 self.chat_view.set_ids(messages)
+                if self.chat_view.query(".unsaved"):  # a kept reply went in before this one
+                    await self._show(messages)
             else:
                 await self.chat_view.finish_reply("", False)
-                await self.chat_view.show_messages(messages or [])
+                await self._show(messages or [])
             if event.error:
                 self.notify(event.error, title="Reply failed", severity="error", timeout=10)
             elif event.notice:
@@ -443,7 +494,7 @@ class ChatPane(Vertical):
         self.show_status(event.status)
         self.post_message(self.ListChanged())
 
-    async def _give_back(self, text: str, error: str | None) -> None:
+    async def _give_back(self, text: str, error: str | None, cancelled: bool = False) -> None:
         """The message was not saved: take it off the transcript and put it back in the box."""
         await self.chat_view.finish_reply("", False)
         await self.chat_view.drop_last("assistant")
@@ -453,9 +504,51 @@ class ChatPane(Vertical):
         typed = self.prompt.text
         self.prompt.text = text if not typed.strip() else f"{text}\n{typed}"
         self.prompt.move_cursor(self.prompt.document.end)
+        if cancelled:
+            self.notify(error or "Stopped before the message was sent; it is back in the box.",
+                        title="Stopped", severity="warning", timeout=10)
+            return
         self.notify(f"{error or 'Your message was not saved.'} It is back in the message box: "
                     "press Enter to send it again.", title="Not saved", severity="error",
                     timeout=15)
+
+    # -- a reply the database refused ------------------------------------------------------------
+
+    async def _keep_unsaved(self, kept: Any, error: str | None) -> None:
+        """The reply was written but not stored: it stays on screen, marked, until saved."""
+        await self.chat_view.finish_reply(kept.text, kept.interrupted)
+        replies = [b for b in self.chat_view.boxes if b.role == "assistant"]
+        if replies:
+            self._mark_unsaved(replies[-1], kept)
+        self.notify(error or f"The reply is {UNSAVED_MARK}.", title="Reply not saved yet",
+                    severity="warning", timeout=15)
+        self._retry_timer.resume()
+
+    @staticmethod
+    def _mark_unsaved(box: MessageBox, kept: Any) -> None:
+        box.interrupted = kept.interrupted
+        box.query_one(".role", Label).update(
+            f"Assistant ({'interrupted, ' if kept.interrupted else ''}{UNSAVED_MARK})")
+        box.add_class("unsaved")
+
+    async def _retry_replies(self) -> None:
+        """The timer's retry of the replies the database refused; it stops once none is left."""
+        if not self.service.has_unsaved_replies:
+            self._retry_timer.pause()
+            return
+        if self.generating or self._retrying:
+            return
+        self._retrying = True
+        try:
+            saved, _ = await asyncio.to_thread(
+                attempt, lambda: self.service.save_unsaved_replies(wait=False))
+        finally:
+            self._retrying = False
+        if not self.service.has_unsaved_replies:
+            self._retry_timer.pause()
+        if saved and self.conversation_id in saved and not self.generating:
+            await self.reload()
+            self.notify("The reply that was not saved is saved now.", title="Saved")
 
     def stop(self) -> None:
         if self._cancel is not None:
@@ -465,13 +558,14 @@ class ChatPane(Vertical):
             self.cancel_rebuild()
 
     async def shutdown(self) -> None:
-        """Before quitting: stop a running reply and let it be saved, then release the chat."""
+        """Before quitting: stop a running reply or intake and let it be saved, then release
+        the chat. The wait is short and bounded: quitting never waits on the engine."""
         if self._cancel is not None:
             self._cancel.set()
         if self._rebuild_cancel is not None:
             self._rebuild_cancel.set()
         if not self._reply_done.is_set():
-            await asyncio.to_thread(self._reply_done.wait, 30)
+            await asyncio.to_thread(self._reply_done.wait, QUIT_WAIT_S)
         self._leave()
 
     # -- copying ---------------------------------------------------------------------------------
