@@ -2,11 +2,14 @@
 
 The next turn leans most on the last few exchanges, which a window keeps word for word;
 what a window forgets, CCM keeps as n <COMP> cells an exchange. So the memory is
-`[slots of old exchanges][recent exchanges as text]`, at most `verbatim` text cells plus
-`cap` groups of slots after a turn. When the text passes its share, its oldest whole
-exchange is compressed (its slots see the slots before it and its own text only, as the
-compressor was trained); when the slots pass theirs, the oldest groups go first. Pure CCM
-(`verbatim=0`) and a plain window (no slots) are the two ends of this design.
+`[slots of old exchanges][recent exchanges as text]`, at most `budget` cells after a turn:
+the slots hold up to `cap` groups, and the text takes whatever of the budget they leave (at
+least `verbatim` cells once the slots are full), so a level holds its whole budget once a
+chat is long enough. While the memory is over its budget, the oldest whole exchange held as
+text is compressed (its slots see the slots before it and its own text only, as the
+compressor was trained); the last exchange stays verbatim when it fits beside the slots.
+When the slots pass their cap, the oldest groups go first. Pure CCM (`verbatim=0`) and a
+plain window (no slots) are the two ends of this design.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class HybridPolicy(MemoryPolicy):
 
     def after_turn(self, memory: KVMemory) -> None:
         slots = self.n_comp * self.cap
-        while memory.held - memory.slots > self.verbatim and memory.exchanges:
+        while memory.held > self.budget and memory.exchanges:
             memory.compress(memory.exchanges[0], max_slots=slots)
         drop_oldest_groups(memory, self.n_comp, memory.slots - slots)
 
@@ -59,6 +62,6 @@ class HybridPolicy(MemoryPolicy):
 
     def describe(self) -> str:
         recent = max(1, self.verbatim // TYPICAL_EXCHANGE_TOKENS)
-        return (f"up to ~{recent} recent exchanges verbatim ({self.verbatim} tokens) + up to "
-                f"{self.cap} older exchanges as {self.n_comp} <COMP> slot(s) each; "
-                f"{self.budget} cells")
+        return (f"recent exchanges verbatim in what the slots leave (at least "
+                f"~{recent}, {self.verbatim} tokens) + up to {self.cap} older exchanges as "
+                f"{self.n_comp} <COMP> slot(s) each; {self.budget} cells")
