@@ -31,6 +31,11 @@ SINK_TOKENS = 4
 # 25.7 / 26.5 / 22.3 / 26.3 for a half, and recalled as well or better, in fewer cells. Light
 # and aggressive were not measured yet and keep half.
 VERBATIM_SHARE: dict[str, float] = {"light": 0.5, "balanced": 0.25, "aggressive": 0.5}
+# Cells a turn may bring back from the transcript (engine.recall): earlier exchanges the
+# memory no longer holds verbatim, decoded before the new message for that turn only and
+# dropped after it, so they come on top of what the memory holds after a turn (as the message
+# and the reply do). Full context holds every exchange already: nothing to recall.
+RECALL_TOKENS: dict[str, int] = {"off": 0, "light": 512, "balanced": 256, "aggressive": 128}
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,11 @@ class CompressionConfig:
             "no trained CCM compressor for this model, so the training-free sink + recent "
             "window policy",
         )
+
+    @property
+    def recall_tokens(self) -> int:
+        """Cells this level lets a turn recall (0: recall is off at this level)."""
+        return RECALL_TOKENS[self.level]
 
     def policy(self) -> MemoryPolicy:
         return make_policy(self.method, **self.params)

@@ -29,6 +29,7 @@ from ccm_chat.engine.config import CompressionConfig, SamplingParams
 from ccm_chat.engine.errors import CancelledError, ContextFullError, EngineError, StateError
 from ccm_chat.engine.kv_sequence import KVSequence, MemoryView
 from ccm_chat.engine.memory import MemoryPolicy
+from ccm_chat.engine.recall import ExchangeIndex, Recalled, choose, forgotten, recall_message
 from ccm_chat.engine.reply import Reply, ReplyStats
 from ccm_chat.engine.state_blob import (
     StateBlob,
@@ -47,6 +48,7 @@ GENERATION_HEADROOM = 64  # cells a policy frees at once when a reply fills the 
 # The longest message a compression level takes in, in context windows (a 2 MB paste is
 # about 90 at 4,096 tokens, and minutes of decoding on a CPU for the last window of it)
 MESSAGE_WINDOWS = 16
+CANCEL_BATCH = 128  # tokens a batch takes in while a cancel may come: Esc acts within one
 # A saved state's content fingerprint (Conversation._probe): the logits after this text,
 # decoded behind the cells; the top ones are kept, and a restore must give them again
 PROBE_TEXT = b" the"
@@ -186,6 +188,10 @@ class Conversation:
         self._pending: Reply | None = None  # a reply not finished yet
         self.kv = KVSequence()  # what the cells in the back end's context stand for
         self._parked: bytes | memoryview | None = b""
+        self.recall = True  # bring back earlier exchanges a message asks about (engine.recall)
+        self.last_recall: Recalled | None = None  # what the last prompt brought back
+        self._index = ExchangeIndex()
+        self._recall_prompt: Rendered | None = None  # the prompt, while its recall is held
 
     @property
     def compression(self) -> CompressionConfig:
@@ -209,6 +215,7 @@ class Conversation:
             self._check_compressor(config)
         self._compression = config
         self.policy: MemoryPolicy = policy
+        self.recall_tokens = config.recall_tokens  # cells a turn may recall at this level
 
     def _check_compressor(self, config: CompressionConfig) -> None:
         ccm = self.engine.ccm
@@ -289,7 +296,7 @@ class Conversation:
         tokens = self.engine.model.tokenize(reply.encode(), False, False)
         if not tokens:
             raise ValueError("Cannot score an empty reply.")
-        self._sync(self._render(add_assistant=True))
+        self._sync(self._prompt())
         ctx = self._ctx()
         if not self.policy.make_room(self, len(tokens), ctx.n_ctx - 1):
             raise ContextFullError("The reply does not fit in the context window.")
@@ -304,6 +311,7 @@ class Conversation:
             row = rows[j].astype(np.float64)
             top = row.max()
             nll.append(top + np.log(np.exp(row - top).sum()) - row[tok])
+        self._forget_recall(add_assistant=True)
         return float(np.mean(nll))
 
     def memory_view(self) -> MemoryView:
@@ -736,6 +744,9 @@ class Conversation:
         before the new text, and CancelledError is raised.
         """
         ctx = self._ctx()
+        if self._recall_prompt is not None and not target.text.startswith(
+                self._recall_prompt.text):
+            self._recall_prompt = None  # the common prefix below drops the recalled cells
         common = _common_prefix(self.kv.rendered, target.text)
         if common < self.kv.frozen:
             self.rebuild()
@@ -770,7 +781,7 @@ class Conversation:
                         "A single message is longer than this memory policy can take in."
                     )
                 room = capacity - self.held
-            n = min(room, len(tokens) - done, ctx.n_batch)
+            n = min(room, len(tokens) - done, ctx.n_batch if undo is None else CANCEL_BATCH)
             self._catch_up(ctx, tokens[done : done + n])
             for tok, tok_end in zip(tokens[done : done + n], ends[done : done + n], strict=True):
                 self.kv.record(tok, tok_end)
@@ -817,6 +828,39 @@ class Conversation:
             ctx.remove(saved.cached)
         self.kv = saved
 
+    # -- recall: earlier exchanges brought back for one turn (engine.recall) ---------------------
+
+    def _prompt(self) -> Rendered:
+        """The chat up to the assistant's header, with the earlier exchanges the last user
+        message asks about, which the memory no longer holds verbatim, just before it."""
+        plain = self._render(add_assistant=True)
+        self.last_recall = None
+        last = self.messages[-1] if self.messages else None
+        if not (self.recall and self.recall_tokens > 0 and last and last.role == "user"):
+            return plain
+        texts = forgotten(self.messages[:-1], plain.plain, self.kv.frozen)
+        if not texts:
+            return plain
+        model = self.engine.model
+        found = choose(self._index, last.content, texts, self.recall_tokens,
+                       lambda text: len(model.tokenize(text.encode(), False, False)))
+        if not found.exchanges:
+            return plain
+        note = ChatMessage("system", recall_message([texts[i] for i in found.exchanges]))
+        prompt = render(model, [*self.messages[:-1], note, last], True)
+        before = self._render(add_assistant=False, upto=-1).text
+        if not (prompt.text.startswith(before) and plain.text.startswith(before)):
+            return plain  # a template that would move the held text: no recall, no rollback
+        self.last_recall = found
+        self._recall_prompt = prompt
+        return prompt
+
+    def _forget_recall(self, add_assistant: bool) -> None:
+        """The recalled exchanges leave the cache, which then holds what it would have held
+        had they never come: the text after them is decoded again in their place."""
+        if self._recall_prompt is not None:
+            self._sync(self._render(add_assistant=add_assistant))
+
     def _end_turn(self) -> None:
         """An exchange is finished: mark where its text ends, then let the policy work."""
         self.kv.end_exchange()
@@ -836,7 +880,7 @@ class Conversation:
         model = self.engine.model
         try:
             reply.prompt_tokens, reply.prefill_seconds = self._sync(
-                self._render(add_assistant=True), cancel=cancel)
+                self._prompt(), cancel=cancel)
         except CancelledError:  # stopped while reading the prompt in: no reply, memory as was
             return
         reply.prompt_read = True
@@ -897,6 +941,9 @@ class Conversation:
         self.messages.append(ChatMessage("assistant", text))
         if self._pending is reply:
             self._pending = None
+        if reply.prompt_read and not reply.failed:
+            with suppress(ContextFullError):
+                self._forget_recall(add_assistant=False)
         if self.policy.reads_finished_exchange:
             # after a failed decode the cache is left for a rebuild; after a prompt not read
             # in (cancelled), for the next message's sync
