@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from ccm_chat.engine import CompressionConfig, EngineInfo, MemoryStats, ReplyStats, SamplingParams
+from ccm_chat.engine.recall import Recalled
 
 Progress = Callable[[int, int], None]
 
@@ -23,6 +24,8 @@ class EngineConversation(Protocol):
     messages: list[Any]
     last_reply: ReplyStats | None
     compression: CompressionConfig
+    recall: bool  # bring back earlier exchanges a message asks about
+    last_recall: Recalled | None  # what the last reply brought back
 
     def send(self, text: str, params: SamplingParams | None = ...,
              cancel: threading.Event | None = ...) -> ReplyLike: ...

@@ -133,6 +133,7 @@ class Status:
     compressed_exchanges: int = 0  # exchanges it holds compressed (CCM slots) or summarized
     threads: int | None = None  # CPU threads the engine decodes with, when it says
     read_only: bool = False  # open in another window: this one only shows it
+    recalled: str | None = None  # what the last reply brought back from earlier exchanges
 
 
 def make_title(text: str) -> str:
@@ -686,6 +687,7 @@ class ChatService:
         self, conversation_id: int, live: EngineConversation, cancel: threading.Event | None
     ) -> Iterator[str]:
         before = live.last_reply
+        live.recall = self.settings.recall
         writing = live.generate(self._params(), cancel)
         try:
             with user_errors("The reply failed"):
@@ -877,6 +879,7 @@ class ChatService:
                           0, 1.0, None, threads=threads, read_only=read_only)
         speed = live.last_reply.tokens_per_second if live.last_reply else None
         report = self._reports.get(conversation_id)
+        recalled = live.last_recall.describe() if live.last_recall is not None else None
         return Status(
             model=info.model_name,
             device=info.device,
@@ -892,6 +895,7 @@ class ChatService:
             compressed_exchanges=getattr(stats, "compressed_exchanges", 0),
             threads=threads,
             read_only=read_only,
+            recalled=recalled,
         )
 
     def with_settings(self, **changes: Any) -> Settings:

@@ -25,6 +25,7 @@ class Settings:
     dry_multiplier: float = SAMPLING.dry_multiplier  # llama.cpp's DRY sampler; 0: off
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     compression: str = "off"
+    recall: bool = True  # bring back earlier exchanges a message asks about (engine.recall)
     backend: str = "auto"  # auto: llama.cpp for a .gguf file, transformers for a model folder
     threads: int = 0  # CPU threads for the model; 0: the engine's default (leaves the UI room)
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> keys

@@ -24,6 +24,7 @@ from ccm_chat.engine import (
     StateError,
 )
 from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.recall import Recalled
 
 INFO = EngineInfo("Scripted model", None, "scripted", "CPU", 4096, 0)  # type: ignore[arg-type]
 
@@ -39,6 +40,8 @@ class ScriptedConversation:
     messages: list[ChatMessage] = field(default_factory=list)
     last_reply: ReplyStats | None = None
     replies_started: dict[str, int] = field(default_factory=dict)  # by the message answered
+    recall: bool = True
+    last_recall: Recalled | None = None
 
     def add_turn(self, role: str, text: str, decode: bool = True,
                  cancel: threading.Event | None = None) -> None:
@@ -64,8 +67,17 @@ class ScriptedConversation:
     def generate(self, params: SamplingParams | None = None,
                  cancel: threading.Event | None = None) -> ScriptedReply:
         last_user = next(m.content for m in reversed(self.messages) if m.role == "user")
+        self.last_recall = self._recalled(last_user) if self.recall else None
         attempt = self.replies_started[last_user] = self.replies_started.get(last_user, 0) + 1
         return ScriptedReply(self, self.engine.reply_for(last_user, attempt), cancel)
+
+    def _recalled(self, text: str) -> Recalled | None:
+        """Earlier user messages sharing a long word with `text`, as the real recall would
+        find them (the real one ranks by BM25 and skips what the memory still holds)."""
+        words = {w for w in text.lower().split() if len(w) > 4}
+        users = [m.content for m in self.messages if m.role == "user"][:-1]
+        found = tuple(i for i, u in enumerate(users) if words & set(u.lower().split()))
+        return Recalled(found, 10 * len(found), 0.0) if found else None
 
     def rebuild(self, progress=None) -> None:
         """Replays the messages one by one (as a CCM rebuild does), reporting each."""

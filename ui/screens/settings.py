@@ -1,6 +1,6 @@
 """Settings: model (typed, or picked from the models on this machine), the folders the
 picker also looks in, back end, the numbers (GPU layers, threads, context, sampling), system
-prompt, compression level (with what it means on this model) and keys.
+prompt, compression level (with what it means on this model), recall and keys.
 
 Every number field of Settings gets a row, so a new one shows up here without a change; the
 form scrolls inside the dialog and Save stays reachable on a 60x20 terminal."""
@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select
+from textual.widgets import Button, Input, Label, Select, Switch
 
 from ccm_chat.app.levels import describe_level
 from ccm_chat.app.settings import Settings
@@ -72,7 +72,7 @@ def parse_folders(text: str) -> list[str]:
     return [part.strip() for part in text.split(";") if part.strip()]
 
 
-def _row(label: str, *widgets: Input | Select | Button) -> ComposeResult:
+def _row(label: str, *widgets: Input | Select | Button | Switch) -> ComposeResult:
     with Horizontal(classes="row"):
         yield Label(label, classes="field-label")
         yield from widgets
@@ -116,6 +116,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                     allow_blank=False, id="compression", compact=True))
                 yield Label(describe_level(s.compression, s.backend, s.model_path),
                             id="method_note", markup=False)  # it names the model path
+                yield from _row("Recall earlier exchanges a message asks about",
+                                Switch(value=s.recall, id="recall"))
                 yield from _row("Key bindings (action=keys; …)",
                                 Input(value=format_keymap(s.keymap), id="keymap",
                                       placeholder="regenerate=ctrl+g; stop=escape",
@@ -172,6 +174,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         values["model_folders"] = parse_folders(self.query_one("#model_folders", Input).value)
         values["system_prompt"] = self.query_one("#system_prompt", Input).value.strip()
         values["compression"] = str(self.query_one("#compression", Select).value)
+        values["recall"] = self.query_one("#recall", Switch).value
         values["backend"] = str(self.query_one("#backend", Select).value)
         values["keymap"] = parse_keymap(self.query_one("#keymap", Input).value)
         candidate = replace(self.settings, **values)  # type: ignore[arg-type]

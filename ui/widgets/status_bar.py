@@ -40,6 +40,8 @@ def format_status(status: Status, flag: str | None = None, compact: bool = False
     parts.append(f"{status.level}: {status.method}")
     memory = memory_parts(status, compact)
     parts += [" · ".join(memory)] if compact else memory
+    if status.recalled:
+        parts.append(status.recalled)
     if status.tokens_per_second is not None:
         parts.append(f"{status.tokens_per_second:.1f} tok/s")
     if status.memory_note:
