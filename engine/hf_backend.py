@@ -141,8 +141,10 @@ class HFModel:
             torch.cuda.empty_cache()
 
     def tokenize(self, text: bytes, add_special: bool, parse_special: bool) -> list[int]:
+        # parse_special False: a control token's text in a message stays text, as llama.cpp
         return list(self.tokenizer(text.decode("utf-8", "replace"),
-                                   add_special_tokens=add_special)["input_ids"])
+                                   add_special_tokens=add_special,
+                                   split_special_tokens=not parse_special)["input_ids"])
 
     def piece(self, token: int, special: bool) -> bytes:
         if token in self._special:
