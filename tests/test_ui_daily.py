@@ -498,6 +498,9 @@ async def test_a_rebuild_shows_time_left_and_esc_cancels_it(store: Store, monkey
 
     monkeypatch.setattr(ScriptedConversation, "rebuild", rebuild)
     app = make_app(store, ScriptedEngine(), conversation_id=cid)
+    said: list[str] = []  # every notice, also those whose toast has timed out
+    shown = app.notify
+    app.notify = lambda message, **kw: (said.append(message), shown(message, **kw))[1]
     async with app.run_test(size=SIZE) as pilot:
         eta = app.query_one("#rebuild-eta")
         await wait_for(pilot, lambda: "s left" in str(eta.render()))
@@ -522,7 +525,7 @@ async def test_a_rebuild_shows_time_left_and_esc_cancels_it(store: Store, monkey
 
         await rebuild_again()  # the button cancels it too
         await pilot.click("#cancel-rebuild")
-        await wait_for(pilot, lambda: sum("rebuild cancelled" in n for n in notes(app)) == 2)
+        await wait_for(pilot, lambda: sum("rebuild cancelled" in n for n in said) == 2)
         await rebuild_again()  # left half-way by opening a new chat
         await pilot.press("ctrl+n")
         await pilot.pause(0.1)
