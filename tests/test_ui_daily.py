@@ -563,3 +563,18 @@ async def test_delete_and_edit_single_messages(store: Store, scripted) -> None:
             "You said: one", "two, edited", "You said: two, edited"])
         await wait_for(pilot, lambda: boxes(app)[-2:] == [
             ("user", "two, edited"), ("assistant", "You said: two, edited")])
+
+
+async def test_a_chat_whose_holder_is_gone_becomes_writable(windows: Windows) -> None:
+    """Audit case 38: the window that held the chat died; this one must not stay read-only."""
+    store, shared, app, other = windows.store, windows.shared, windows.app, windows.other
+    assert not other.open(shared).read_only  # the other window writes it
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "Read-only" in titles_of(app))
+        other.close()  # it closes (a dead process's lease is free too: test_storage_hardening)
+        await wait_for(pilot, lambda: "Writable" in titles_of(app), 15)
+        await app.workers.wait_for_complete()
+        await wait_for(pilot, lambda: "read-only" not in str(app.status_bar.render()))
+        await send(pilot, "mine at last")
+        await until_idle(pilot)
+        assert [m.content for m in store.messages(shared)][-1] == "You said: mine at last"

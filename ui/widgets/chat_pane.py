@@ -305,8 +305,10 @@ class ChatPane(Vertical):
         cid = self.conversation_id
         if cid is None or self.generating or self.rebuilding:
             return
-        holder, _ = attempt(lambda: self.service.held_elsewhere(cid))
-        if holder and not self.held_by:
+        holder, error = attempt(lambda: self.service.held_elsewhere(cid))
+        if self.held_by and not holder and not error:
+            self._holder_gone(cid)
+        elif holder and not self.held_by:
             self.held_by = holder
             self.notify(f"Another window took this chat over ({holder}), so it is read-only "
                         f"here now. To write in it here, take it back ({TAKE_OVER_HINT}).",
@@ -317,6 +319,16 @@ class ChatPane(Vertical):
             await self.reload()
             self.notify("This chat was changed in another window: showing it as it is now.",
                         title="Reloaded")
+
+    def _holder_gone(self, cid: int) -> None:
+        """The window that held this chat closed, or its process is gone: it is this one's."""
+        _, error = attempt(lambda: self.service.take_over(cid))
+        if error:  # another window may have claimed it first: asked again at the next poll
+            return
+        self.held_by = None
+        self.notify("The window that held this chat has closed, so you can write in it here.",
+                    title="Writable")
+        self.call_later(self._reopen_taken, cid)
 
     def take_over(self) -> None:
         cid = self.conversation_id
