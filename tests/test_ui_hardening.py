@@ -157,3 +157,30 @@ async def test_a_paste_that_is_not_utf8_reaches_the_box_replaced(store: Store,
         assert app.is_running and app.return_code is None
         stored = [m.content for m in store.messages(store.latest_conversation().id)]
     assert stored == ["hi \ufffd\ufffd there", "You said: hi \ufffd\ufffd there"]
+
+
+async def test_a_paste_holding_escape_sequences_arrives_whole_and_in_order(
+        store: Store, scripted) -> None:
+    """Audit case 34: Textual's key parser read the ESC inside a bracketed paste as a key
+    sequence, so the paste came out reordered and cut; the driver now takes pastes out first."""
+    text = ("ctl \x01\x02\x7f X \x1b]0;PWNED\x07 Y \x1b[2J Z [bold]B[/bold] "
+            "[@click=app.quit]Q[/] end")
+    app = make_app(store, scripted)
+    async with app.run_test(size=SIZE):
+        sent = feed_driver(app, b"\x1b[200~" + text.encode() + b"\x1b[201~", 1)
+    assert [e.text for e in sent if isinstance(e, events.Paste)] == [text]
+    assert not [e for e in sent if isinstance(e, events.Key)]
+
+
+def test_the_paste_splitter_joins_markers_and_pastes_split_across_reads() -> None:
+    from ccm_chat.ui.input_driver import PasteSplitter
+
+    splitter = PasteSplitter()
+    stream = "ab\x1b[200~one \x1b[2J two\x1b[201~cd\x1b"
+    # four characters a read: the markers come split (a read that ends in a lone Esc goes to
+    # the key parser at once, as a pressed Esc must)
+    got = [piece for cut in range(0, len(stream), 4)
+           for piece in splitter.feed(stream[cut:cut + 4])]
+    assert [text for is_paste, text in got if is_paste] == ["one \x1b[2J two"]
+    assert "".join(text for is_paste, text in got if not is_paste) == "abcd\x1b"
+    assert list(PasteSplitter().feed("x\x1b")) == [(False, "x\x1b")]  # a lone Esc: at once
