@@ -432,8 +432,10 @@ class Store:
 
     def _migrate(self) -> None:
         """Bring the schema up to date. Opening an up-to-date database takes no write lock,
-        so list, search and export work while another window writes; after migrations the
-        WAL is checkpointed (with 16 KiB pages SQLite's own waits for about 16 MB)."""
+        so list, search and export work while another window writes; after each migration
+        the WAL is checkpointed (with 16 KiB pages SQLite's own waits for about 16 MB), so a
+        new database never needs the room of all of them at once in its WAL (on a 1.2 MB disk
+        that WAL took the last byte, and nothing could be written again)."""
         if {fn.__name__ for fn in MIGRATIONS} <= self._applied():
             return
         if self._read_only:
@@ -446,7 +448,7 @@ class Store:
             )
         for fn in MIGRATIONS:
             self._apply(fn)
-        self._checkpoint()
+            self._checkpoint()
 
     def _apply(self, fn: Callable[[sqlite_utils.Database], None]) -> None:
         """Run one migration unless it ran (in this or another process) and record it."""
