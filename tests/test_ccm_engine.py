@@ -54,6 +54,7 @@ def pure_ccm(engine: Engine, level: str = "balanced") -> CompressionConfig:
 
 def chat(engine: Engine, *exchanges: tuple[str, str], config=None):
     conv = engine.new_conversation(compression=config or pure_ccm(engine))
+    conv.recall = False  # these read what the slots hold; recall: tests/test_recall.py
     for user, assistant in exchanges:
         conv.add_turn("user", user)
         conv.add_turn("assistant", assistant)
@@ -201,7 +202,8 @@ def test_slots_decoded_beside_keep_the_memory_toggling_the_adapter_keeps(ccm_lla
     the chat's own context gives, and that context's adapter is never set."""
     config = pure_ccm(ccm_llama) if level == "pure" else ccm_llama.compression_for(level)
     ctx = ccm_llama.ctx
-    exchanges = (FACT, FILLER, FILLER, ("And tomorrow?", "Maybe a curry with rice."))
+    # long enough for the aggressive level, which holds its whole budget, to compress
+    exchanges = (FACT, *[FILLER] * 6, ("And tomorrow?", "Maybe a curry with rice."))
     toggled: list[object] = []
     original = ctx._use_adapter
     monkeypatch.setattr(ctx, "_use_adapter", lambda a: (toggled.append(a), original(a))[1])

@@ -42,6 +42,7 @@ def hybrid(engine: Engine, verbatim: int, cap: int = len(EXCHANGES)) -> Compress
 
 def chat(engine: Engine, config: CompressionConfig, exchanges) -> object:
     conv = engine.new_conversation(compression=config)
+    conv.recall = False  # these read what the memory holds; recall: tests/test_recall.py
     for user, assistant in exchanges:
         conv.add_turn("user", user)
         conv.add_turn("assistant", assistant)
@@ -114,6 +115,9 @@ def test_the_hybrid_memory_still_recalls_the_fact_after_compressing_it(engine) -
 
 def test_levels_hold_different_memory_on_a_forty_exchange_chat(engine) -> None:
     exchanges = [EXCHANGES[i % len(EXCHANGES)] for i in range(40)]
+    longest = max(len(engine.model.tokenize(  # an exchange's cells, in the chat template
+        f"<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n".encode(),
+        False, True)) for u, a in EXCHANGES)
     held = {}
     for level in ("light", "balanced", "aggressive"):
         conv = chat(engine, engine.compression_for(level), exchanges)
@@ -121,8 +125,9 @@ def test_levels_hold_different_memory_on_a_forty_exchange_chat(engine) -> None:
         assert stats.method == "ccm-hybrid"
         assert stats.memory_tokens <= conv.policy.budget
         assert stats.verbatim_exchanges >= 1
-        if stats.full_context_tokens > conv.policy.budget:  # long enough: the budget is used
-            assert stats.memory_tokens >= 0.9 * conv.policy.budget, (level, stats)
+        if stats.full_context_tokens > conv.policy.budget:  # long enough: the budget is used,
+            # to within the one exchange whose compression took the memory under it
+            assert stats.memory_tokens > conv.policy.budget - longest, (level, stats, longest)
         held[level] = (stats.memory_tokens, stats.verbatim_exchanges,
                        stats.compressed_exchanges)
     assert held["light"][0] > held["balanced"][0] > held["aggressive"][0], held
@@ -254,13 +259,15 @@ def test_a_reply_that_fills_the_context_compresses_mid_reply_and_reads_on(monkey
         for defer in (True, False):
             monkeypatch.setattr(small.ctx, "batches_cheaply", defer)
             conv = small.new_conversation(compression=small.compression)
-            for user, assistant in EXCHANGES[:3]:
+            # the context (llama.cpp pads it to 256 cells) nearly full when the reply starts;
+            # under the budget (512), so nothing is compressed before it
+            for user, assistant in [*EXCHANGES, *EXCHANGES[1:4]]:
                 conv.add_turn("user", user)
                 conv.add_turn("assistant", assistant)
             assert conv.slots == 0
             replies.append("".join(conv.send("Write a long story about a dragon.",
                                              max_tokens=120, temperature=0)))
-            assert conv.slots > 0 and conv.last_reply.tokens > 60  # compressed mid-reply
+            assert conv.slots > 0 and conv.last_reply.tokens > 20  # compressed mid-reply
             ctx = small.activate(conv)
             assert (ctx.pos_min(), ctx.pos_max()) == (0, conv.kv.cached - 1)
             assert conv.score(" The end.") > 0
