@@ -839,10 +839,15 @@ class Conversation:
         if not (self.recall and self.recall_tokens > 0 and last and last.role == "user"):
             return plain
         texts = forgotten(self.messages[:-1], plain.plain, self.kv.frozen)
-        if not texts:
+        # what the context has room for beside the memory, the new text (bytes: at least its
+        # tokens) and a reply's first cells: recall never makes the memory evict
+        room = (self.engine.n_ctx - 1 - self.held - GENERATION_HEADROOM
+                - (len(plain.text) - len(self.kv.rendered)))
+        share = min(self.recall_tokens, room)
+        if not texts or share <= 0:
             return plain
         model = self.engine.model
-        found = choose(self._index, last.content, texts, self.recall_tokens,
+        found = choose(self._index, last.content, texts, share,
                        lambda text: len(model.tokenize(text.encode(), False, False)))
         if not found.exchanges:
             return plain

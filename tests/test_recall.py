@@ -194,3 +194,13 @@ def test_a_chat_through_the_app_recalls_and_says_so(engine, store) -> None:
     saved = [m.content for m in store.messages(conv_id)]
     assert saved[0] == FACT[0] and saved[-2] == QUESTION  # the transcript as it was said
     service.close()
+
+
+def test_recall_takes_no_more_than_the_context_has_room_for(engine) -> None:
+    conv = long_chat(engine)
+    held = conv.held
+    conv.recall_tokens = 1_000_000  # a share larger than the context: bounded by its room
+    "".join(conv.send(QUESTION, max_tokens=3, temperature=0))
+    assert conv.last_recall is not None and conv.last_recall.exchanges
+    assert conv.last_recall.tokens <= engine.n_ctx - held
+    assert conv.last_reply.finish_reason != "context_full"
