@@ -17,6 +17,7 @@ import asyncio
 import re
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
+from textual.widget import MountError
 from textual.widgets import Label
 
 from ccm_chat.app.errors import ChatError, RebuildCancelled
@@ -477,7 +479,8 @@ class ChatPane(Vertical):
         self.generating = False
         self._cancel = None
         self._flush_timer.pause()
-        if event.conversation_id != self.conversation_id or not self.is_attached:
+        if (event.conversation_id != self.conversation_id or not self.is_attached
+                or not self.chat_view.is_attached):  # switched away, or the app is closing
             with self._queue_lock:
                 self._queued.clear()
             return
@@ -512,7 +515,8 @@ class ChatPane(Vertical):
         await self.chat_view.drop_last("assistant")
         await self.chat_view.drop_last("user")
         if not self.chat_view.boxes:
-            await self.chat_view.show_messages([])
+            with suppress(MountError):  # the app closed meanwhile (Ctrl+Q mid-intake)
+                await self.chat_view.show_messages([])
         typed = self.prompt.text
         self.prompt.text = text if not typed.strip() else f"{text}\n{typed}"
         self.prompt.move_cursor(self.prompt.document.end)
