@@ -193,7 +193,6 @@ def test_a_chat_through_the_app_recalls_and_says_so(engine, store) -> None:
     assert (service.status(conv_id).recalled or "").startswith("recalled ")
     saved = [m.content for m in store.messages(conv_id)]
     assert saved[0] == FACT[0] and saved[-2] == QUESTION  # the transcript as it was said
-    service.close()
 
 
 def test_recall_takes_no_more_than_the_context_has_room_for(engine) -> None:
