@@ -62,6 +62,7 @@ def chat(engine: Engine, *exchanges: tuple[str, str], config=None):
 
 
 def scores(conv) -> list[float]:
+    conv.recall = False  # a restored conversation recalls by default, as the app's does
     conv.add_turn("user", QUESTION, decode=False)
     return [conv.score(a) for a in ANSWERS]
 

@@ -36,5 +36,10 @@ def test_wheel_builds_without_warnings_and_ships_the_compressor(tmp_path: Path) 
     assert "ccm_chat/assets/ccm_chat.tcss" in names
     assert any(n.startswith("ccm_chat/assets/compressors/") and n.endswith("/lora.gguf")
                for n in names)
+    # the dialogue sets train a compressor from an installed copy, licences beside them
+    for folder in ("memorybank_en", "synthetic_persona_chat", "topical_chat"):
+        assert f"ccm_chat/assets/dialogue/{folder}/LICENSE" in names
+        assert any(n.startswith(f"ccm_chat/assets/dialogue/{folder}/") and n.endswith(".gz")
+                   for n in names)
     # nothing generic lands in site-packages: one namespace and the dist-info
     assert {n.split("/")[0] for n in names} == {"ccm_chat", "ccm_chat-0.1.0.dist-info"}
