@@ -24,7 +24,7 @@ from ccm_chat.engine.errors import EngineError
 # back end name -> the module that implements it (imported on first use: transformers and
 # torch are optional, and llama.cpp must load before numpy on a CUDA host)
 BACKENDS: dict[str, str] = {"llamacpp": "ccm_chat.engine.llama_backend",
-                            "hf": "ccm_chat.engine.hf_backend"}
+                            "hf": "ccm_chat.engine.hf_open"}
 
 
 class Model(Protocol):

@@ -5,13 +5,13 @@ remove, shift, get/set state), so memory policies, save/restore and streaming ar
 The KV cache is transformers' DynamicCache; positions of its cells are tracked here so cells
 can be evicted from the middle and the rest shifted down (their keys re-rotated), as in
 llama.cpp. Weights run in bfloat16 on CUDA and float32 on the CPU. On CUDA the context is
-engine.hf_fast's (a static cache and CUDA-graph decoding) unless CCM_CHAT_HF_FAST=0.
+engine.hf_fast's (a static cache and CUDA-graph decoding) unless CCM_CHAT_HF_FAST=0; which
+one is made is engine.hf_open's choice.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,13 +21,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from transformers import DynamicCache
 
-from ccm_chat.engine.backend import BackendOptions, Opened, close_gaps, slots_in_place
+from ccm_chat.engine.backend import close_gaps, slots_in_place
 from ccm_chat.engine.ccm.files import ModelShape, check_embeddings
 from ccm_chat.engine.chat import ChatMessage, for_model
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError, ModelError
 from ccm_chat.engine.hf_weights import load_pretrained, torch_placement
-from ccm_chat.engine.models import model_cache_dir
 from ccm_chat.engine.rope import rotate_keys
 
 
@@ -46,26 +45,6 @@ def _byte_decoder() -> dict[str, int]:
 
 
 BYTE_DECODER = _byte_decoder()
-
-
-def open_backend(options: BackendOptions) -> Opened:
-    """The model and one context for it (engine.backend's entry point)."""
-    if options.kv_type != "f16":
-        raise EngineError(f"The hf back end keeps its KV cache unquantized; {options.kv_type} "
-                          "is for llama.cpp.")
-    if options.device == "gpu" and not torch.cuda.is_available():
-        raise EngineError("--device gpu was asked for, but torch sees no CUDA device.")
-    model = HFModel(options.path, options.device, options.cache_dir or model_cache_dir())
-    use_cuda = model.device.type == "cuda"
-    if use_cuda and os.environ.get("CCM_CHAT_HF_FAST", "1") != "0":
-        from ccm_chat.engine.hf_fast import FastHFContext  # it builds on this module
-
-        ctx: HFContext = FastHFContext(model, options.n_ctx)
-        label = "GPU (CUDA, bfloat16, CUDA graphs)"
-    else:  # the CPU path, and CUDA with CCM_CHAT_HF_FAST=0: eager on a DynamicCache
-        ctx = HFContext(model, options.n_ctx)
-        label = "GPU (CUDA, bfloat16)" if use_cuda else "CPU (float32)"
-    return Opened(model, ctx, label, -1 if use_cuda else 0)
 
 
 class HFModel:

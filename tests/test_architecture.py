@@ -1,5 +1,6 @@
-"""The checks a newcomer makes: the layers point one way, no module-level import cycles, one
-job per engine module, and no test or benchmark reading a Conversation's private state."""
+"""The checks a newcomer makes: the layers point one way, no import cycles (deferred imports
+inside functions counted), one job per engine module, no module over MAX_LINES lines, and no
+test or benchmark reading a Conversation's private state."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("app", "engine", "storage", "ui")
 # what each layer may import from the others (ui -> app -> (engine, storage))
 ALLOWED = {"ui": {"app"}, "app": {"engine", "storage"}, "engine": set(), "storage": set()}
+MAX_LINES = 500
+# modules still over MAX_LINES, being split now (issue 27): the check below names them
+STILL_OVER = ("app/service.py", "engine/ccm/train.py", "engine/conversation.py",
+              "engine/llama_backend.py", "storage/store.py", "ui/widgets/chat_pane.py")
 
 
 def modules() -> dict[str, Path]:
@@ -45,9 +52,34 @@ def top_level_imports(path: Path) -> set[str]:
     return names
 
 
+def all_imports(path: Path) -> set[str]:
+    """Every import the module may run: at load time and deferred inside functions alike;
+    only those under `if TYPE_CHECKING` (never run) are left out."""
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for other in child.orelse:
+                    visit_node(other)
+                continue
+            visit_node(child)
+
+    def visit_node(node: ast.AST) -> None:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        visit(node)
+
+    visit(ast.parse(path.read_text()))
+    return names
+
+
 def graph() -> dict[str, set[str]]:
     mods = modules()
-    return {name: {m for m in top_level_imports(path) if m in mods and m != name}
+    return {name: {m for m in all_imports(path) if m in mods and m != name}
             for name, path in mods.items()}
 
 
@@ -93,6 +125,30 @@ def test_no_import_cycles() -> None:
     for node in sorted(edges):
         if node not in seen:
             visit(node, [])
+
+
+def test_the_cycle_check_sees_deferred_imports(tmp_path: Path) -> None:
+    path = tmp_path / "probe.py"
+    path.write_text("def f():\n    from ccm_chat.engine.x import y\n"
+                    "if TYPE_CHECKING:\n    import z\n")
+    assert all_imports(path) == {"ccm_chat.engine.x", "ccm_chat.engine.x.y"}
+
+
+def over_max_lines() -> list[str]:
+    over = []
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LINES:
+                over.append(f"{path.relative_to(ROOT)} ({lines})")
+    return over
+
+
+@pytest.mark.xfail(strict=False, reason=f"still over {MAX_LINES} lines, being split: "
+                   + ", ".join(STILL_OVER))
+def test_no_module_is_over_max_lines() -> None:
+    over = over_max_lines()
+    assert not over, f"over {MAX_LINES} lines: {', '.join(over)}"
 
 
 def test_each_engine_module_says_its_job_first() -> None:
