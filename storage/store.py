@@ -8,31 +8,55 @@ timeouts retried for up to `timeout` seconds, with this store's own lock let go 
 so that the UI thread's reads go on, then DatabaseLockedError. Chats are private: the folder
 it creates is 0700 and the database files 0600. On a full disk the memory states (a cache)
 give way to the transcript.
+
+The memory states, the leases and search are mixins in their own modules
+(storage/memory_states.py, storage/leases.py, storage/search.py); the records and errors are
+in storage/records.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import socket
 import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
 
+from ccm_chat.storage.leases import LeasesMixin
+from ccm_chat.storage.memory_states import MemoryStatesMixin, database_size
 from ccm_chat.storage.migrations import MIGRATIONS
+from ccm_chat.storage.records import (
+    Clock,
+    ConversationRecord,
+    DatabaseLockedError,
+    DiskFullError,
+    LeaseRecord,
+    MemoryStateRecord,
+    MessageRecord,
+    NotFoundError,
+    SearchHit,
+    StorageError,
+    checksum,
+    conversation_record,
+    message_record,
+    pid_alive,
+    utc_now,
+)
+from ccm_chat.storage.search import SearchMixin
 
-Clock = Callable[[], datetime]
+__all__ = [
+    "Clock", "ConversationRecord", "DatabaseLockedError", "DiskFullError", "LeaseRecord",
+    "MemoryStateRecord", "MessageRecord", "NotFoundError", "SearchHit", "StorageError", "Store",
+    "checksum", "database_size", "pid_alive", "utc_now",
+]
+
 T = TypeVar("T")
 PAGE_SIZE = 16 << 10  # bytes a page of a new database holds
 WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept after a checkpoint
@@ -43,157 +67,6 @@ WAL_AUTOCHECKPOINT_PAGES = 64
 WRITE_WAIT_SECONDS = 8.0  # how long a write waits for another program's lock
 BUSY_TIMEOUT_SECONDS = 0.2  # SQLite's own wait, each try
 RETRY_PAUSE_SECONDS = 0.05
-# SQLite refuses a value over 1e9 bytes (SQLITE_MAX_LENGTH): a bigger memory state is saved
-# in chunks of this size, the first in memory_states.blob, the rest in memory_state_chunks
-STATE_CHUNK = 256 << 20
-# bytes of disk a memory state must leave free: the transcript's room, which a cache never takes
-STATE_HEADROOM = 4 << 20
-
-
-class StorageError(RuntimeError):
-    """A database problem explained in words a user can act on."""
-
-
-class NotFoundError(StorageError):
-    pass
-
-
-class DatabaseLockedError(StorageError):
-    """Another program held the write lock for longer than the store waits; nothing was written."""
-
-
-class DiskFullError(StorageError):
-    """The disk (or SQLite's size limit) had no room for a write; nothing of it was written."""
-
-
-@dataclass(frozen=True)
-class ConversationRecord:
-    id: int
-    title: str
-    created: str
-    updated: str
-    model: str | None
-    system_prompt: str | None
-    settings: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class MessageRecord:
-    id: int
-    conversation_id: int
-    role: str
-    content: str
-    created: str
-    status: str
-    token_count: int | None
-
-    @property
-    def interrupted(self) -> bool:
-        return self.status == "interrupted"
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    conversation_id: int
-    conversation_title: str
-    message_id: int
-    role: str
-    snippet: str
-
-
-@dataclass(frozen=True)
-class MemoryStateRecord:
-    """A saved conversation memory: opaque bytes plus what they must match to be reused."""
-
-    id: int
-    conversation_id: int
-    message_id: int | None
-    created: str
-    backend: str
-    model_fingerprint: str
-    policy: dict[str, Any]
-    position: int
-    tokens_held: int
-    tokens_seen: int
-    size: int
-    checksum: str
-    blob: bytes
-
-    @property
-    def intact(self) -> bool:
-        return len(self.blob) == self.size and checksum(self.blob) == self.checksum
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    """Who writes a conversation now: one process (a window) at a time."""
-
-    conversation_id: int
-    owner: str
-    pid: int
-    host: str
-    acquired: str
-    heartbeat: str
-
-    def describe(self) -> str:
-        """A short, readable name for the window that holds it."""
-        where = "" if self.host == socket.gethostname() else f" on {self.host}"
-        return f"ccm-chat process {self.pid}{where}, since {self.acquired[11:16]} UTC"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (unknown on Windows: assume so)."""
-    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """Whether the process has exited and waits only for its parent to reap it (Linux's
-    /proc tells; elsewhere: assume not)."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat_line.rpartition(")")[2].split()[:1] == ["Z"]  # the name may hold ") "
-
-
-def checksum(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _conversation(row: dict[str, Any]) -> ConversationRecord:
-    return ConversationRecord(
-        id=row["id"],
-        title=row["title"],
-        created=row["created"],
-        updated=row["updated"],
-        model=row["model"],
-        system_prompt=row["system_prompt"],
-        settings=json.loads(row["settings"] or "{}"),
-    )
-
-
-def _snippet(text: str, found: str, width: int = 40) -> str:
-    """Around the first place `found` is in `text`, marked like FTS5's snippet()."""
-    at = text.lower().find(found.lower())
-    start, end = max(0, at - width), min(len(text), at + len(found) + width)
-    return ("…" if start else "") + text[start:at] + f"[{text[at:at + len(found)]}]" + (
-        text[at + len(found):end]) + ("…" if end < len(text) else "")
-
-
-def _message(row: dict[str, Any]) -> MessageRecord:
-    return MessageRecord(**{k: row[k] for k in MessageRecord.__dataclass_fields__})
 
 
 def _is_lock(exc: sqlite3.Error) -> bool:
@@ -238,7 +111,7 @@ def _private_files(path: Path) -> None:
             continue
 
 
-class Store:
+class Store(SearchMixin, MemoryStatesMixin, LeasesMixin):
     """All persistent state of the app. Every write is one transaction.
 
     `timeout`: seconds a write waits for another program's write lock before it gives up with
@@ -503,13 +376,13 @@ class Store:
         rows = self._read("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
         if not rows:
             raise NotFoundError(f"No conversation with id {conversation_id}.")
-        return _conversation(rows[0])
+        return conversation_record(rows[0])
 
     def list_conversations(self, limit: int | None = None) -> list[ConversationRecord]:
         sql = "SELECT * FROM conversations ORDER BY updated DESC, id DESC"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [_conversation(r) for r in self._read(sql)]
+        return [conversation_record(r) for r in self._read(sql)]
 
     def latest_conversation(self) -> ConversationRecord | None:
         found = self.list_conversations(limit=1)
@@ -584,13 +457,13 @@ class Store:
         rows = self._read("SELECT * FROM messages WHERE id = ?", (message_id,))
         if not rows:
             raise NotFoundError(f"No message with id {message_id}.")
-        return _message(rows[0])
+        return message_record(rows[0])
 
     def messages(self, conversation_id: int) -> list[MessageRecord]:
         rows = self._read(
             "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
         )
-        return [_message(r) for r in rows]
+        return [message_record(r) for r in rows]
 
     def delete_message(self, message_id: int) -> None:
         with self._tx() as db:
@@ -628,47 +501,6 @@ class Store:
         )[0]
         return row["n"], row["last"], row["size"]
 
-    def search(self, query: str, limit: int = 50) -> list[SearchHit]:
-        """Search every message; the query is taken literally, never as FTS syntax.
-
-        Each word must appear (full-text, so "eggs" finds "egg"); a word with punctuation in
-        it ("c++") must also appear as written, and punctuation alone ('"') is found as text.
-        """
-        words = query.split()
-        if not words:
-            return []
-        literal = [w for w in words if not w.isalnum()]
-        tokens = [w for w in words if any(ch.isalnum() for ch in w)]
-        exact = " AND ".join(["instr(lower(m.content), lower(?)) > 0"] * len(literal)) or "1"
-        if tokens:
-            fts_query = " ".join('"' + w.replace('"', '""') + '"' for w in tokens)
-            sql = f"""
-                SELECT m.id, m.conversation_id, m.role, c.title,
-                       snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet
-                FROM messages_fts
-                JOIN messages m ON m.rowid = messages_fts.rowid
-                JOIN conversations c ON c.id = m.conversation_id
-                WHERE messages_fts MATCH ? AND {exact}
-                ORDER BY c.updated DESC, m.id
-                LIMIT ?
-            """
-            params: tuple = (fts_query, *literal, limit)
-        else:  # nothing the index holds (punctuation only): scan for it as text
-            sql = f"""
-                SELECT m.id, m.conversation_id, m.role, c.title, m.content AS snippet
-                FROM messages m JOIN conversations c ON c.id = m.conversation_id
-                WHERE {exact}
-                ORDER BY c.updated DESC, m.id
-                LIMIT ?
-            """
-            params = (*literal, limit)
-        rows = self._read(sql, params)
-        return [
-            SearchHit(r["conversation_id"], r["title"], r["id"], r["role"],
-                      r["snippet"] if tokens else _snippet(r["snippet"], literal[0]))
-            for r in rows
-        ]
-
     # -- settings -------------------------------------------------------------------------------
 
     def get_settings(self) -> dict[str, Any]:
@@ -679,200 +511,3 @@ class Store:
             db["settings"].upsert_all(
                 [{"key": k, "value": json.dumps(v)} for k, v in values.items()], pk="key"
             )
-
-    # -- memory states --------------------------------------------------------------------------
-
-    def save_memory_state(
-        self,
-        conversation_id: int,
-        message_id: int | None,
-        blob: bytes,
-        *,
-        backend: str,
-        model_fingerprint: str,
-        policy: dict[str, Any],
-        position: int,
-        tokens_held: int,
-        tokens_seen: int,
-    ) -> int | None:
-        """Store a new state and prune the older ones, in one transaction; its id, or None
-        when the disk had no room for it.
-
-        Until that transaction commits, the previous state is still the one on disk. A state
-        is a cache of the transcript, so one the disk cannot take with room to spare is not
-        written, and one a full disk refuses is dropped quietly (the WAL it grew is given
-        back) rather than fail the chat: the memory is rebuilt from the transcript when needed.
-        """
-        if not self._room_for_state(len(blob)):
-            return None
-        view = memoryview(blob)  # the chunks are slices of it, not copies
-        row = {
-            "conversation_id": conversation_id,
-            "message_id": message_id,
-            "created": self._now(),
-            "backend": backend,
-            "model_fingerprint": model_fingerprint,
-            "policy": json.dumps(policy, sort_keys=True),
-            "position": position,
-            "tokens_held": tokens_held,
-            "tokens_seen": tokens_seen,
-            "size": len(blob),
-            "checksum": checksum(blob),
-            "blob": view[:STATE_CHUNK],
-        }
-        try:
-            with self._tx() as db:
-                state_id = db["memory_states"].insert(row).last_pk
-                for seq, start in enumerate(range(STATE_CHUNK, len(blob), STATE_CHUNK), 1):
-                    db.execute("INSERT INTO memory_state_chunks VALUES (?, ?, ?)",
-                               (state_id, seq, view[start:start + STATE_CHUNK]))
-                db.execute(
-                    "DELETE FROM memory_states WHERE conversation_id = ? AND id != ?",
-                    (conversation_id, state_id),
-                )
-        except DiskFullError:
-            self._reclaim()
-            return None
-        self._reclaim(keep=len(blob))
-        return state_id
-
-    def _room_for_state(self, size: int) -> bool:
-        """Whether the disk takes a state of `size` bytes and keeps STATE_HEADROOM free: it is
-        written to the WAL, then copied into the file (which grows by what its free pages
-        cannot hold). Once a committed state is in a WAL that a full disk keeps from being
-        checkpointed, not even a delete can be written: the transcript is stuck."""
-        try:
-            free_disk = shutil.disk_usage(self.path.parent).free
-            with self._lock:
-                page = self.db.execute("PRAGMA page_size").fetchone()[0]
-                free_pages = self.db.execute("PRAGMA freelist_count").fetchone()[0] * page
-        except (OSError, sqlite3.Error):
-            return True  # unknown: SQLite says if it does not fit
-        return free_disk >= size + max(0, size - free_pages) + STATE_HEADROOM
-
-    def latest_memory_state(self, conversation_id: int) -> MemoryStateRecord | None:
-        rows = self._read(
-            "SELECT * FROM memory_states WHERE conversation_id = ? ORDER BY id DESC LIMIT 1",
-            (conversation_id,),
-        )
-        if not rows:
-            return None
-        row = dict(rows[0])
-        row["policy"] = json.loads(row["policy"])
-        rest = self._read("SELECT data FROM memory_state_chunks WHERE state_id = ? ORDER BY seq",
-                          (row["id"],))
-        row["blob"] = b"".join([bytes(row["blob"]), *(bytes(r["data"]) for r in rest)])
-        return MemoryStateRecord(**row)
-
-    def delete_memory_states(self, conversation_id: int) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM memory_states WHERE conversation_id = ?", (conversation_id,))
-        self._reclaim()
-
-    def _reclaim(self, keep: int = 0) -> None:
-        """Give the pages of deleted rows back to the file system (auto_vacuum=INCREMENTAL),
-        all but `keep` bytes of them.
-
-        The memory states are the big rows, and each save prunes the one before: without
-        this the file keeps its largest size forever. A save keeps as many free pages as the
-        state it wrote: the chat's next state, about as big, fills them, where giving them
-        back first moved the new state's pages down and grew the file again at the next
-        save (a 140 MB state, dev CPU: 0.6-0.7 s of a 2.3 s save). Best effort: a busy
-        database is left for the next save.
-        """
-        with self._lock:
-            try:
-                page = self.db.execute("PRAGMA page_size").fetchone()[0]
-                free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
-                excess = free - keep // page
-                if excess > 0:  # executescript steps it to the end (execute() frees one page)
-                    self.db.conn.executescript(f"PRAGMA incremental_vacuum({excess});")
-            except sqlite3.Error:
-                pass
-            self._checkpoint()
-
-    def size_on_disk(self) -> tuple[int, int]:
-        """(bytes the database files take, bytes of free pages in them)."""
-        with self._lock:
-            try:
-                page = self.db.execute("PRAGMA page_size").fetchone()[0]
-                free = self.db.execute("PRAGMA freelist_count").fetchone()[0] * page
-            except sqlite3.Error as exc:
-                raise StorageError(self._explain(exc)) from exc
-        return database_size(self.path), free
-
-    def memory_state_count(self) -> int:
-        return self._read("SELECT count(*) AS n FROM memory_states")[0]["n"]
-
-    # -- leases ---------------------------------------------------------------------------------
-
-    def acquire_lease(self, conversation_id: int, owner: str, stale_after: float,
-                      force: bool = False) -> LeaseRecord | None:
-        """Make `owner` (this process's window) the writer of a conversation.
-
-        Returns None when it now holds the lease, or the live lease of another owner, left as
-        it is. A lease is stale, and taken over, when its process is gone (same host) or its
-        heartbeat is older than `stale_after` seconds. `force` takes it whatever it is.
-        """
-        now = self._clock()
-
-        def write(db: sqlite_utils.Database) -> LeaseRecord | None:
-            rows = list(db.query("SELECT * FROM leases WHERE conversation_id = ?",
-                                 (conversation_id,)))
-            held = LeaseRecord(**rows[0]) if rows else None
-            if (held is not None and held.owner != owner and not force
-                    and _lease_live(held, now, stale_after)):
-                return held
-            stamp = now.isoformat(timespec="milliseconds")
-            db.execute(
-                """
-                INSERT INTO leases (conversation_id, owner, pid, host, acquired, heartbeat)
-                VALUES (?, ?, ?, ?, ?, ?)
-                ON CONFLICT(conversation_id) DO UPDATE SET
-                    acquired = CASE WHEN owner = excluded.owner THEN acquired
-                                    ELSE excluded.acquired END,
-                    owner = excluded.owner, pid = excluded.pid, host = excluded.host,
-                    heartbeat = excluded.heartbeat
-                """,
-                (conversation_id, owner, os.getpid(), socket.gethostname(), stamp, stamp),
-            )
-            return None
-
-        # every message is written under this lease: a full disk makes room here too
-        return self._write_making_room(write)
-
-    def lease(self, conversation_id: int) -> LeaseRecord | None:
-        rows = self._read("SELECT * FROM leases WHERE conversation_id = ?", (conversation_id,))
-        return LeaseRecord(**rows[0]) if rows else None
-
-    def live_lease(self, conversation_id: int, stale_after: float) -> LeaseRecord | None:
-        """The conversation's lease if one is held and not stale (a read: nothing changes)."""
-        held = self.lease(conversation_id)
-        if held is None or not _lease_live(held, self._clock(), stale_after):
-            return None
-        return held
-
-    def heartbeat(self, owner: str) -> None:
-        """Say that `owner`'s leases are still in use."""
-        with self._tx() as db:
-            db.execute("UPDATE leases SET heartbeat = ? WHERE owner = ?", (self._now(), owner))
-
-    def release_lease(self, conversation_id: int, owner: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM leases WHERE conversation_id = ? AND owner = ?",
-                       (conversation_id, owner))
-
-    def release_leases(self, owner: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM leases WHERE owner = ?", (owner,))
-
-
-def _lease_live(lease: LeaseRecord, now: datetime, stale_after: float) -> bool:
-    if now - datetime.fromisoformat(lease.heartbeat) > timedelta(seconds=stale_after):
-        return False
-    return lease.host != socket.gethostname() or pid_alive(lease.pid)
-
-
-def database_size(path: Path) -> int:
-    """Bytes a database takes on disk: the file and its write-ahead log."""
-    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())

@@ -306,9 +306,9 @@ def test_a_state_bigger_than_one_sqlite_value_is_saved_in_chunks(
         db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An 8B model's uncompressed KV passes SQLite's 1e9-byte value limit past ~7k tokens:
     such a state is split into chunks (made small here), read back whole, pruned whole."""
-    import ccm_chat.storage.store as store_module
+    import ccm_chat.storage.memory_states as memory_states
 
-    monkeypatch.setattr(store_module, "STATE_CHUNK", 1000)
+    monkeypatch.setattr(memory_states, "STATE_CHUNK", 1000)
     store = Store(db_path)
     conv = store.create_conversation("Big")
     msg = store.add_message(conv.id, "user", "hi")
