@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import write_result  # isort: skip  (bench/ is sys.path[0])
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,9 +96,9 @@ def main() -> None:
         ratio = f"{row['head_over_base']:.3f}" if row["head_over_base"] is not None else "-"
         print(f"{row['metric']:<{width}}  {row['base']:>12.4g}  {row['head']:>12.4g}  {ratio}")
     if args.out:
-        args.out.write_text(json.dumps({
+        write_result(args.out, "cpu", {
             "command": "python bench/compare_revisions.py " + " ".join(sys.argv[1:]),
-            "base": args.base, "rounds": args.rounds, "rows": rows}, indent=1))
+            "base": args.base, "rounds": args.rounds, "rows": rows})
 
 
 if __name__ == "__main__":

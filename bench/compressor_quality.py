@@ -34,21 +34,21 @@ from ccm_chat.engine.ccm.evaluate import Read, longchat_cases, probe_cells, prob
 from ccm_chat.engine.ccm.files import CARD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
-from quality import LONGCHAT, kv_bytes_per_token, load_compressor, model_tokens_of  # noqa: E402
+from machine import write_result  # noqa: E402
+from quality import kv_bytes_per_token, load_compressor, model_tokens_of  # noqa: E402
 
 PPL_AT = (4, 8, 16, 32, 64, 128)
 RECALL_AT = (2, 8, 32, 128)
 
 
-def probe_sets(corpus: Corpus, tokens, limit: int, longchat: Path,
+def probe_sets(corpus: Corpus, tokens, limit: int, longchat: Path | None,
                ppl_at=PPL_AT, recall_at=RECALL_AT, shuffled: bool = False,
                ) -> dict[str, list[Probe]]:
     sets = {f"ppl@{k}": next_turn_probes(corpus, k, limit, seed=1) for k in ppl_at}
     if shuffled:  # a control: each reply after another conversation's memory
         sets |= {f"{name} shuffled": shuffle(probes) for name, probes in list(sets.items())}
     sets |= {f"recall@{d}": recall_probes(corpus, d, limit, seed=2) for d in recall_at}
-    if longchat.exists():
+    if longchat is not None and longchat.exists():
         sets["longeval5"] = [Probe(c.episode.context, c.episode.prompt, c.answers, c.fillers)
                              for c in longchat_cases(longchat, tokens.tok, limit)]
     return sets
@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--recall-at", type=int, nargs="*", default=list(RECALL_AT))
     parser.add_argument("--split", default="test", choices=("validation", "test"))
     parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--longchat", type=Path, default=LONGCHAT)
+    parser.add_argument("--longchat", type=Path, default=None,
+                        help="LongChat's 5_topics.jsonl (LongEval topics): the longchat set")
     parser.add_argument("--baselines", type=int, nargs="*", default=None, metavar="N",
                         help="none, full and sink+window at the pure-CCM budget of N slots "
                              "an exchange (default: each compressor's n); --baselines alone: "
@@ -150,7 +151,7 @@ def main() -> None:
         add_recovery(rows)
         first = json.loads(args.merge[0].read_text())
         result = {**first, "merged": [str(f) for f in args.merge], "rows": rows}
-        args.out.write_text(json.dumps(result, indent=2))
+        write_result(args.out, "cpu", result, indent=2)  # the first file's machine stays
         print(table(rows))
         return
     tokens = ExchangeTokens(model_tokens_of(args.model))
@@ -175,11 +176,8 @@ def main() -> None:
             rows += run(comp, Read("ccm", w), sets, label, name)
         del comp
     add_recovery(rows)
-    result = {"command": " ".join(sys.argv), "split": args.split,
-              "machine": describe("gpu" if torch.cuda.is_available() else "cpu"),
-              "seconds": time.perf_counter() - started, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = {"split": args.split, "seconds": time.perf_counter() - started, "rows": rows}
+    write_result(args.out, "gpu" if torch.cuda.is_available() else "cpu", result, indent=2)
     print(table(rows))
 
 

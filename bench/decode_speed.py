@@ -9,7 +9,6 @@ the ratio holds on a noisy machine. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -19,6 +18,8 @@ from pathlib import Path
 from llama_cpp import Llama
 
 from ccm_chat.engine import Engine, SamplingParams
+
+from machine import write_result  # isort: skip  (bench/ is sys.path[0])
 
 PROMPT = "Write a very long story about a dragon who learns to cook, with many chapters."
 
@@ -94,9 +95,7 @@ def main() -> None:
         "median_tok_per_s": {k: statistics.median(v) for k, v in rows.items()},
         "engine_over_best_reference": ours / best_ref,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, args.device, result, indent=2)  # its own machine line stays
 
 
 if __name__ == "__main__":

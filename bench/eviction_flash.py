@@ -14,7 +14,6 @@ The engine keeps flash attention off for evicting contexts on the CPU and on for
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -24,7 +23,7 @@ from ccm_chat.engine import Engine  # isort: skip  (llama_cpp before numpy)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from length import exchanges  # noqa: E402  (a sibling script module)
-from machine import describe  # noqa: E402
+from machine import write_result  # noqa: E402
 from scoring import mean_nll  # noqa: E402
 
 
@@ -79,11 +78,9 @@ def main() -> None:
               f"{r['ppl']:>8.2f}")
     print(f"per exchange NLL, on - off: mean {statistics.fmean(diffs):+.4f}, "
           f"largest {max(diffs, key=abs):+.4f} ({len(diffs)} exchanges)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "command": " ".join(sys.argv), "machine": describe(args.device), "rows": rows,
-        "nll_diff_mean": statistics.fmean(diffs), "nll_diff_max": max(diffs, key=abs),
-    }, indent=1))
+    write_result(args.out, args.device, {
+        "rows": rows, "nll_diff_mean": statistics.fmean(diffs),
+        "nll_diff_max": max(diffs, key=abs)})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ccm_chat.engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy, see engine)
 import numpy as np  # isort: skip
+from machine import write_result  # isort: skip  (bench/ is sys.path[0])
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 TURNS = [
@@ -69,8 +70,7 @@ def main() -> None:
             except Exception as exc:  # report every combination, even a failing one
                 rows.append({"backend": backend, "level": level, "error": repr(exc)})
             print(json.dumps(rows[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+    write_result(args.out, "gpu", {"rows": rows}, indent=2)
 
 
 if __name__ == "__main__":

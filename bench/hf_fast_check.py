@@ -31,7 +31,7 @@ from ccm_chat.engine.hf_backend import HFContext
 from ccm_chat.engine.hf_fast import FastHFContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import write_result  # noqa: E402
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64,
@@ -219,8 +219,7 @@ def main() -> None:
     model = build("cuda", SMOLLM2_135M)
     import transformers
 
-    result = {"command": " ".join(sys.argv), "machine": describe("gpu"),
-              "torch": torch.__version__, "transformers": transformers.__version__,
+    result = {"torch": torch.__version__, "transformers": transformers.__version__,
               "model": "random weights, SmolLM2-135M shape, bfloat16"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
@@ -228,14 +227,14 @@ def main() -> None:
             if name.split("_")[0] in args.sections:
                 result[name] = fn(model, args.n_ctx)
                 print(json.dumps(result[name], indent=1), flush=True)
-                args.out.write_text(json.dumps(result, indent=1))
+                write_result(args.out, "gpu", result, quiet=True)  # a cut run keeps it
         compiled = [int(x) for x in args.compiled.split(",") if x]
         if "speed" not in args.sections:
             return
         rows = result["speed"] = speed(model, args.n_ctx,
                                        [int(x) for x in args.lengths.split(",")], args.steps,
                                        compiled)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, "gpu", result)
     print("| path | cells | decode tok/s | prefill ms |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} | {r['cells']} | {r['decode_tok_s']:.1f} | "

@@ -22,7 +22,6 @@ llama.cpp's own position shift (engine.llama_state), to see the two read alike.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
@@ -33,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe  # noqa: E402
+from bench.machine import write_result  # noqa: E402
 from ccm_chat.engine import CompressionConfig, ContextFullError, Engine  # noqa: E402
 from ccm_chat.engine.config import LEVEL_BUDGETS, SINK_TOKENS  # noqa: E402
 
@@ -166,13 +165,11 @@ def main() -> None:
                 acc = statistics.fmean(float(ok) for _, ok, _ in got)
                 rows.append(_row(label, config, f"recall@{k}", acc, None, stats))
             print(f"{label}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)  # after each, for a cut run
-            args.out.write_text(json.dumps({
-                "machine": describe(args.device), "backend": args.backend,
-                "split": args.split, "chats": args.chats,
+            write_result(args.out, args.device, {  # after each, for a cut run
+                "backend": args.backend, "split": args.split, "chats": args.chats,
                 "compressor": engine.ccm.files.folder.name if engine.ccm else None,
-                "seconds": round(time.time() - started), "command": " ".join(sys.argv),
-                "rows": rows}, indent=1))
+                "seconds": round(time.time() - started), "rows": rows}, quiet=True)
+    print(f"wrote {args.out}")
     print(table(rows))
 
 

@@ -47,7 +47,7 @@ from ccm_chat.engine import ContextFullError, Engine, SamplingParams  # noqa: E4
 from ccm_chat.engine.ccm.data import CHITCHAT_ENV, chitchat_pool, load_chitchat  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import write_result  # noqa: E402
 from plots import line_chart  # noqa: E402  (a sibling script module)
 
 if TYPE_CHECKING:  # the hf run on a CUDA host must not load llama_cpp next to torch
@@ -166,12 +166,10 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{label:>20}: {len(curve)} exchanges in {time.perf_counter() - started:.0f} s, "
               f"{curve[-1]['bytes'] / 1e6:.1f} MB held at the end", flush=True)
         engine.close()
-        result = {"command": " ".join(sys.argv), "machine": describe(args.device),
-                  "cpus": threads, "device": args.device, "backend": args.backend,
+        result = {"cpus": threads, "device": args.device, "backend": args.backend,
                   "engine": engine_info, "n_ctx": args.n_ctx, "curves": curves,
                   "probes": probes}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))  # so far: a cut run keeps it
+        write_result(args.out, args.device, result, quiet=True)  # so far: a cut run keeps it
     return result
 
 
@@ -280,8 +278,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.backend == "both":
         result = json.loads(args.out.read_text()) if args.replot else both(args)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_result(args.out, args.device, result)  # a replot keeps the run's machine, commit
         print_side_by_side(result)
         if result["side_by_side"]:
             print("plot:", plot_side_by_side(result, args.out))
@@ -290,8 +287,7 @@ def main() -> None:
         result = json.loads(args.out.read_text())
     else:
         result = run(args)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
     print("| config | turn | held | ttft s | decode tok/s | llama-cpp-python tok/s (FA on / off) |")
     print("|---|---|---|---|---|---|")
     for p in result["probes"]:

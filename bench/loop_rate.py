@@ -11,7 +11,6 @@ characters repeat a 12+ character run three times.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe  # noqa: E402
+from bench.machine import write_result  # noqa: E402
 from ccm_chat.engine import Engine, SamplingParams  # noqa: E402
 
 PROMPTS = [
@@ -91,9 +90,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['sampling']} | {r['replies']} | {r['hit_cap']} ({r['cap_rate']:.0%}) | "
               f"{r['looping_tail']} | {r['mean_tokens']} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": describe(args.device),
-                                    "command": " ".join(sys.argv), "rows": rows}, indent=1))
+    write_result(args.out, args.device, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def merge(paths: list[Path], out: Path) -> None:
     result = {k: v for k, v in first.items() if k not in ("rows", "command")}
     result.update(rows=rows, merged_from=[str(p) for p in paths],
                   commands=sorted({p["command"] for p in parts}))
-    out.write_text(json.dumps(result, indent=1))
+    write_result(out, "cpu", result)  # the first part's machine, commit and versions stay
     print(table(rows, first["distances"], first["nll_at"]))
     plot(rows, first["distances"], out.with_suffix(".png"))
 

@@ -37,6 +37,8 @@ from ccm_chat.engine.ccm.evaluate import Memory, longchat_cases, perplexity, rec
 from ccm_chat.engine.ccm.files import CARD, CompressorFiles
 from ccm_chat.engine.ccm.recipe import load_for_training, model_tokens
 
+from machine import write_result  # isort: skip  (bench/ is sys.path[0])
+
 TURNS = (4, 8, 16, 32)
 
 
@@ -151,8 +153,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "seconds": time.perf_counter() - started, "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, "gpu" if torch.cuda.is_available() else "cpu", result, indent=2)
     print(table(rows))
 
 

@@ -14,17 +14,15 @@ shape, so bench/plot_quality.py draws them beside the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from ccm_chat.engine import Engine  # isort: skip  (llama_cpp before numpy and torch)
 import numpy as np  # isort: skip
-from quality import LONGCHAT, datasets, model_tokens_of, result_row, table  # isort: skip
-from machine import describe  # isort: skip
+from quality import datasets, model_tokens_of, result_row, table  # isort: skip
+from machine import write_result  # isort: skip
 from scoring import mean_nll  # isort: skip
 
 from ccm_chat.engine.ccm.data import Episode  # noqa: E402
@@ -76,7 +74,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=50, help="cases per set")
     parser.add_argument("--sets", default="", help="comma list of sets to run (default all)")
     parser.add_argument("--window", default="1,2,4,8", help="window budgets (slots/exchange)")
-    parser.add_argument("--longchat", type=Path, default=LONGCHAT)
+    parser.add_argument("--longchat", type=Path, default=None,
+                        help="LongChat's 5_topics.jsonl (LongEval topics): the longchat set")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -99,10 +98,9 @@ def main() -> None:
         rows += evaluate(ctx, memory, sets, label, n, per_cell, f16_bytes)
         ctx.close()
     engine.close()
-    result = {"command": " ".join(sys.argv), "machine": describe("cpu"), "device": "cpu",
+    result = {"device": "cpu",
               "seconds": time.perf_counter() - started, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, "cpu", result, indent=2)
     print(table(rows))
 
 

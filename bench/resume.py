@@ -27,7 +27,7 @@ from ccm_chat.engine.ccm.data import default_data_dir, read_dialogue
 from ccm_chat.storage import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import write_result  # noqa: E402
 from plots import line_chart  # noqa: E402  (a sibling script module)
 
 DATA = default_data_dir() / "memorybank_en"  # the copy shipped in the package
@@ -149,16 +149,13 @@ def main() -> None:
         print(f"{r['level']:22} {r['transcript_tokens']:>7} {r['rebuild_first_token_s']:>15.2f}s "
               f"{r['restore_first_token_s']:>15.3f}s {r['speedup']:>7.0f}x "
               f"{r['state_bytes'] / 1e6:>9.1f} {r['full_f16_kv_bytes'] / 1e6:>11.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": describe(args.device),
+    write_result(args.out, args.device, {
         "device": args.device,
         "command": "python bench/resume.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if k not in ("data", "replot")),
         "rows": rows,
-    }, indent=2))
-    print(f"wrote {args.out}")
+    }, indent=2)
     print("plot:", plot(json.loads(args.out.read_text()), args.out))
 
 

@@ -48,7 +48,7 @@ from ccm_chat.engine.config import LEVEL_BUDGETS, CompressionConfig  # isort: sk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from length import QUESTION, REPLY_TOKENS  # noqa: E402  (sibling script modules)
-from machine import describe  # noqa: E402
+from machine import write_result  # noqa: E402
 from plots import line_chart  # noqa: E402
 from resume import DATA, exchanges, fill, first_token, fresh  # noqa: E402
 from scale_shapes import SHAPES, Shape, tiny_shape  # noqa: E402
@@ -334,14 +334,12 @@ def run(args: argparse.Namespace) -> dict:
     clock = Clock(args.seconds, WEIGHTS)
     pairs = exchanges(args.data)
     result: dict = {"shape": shape.name, "shape_table": shape.__dict__,
-                    "machine": describe(args.device), "device": args.device,
-                    "command": " ".join(sys.argv), "model_bytes": args.model.stat().st_size,
+                    "device": args.device, "model_bytes": args.model.stat().st_size,
                     "note": "random weights: speed and memory only", "gpu_base_bytes": gpu.base,
                     "walks": [], "resume": []}
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
+        write_result(args.out, args.device, result, quiet=True)
 
     parts = set(args.parts.split(","))
     if "walks" not in parts:  # the time goes to what runs
@@ -478,7 +476,7 @@ def report(paths: list[Path], out_dir: Path) -> None:
             known.setdefault(r["shape_table"]["arch"], []).append(c["tokens_per_exchange"])
     guide = [cards(r, statistics.fmean(known.get(r["shape_table"]["arch"], [0.0])) or None)
              for r in results]
-    (out_dir / "scale_cards.json").write_text(json.dumps(guide, indent=1))
+    write_result(out_dir / "scale_cards.json", "cpu", {"cards": guide})
     print("\n| model | " + " | ".join(f"{gb} GB card" for gb in CARDS_GB) + " |")
     print("|---|" + "---|" * len(CARDS_GB))
     for g in guide:
@@ -548,7 +546,7 @@ def merge(base: Path, parts: list[Path]) -> None:
         measured = [name for name in ("walks", "resume") if part[name]]
         result["runs"].append({"command": part["command"], "machine": part["machine"],
                                "parts": measured})
-    base.write_text(json.dumps(result, indent=1, default=str))
+    write_result(base, "cpu", result, quiet=True)  # the base run's machine, commit stay
     print(f"merged {len(parts)} run(s) into {base}")
 
 

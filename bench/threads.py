@@ -13,7 +13,6 @@ decode_speed.py; tok/s is the engine's own decode rate for it. Prints a table an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from ccm_chat.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_speed import engine_run as reply_speed  # noqa: E402  (sibling script modules)
-from machine import describe  # noqa: E402
+from machine import write_result  # noqa: E402
 
 NEIGHBOUR = "while True: pass"
 
@@ -107,7 +106,6 @@ def main() -> None:
     result = {
         "command": "python bench/threads.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "machine": describe("cpu"),
         "model": next(iter(engines.values())).info.model_name,
         "tokens": args.tokens,
         "neighbour": f"{sys.executable} -c {NEIGHBOUR!r}",
@@ -119,9 +117,7 @@ def main() -> None:
         "median_tok_per_s": medians,
         "new_over_old": {c: medians[c][new_name] / medians[c][old_name] for c in conditions},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "cpu", result, indent=2)
     for eng in engines.values():
         eng.close()
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import write_result  # noqa: E402
 from scale_shapes import SHAPES, hf_config, tiny_shape  # noqa: E402
 
 from ccm_chat.engine.ccm.compressor import Compressor  # noqa: E402
@@ -100,8 +101,7 @@ def profile(steps: int, out: Path, caps: list[int]) -> None:
                         "reply_starts": d.reply_starts, "window": p.window, "pure": p.pure,
                         "hybrid": p.hybrid} for s, d, p in picks]}
         print(cap, {k: v for k, v in result["caps"][str(cap)].items() if k != "sample"})
-    out.write_text(json.dumps(result, indent=1))
-    print(out)
+    write_result(out, "cpu", result)
 
 
 # ---------------------------------------------------------------- run (GPU host)
@@ -300,8 +300,8 @@ def main() -> None:
         row["elapsed_s"] = round(time.monotonic() - started, 1)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_result(args.out, "gpu" if args.device == "cuda" else "cpu", result, quiet=True)
+    print(f"wrote {args.out}")
     print(table(result["rows"]))
 
 

@@ -12,7 +12,6 @@ choice is `auto`: off only for an evicting context on the CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from ccm_chat.engine import Engine, SamplingParams  # isort: skip  (llama_cpp before numpy)
 from length import configs  # isort: skip
 from resume import DATA, exchanges  # isort: skip
-from machine import describe  # isort: skip
+from machine import write_result  # isort: skip
 
 
 FLASH = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
@@ -87,14 +86,11 @@ def main() -> None:
         print(f"{r['level']:30} {r['turn_s_median']:>7.2f} {r['policy_ms_median']:>12.1f} / "
               f"{r['policy_ms_max']:<10.1f} {r['decode_tok_s_last5']:>7.1f} "
               f"{r['tokens_held']:>6} {r['tokens_seen']:>6}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "machine": describe(args.device),
+    write_result(args.out, args.device, {
         "device": args.device,
         "command": f"python bench/turn_overhead.py --device {args.device} --turns "
                    f"{args.turns} --max-tokens {args.max_tokens} --flash-attn {args.flash_attn}",
-        "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+        "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":
