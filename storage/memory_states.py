@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-from pathlib import Path
 from typing import Any
 
+from ccm_chat.storage.files import database_size
 from ccm_chat.storage.records import DiskFullError, MemoryStateRecord, StorageError, checksum
 
 # SQLite refuses a value over 1e9 bytes (SQLITE_MAX_LENGTH): a bigger memory state is saved
@@ -142,8 +142,3 @@ class MemoryStatesMixin:
 
     def memory_state_count(self) -> int:
         return self._read("SELECT count(*) AS n FROM memory_states")[0]["n"]
-
-
-def database_size(path: Path) -> int:
-    """Bytes a database takes on disk: the file and its write-ahead log."""
-    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())

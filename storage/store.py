@@ -11,7 +11,7 @@ give way to the transcript.
 
 The memory states, the leases and search are mixins in their own modules
 (storage/memory_states.py, storage/leases.py, storage/search.py); the records and errors are
-in storage/records.py.
+in storage/records.py, the files on disk in storage/files.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,8 +28,9 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from ccm_chat.storage.files import database_size, private_dir, private_files
 from ccm_chat.storage.leases import LeasesMixin
-from ccm_chat.storage.memory_states import MemoryStatesMixin, database_size
+from ccm_chat.storage.memory_states import MemoryStatesMixin
 from ccm_chat.storage.migrations import MIGRATIONS
 from ccm_chat.storage.records import (
     Clock,
@@ -81,34 +81,6 @@ def _is_full(exc: sqlite3.Error) -> bool:
 def _error(exc: sqlite3.Error, text: str) -> StorageError:
     """The StorageError, in words, for an SQLite error."""
     return DiskFullError(text) if _is_full(exc) else StorageError(text)
-
-
-def _private_dir(folder: Path) -> None:
-    """Create `folder` and the missing ones above it readable by this user only (0700); a
-    folder that exists is left as it is (it may be the user's home)."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    for path in reversed(missing):
-        path.mkdir(mode=0o700, exist_ok=True)
-
-
-def _private_files(path: Path) -> None:
-    """Create the database file 0600 before SQLite does (SQLite gives its -wal and -shm the
-    mode of the main file), and take group and other access away from an existing one this
-    user owns. Best effort: a file that cannot be changed (read-only) is left as it is."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        return
-    except FileExistsError:
-        pass
-    except OSError:
-        return  # SQLite says what is wrong, in its words
-    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        try:
-            info = file.stat()
-            if info.st_uid == os.geteuid() and info.st_mode & 0o077:
-                file.chmod(stat.S_IMODE(info.st_mode) & 0o700)
-        except OSError:
-            continue
 
 
 class Store(SearchMixin, MemoryStatesMixin, LeasesMixin):
@@ -164,8 +136,8 @@ class Store(SearchMixin, MemoryStatesMixin, LeasesMixin):
             flags = "mode=ro&immutable=1" if self._immutable else "mode=ro"
             return sqlite3.connect(f"{self.path.absolute().as_uri()}?{flags}", uri=True,
                                    timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
-        _private_dir(self.path.parent)
-        _private_files(self.path)
+        private_dir(self.path.parent)
+        private_files(self.path)
         return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
 
     def _on_read_only_media(self) -> bool:

@@ -517,7 +517,7 @@ def test_a_failed_read_after_a_write_makes_the_memory_re_read(service: ChatServi
 
 
 def test_a_held_chat_is_kept_alive_by_the_heartbeat(db_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("ccm_chat.app.service.HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr("ccm_chat.app.leases.HEARTBEAT_SECONDS", 0.05)
     store = Store(db_path)
     svc = scripted_service(store, ScriptedEngine())
     conv = svc.new_conversation()
