@@ -13,7 +13,7 @@ from ccm_chat.engine import (
     ContextFullError,
     Engine,
     SamplingParams,
-    llama_backend,
+    llama_model,
 )
 from ccm_chat.engine.conversation import Conversation
 from ccm_chat.engine.kv_sequence import MemoryView
@@ -261,7 +261,7 @@ def test_positions_go_back_to_zero_before_they_pass_the_limit(engine_for: Engine
     ctx = eng.ctx
     unlimited = window_chat(eng, 12, monkeypatch, None)
     limit = ctx.n_ctx + 100
-    monkeypatch.setattr(llama_backend, "POSITION_LIMIT", limit)
+    monkeypatch.setattr(llama_model, "POSITION_LIMIT", limit)
     reached: list[int] = []
     decode = ctx.decode
 
