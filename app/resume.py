@@ -14,6 +14,7 @@ from typing import Any
 
 from ccm_chat.app.engine_api import EngineConversation, EngineLike, Progress
 from ccm_chat.engine import CompressionConfig, ContextFullError, EngineError, StateError
+from ccm_chat.engine.memory import POLICIES
 from ccm_chat.engine.state_blob import origin_mismatch
 from ccm_chat.storage import ConversationRecord, MemoryStateRecord, MessageRecord, Store
 
@@ -79,12 +80,11 @@ def _unusable(state: MemoryStateRecord | None, engine: EngineLike,
         return f"the saved memory was {foreign}"
     wanted = policy_key(compression)
     if state.policy != wanted:
-        if (state.policy.get("level") == wanted["level"]
-                and state.policy.get("method") == "ccm-concat"
-                and wanted["method"] == "ccm-hybrid"):
-            return ("the saved memory was made by the older pure-CCM memory (every exchange "
-                    "compressed at once); this level now keeps the latest exchanges verbatim")
         level, method = state.policy.get("level"), state.policy.get("method")
+        policy = POLICIES.get(str(wanted["method"]))
+        superseded = policy.supersedes.get(str(method)) if policy is not None else None
+        if level == wanted["level"] and superseded:  # what the policy says it replaced
+            return superseded
         if (level, method) == (wanted["level"], wanted["method"]):
             return (f"the saved memory was made with other {wanted['method']} settings "
                     "(memory size, or another compressor's weights)")

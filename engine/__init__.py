@@ -30,6 +30,7 @@ _EXPORTS = {
     "CancelledError": "ccm_chat.engine.errors",
     "ContextFullError": "ccm_chat.engine.errors", "EngineError": "ccm_chat.engine.errors",
     "ModelError": "ccm_chat.engine.errors", "StateError": "ccm_chat.engine.errors",
+    "LlamaOptions": "ccm_chat.engine.llama_options",
     "default_model_path": "ccm_chat.engine.models", "resolve_model_path": "ccm_chat.engine.models",
 }
 __all__ = sorted(_EXPORTS)

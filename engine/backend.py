@@ -4,7 +4,7 @@ Two back ends implement it, llama.cpp (`engine.llama_backend`) and transformers
 (`engine.hf_backend`); `open_backend` picks one by name through `BACKENDS`, as
 `engine.memory` picks a policy. What a context can do is said by its capability flags, never
 by its back end's name, so a policy or a conversation asks `ctx.merges`, not `backend == "hf"`.
-Cells are indexed by position 0..held-1 in one sequence, as `engine.memory.KVMemory` says.
+Cells are indexed by position 0..held-1 in one sequence, as `engine.kv_memory.KVMemory` says.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from ccm_chat.engine.chat import ChatMessage
 from ccm_chat.engine.config import SamplingParams
 from ccm_chat.engine.errors import EngineError
+from ccm_chat.engine.llama_options import LlamaOptions
 
 # back end name -> the module that implements it (imported on first use: transformers and
 # torch are optional, and llama.cpp must load before numpy on a CUDA host)
@@ -128,6 +129,7 @@ class BackendOptions:
     n_threads: int | None = None
     cache_dir: Path | None = None
     flash_attn: bool | None = None
+    llama: LlamaOptions | None = None  # llama.cpp's optimisations (None: all on)
 
 
 @dataclass(frozen=True)

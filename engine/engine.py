@@ -6,6 +6,7 @@ bytes (the same bytes `save_state` writes), so many conversations cost one conte
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ from ccm_chat.engine.ccm.files import CompressorFiles, LoadedCompressor, find_co
 from ccm_chat.engine.config import CompressionConfig
 from ccm_chat.engine.conversation import Conversation
 from ccm_chat.engine.errors import EngineError, ModelError
+from ccm_chat.engine.llama_options import LlamaOptions
+from ccm_chat.engine.memory import MemoryPolicy
 from ccm_chat.engine.models import (
     DEFAULT_MODEL_NAME,
     MODEL_ENV_VAR,
@@ -33,6 +36,7 @@ from ccm_chat.engine.models import (
     resolve_model_path,
 )
 
+log = logging.getLogger(__name__)
 BACKENDS = ("auto", *BACKEND_MODULES)
 DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
@@ -80,6 +84,7 @@ class Engine:
         cache_dir: str | os.PathLike[str] | None = None,
         compressor: str | os.PathLike[str] | bool = True,
         flash_attn: bool | None = None,
+        llama_options: LlamaOptions | None = None,
     ) -> Engine:
         """Load a model (None: the embedded default) and make one context for it.
 
@@ -90,7 +95,8 @@ class Engine:
         `compressor`: a trained CCM compressor folder, True to use the one shipped or trained
         for this model file if there is one (levels then run CCM), False for none.
         `flash_attn` (llama.cpp): None lets the engine choose (on, except for an evicting
-        context on the CPU; see LlamaContext).
+        context on the CPU; see LlamaContext). `llama_options` (llama.cpp): which of its
+        optimisations run, each on its own switch (engine.llama_options; None: all).
         """
         if backend not in BACKENDS:
             raise EngineError(f"Unknown back end {backend!r}; pick one of {BACKENDS}.")
@@ -112,7 +118,7 @@ class Engine:
                 path=path, device=device, n_ctx=n_ctx, kv_type=config.kv_type,
                 evicts=config.policy().budget is not None, n_gpu_layers=n_gpu_layers,
                 n_threads=n_threads, cache_dir=Path(cache_dir) if cache_dir else None,
-                flash_attn=flash_attn))
+                flash_attn=flash_attn, llama=llama_options))
 
         config = config_for(candidates[0] if candidates else None)
         opened = opened_with(config)
@@ -149,9 +155,42 @@ class Engine:
         return self._noted(CompressionConfig.for_level(
             level, self.info.backend == "llamacpp", self.ccm.files if self.ccm else None))
 
+    def policy_for(self, config: CompressionConfig) -> MemoryPolicy:
+        """The memory policy `config` runs here; ValueError where this engine cannot run it:
+        another K cache type, eviction on a context loaded to keep every token, or what
+        the policy says it needs (`MemoryPolicy.needs_compressor`, `.merges`) missing."""
+        if config.kv_type != self.kv_type:
+            raise ValueError(
+                f"This engine's KV cache is {self.kv_type}, not {config.kv_type}: "
+                "load an engine for that level."
+            )
+        policy = config.policy()
+        if policy.budget is not None and not self.evicts:
+            raise ValueError(
+                f"This engine was loaded for a level that keeps every token; load one with "
+                f"compression={config.level!r} to run {config.method!r}."
+            )
+        if policy.needs_compressor:
+            self._check_compressor(config, policy)
+        return policy
+
+    def _check_compressor(self, config: CompressionConfig, policy: MemoryPolicy) -> None:
+        ccm = self.ccm
+        if ccm is None:
+            raise ValueError(f"{config.method} needs a trained compressor for this model, and "
+                             "none is loaded: train one with `ccm-chat train-compressor`.")
+        if policy.merges and not self.ctx.merges:
+            raise ValueError("CCM-merge is not available on the llama.cpp back end: it averages "
+                             "cached keys and values, which llama.cpp's cache cannot do. Use "
+                             "ccm-concat, or the hf back end (--backend hf).")
+        if (config.params.get("compressor") != ccm.files.fingerprint
+                or config.params.get("n_comp") != ccm.files.n_comp):
+            raise ValueError("This memory was set up for another compressor than the one "
+                             "loaded.")
+
     def _noted(self, config: CompressionConfig) -> CompressionConfig:
         """`config`, its reason telling of the compressors passed over, if any were."""
-        if not self.skipped_compressors or config.method == "full":
+        if not self.skipped_compressors or config.policy().budget is None:  # keeps all
             return config
         why = " ".join(self.skipped_compressors)
         return replace(config, reason=f"{config.reason} (a compressor was passed over: {why})")
@@ -234,5 +273,6 @@ def _first_that_fits(candidates: list[CompressorFiles], opened: Opened, named: b
             if named:
                 _close(opened)
                 raise
+            log.info("A compressor was passed over: %s", exc)
             skipped.append(str(exc))
     return None, None

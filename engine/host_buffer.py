@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 
 import numpy as np
 
 RUNTIMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
+log = logging.getLogger(__name__)
 PIN_MAX = 1 << 30  # bytes: a larger buffer stays pageable (page-locked memory is scarce)
 
 
@@ -53,6 +55,8 @@ class HostBuffer:
                 self.pinned = runtime.cudaHostRegister(at, len(self._buf), 0) == 0
                 if not self.pinned:  # a failed call leaves an error that ggml's next check
                     runtime.cudaGetLastError()  # would abort on: clear it
+                    log.info("A state buffer of %d bytes could not be page-locked: it "
+                             "stays pageable.", len(self._buf))
         return self._buf
 
     def array(self, size: int) -> np.ndarray:

@@ -16,9 +16,10 @@ from ccm_chat.engine.llama_compact import Compaction
 from ccm_chat.engine.llama_context import KV_TYPES, SEQ, LlamaPrimitives, Sampler
 from ccm_chat.engine.llama_model import POSITION_LIMIT, LlamaModel, gpu_available
 from ccm_chat.engine.llama_moves import BESIDE_MAX_CELLS, HostMoved, HostMoves
+from ccm_chat.engine.llama_options import LlamaOptions
 
 __all__ = ["BESIDE_MAX_CELLS", "HOST_ROTATE_MAX", "KV_TYPES", "POSITION_LIMIT", "SEQ",
-           "HostMoved", "LlamaContext", "LlamaModel", "Sampler", "gpu_available",
+           "HostMoved", "LlamaContext", "LlamaModel", "LlamaOptions", "Sampler", "gpu_available",
            "open_backend"]
 
 # Keys re-rotated in host memory at most (elements, all layers), beyond which a CCM step has
@@ -45,7 +46,7 @@ def open_backend(options: BackendOptions) -> Opened:
     try:
         ctx = LlamaContext(model, n_ctx=n_ctx, n_threads=options.n_threads,
                            kv_type=options.kv_type, evicts=options.evicts,
-                           flash_attn=options.flash_attn)
+                           flash_attn=options.flash_attn, options=options.llama)
     except Exception:
         model.close()
         raise
@@ -66,11 +67,17 @@ class LlamaContext(HostMoves, Compaction, LlamaPrimitives):
         kv_type: str = "f16",
         evicts: bool = False,
         flash_attn: bool | None = None,
+        options: LlamaOptions | None = None,
     ) -> None:
+        """`options`: which of the optimisations run (engine.llama_options; None: all)."""
         LlamaPrimitives.__init__(self, model, n_ctx, n_batch, n_threads, kv_type, evicts,
                                  flash_attn)
-        self._init_compaction()
-        self._init_moves()
+        self.options = options = options or LlamaOptions()
+        pin = model.offloaded if options.pinned_buffers is None else options.pinned_buffers
+        self._init_compaction(pin)
+        self._init_moves(pin, options.beside_context, options.host_moves)
+        if options.defer_moved_text is not None:
+            self.batches_cheaply = options.defer_moved_text
 
     @property
     def host_rotate_max(self) -> int:

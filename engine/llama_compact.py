@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 class Compaction:
     """LlamaContext's compaction (a mixin on engine.llama_context's primitives)."""
 
-    def _init_compaction(self) -> None:
-        self._scratch = HostBuffer(pin=self.model.offloaded)  # what states are copied through
+    def _init_compaction(self, pin: bool) -> None:
+        self._scratch = HostBuffer(pin=pin)  # what states are copied through
 
     def compact(self, last_token: int) -> None:
         """Make the cache after an eviction exactly what a save of it would restore.

@@ -44,14 +44,14 @@ class HostMoves:
 
     host_rotate_max: int  # HOST_ROTATE_MAX (engine.llama_backend)
 
-    def _init_moves(self) -> None:
-        self._made = HostBuffer(pin=self.model.offloaded)  # the states made in host memory
+    def _init_moves(self, pin: bool, beside: bool, host_moves: bool) -> None:
+        self._made = HostBuffer(pin=pin)  # the states made in host memory
         self._beside: LlamaContext | None = None  # see slots_over_text
-        self.adapter_beside = True  # False: toggle the adapter here (bench/turn_profile.py)
+        self.adapter_beside = beside  # False: toggle the adapter here (bench/turn_profile.py)
         # a CCM step's cells moved in host memory (slots_over_text): None until a step of
         # each kind (moving only the new slots; dropping old ones too) has been checked
-        # against llama.cpp's own shift
-        self.moves_on_host: bool | None = None
+        # against llama.cpp's own shift; False: never
+        self.moves_on_host: bool | None = None if host_moves else False
         self._moves_checked: set[str] = set()  # kinds checked (see _host_moved)
         self._pristine = FirstKeys()  # cells that move up: their keys as first read
 
@@ -253,7 +253,7 @@ class HostMoves:
             self._close_beside()
             beside = type(self)(self.model, n_ctx=room, n_batch=max(n, 32),
                                 n_threads=self._n_threads, kv_type=self.kv_type,
-                                flash_attn=self.flash_attn)
+                                flash_attn=self.flash_attn, options=self.options)
             beside._keeps_adapter = True
             beside.adapter_beside = False
             self._beside = beside

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ccm_chat.engine.config import SamplingParams
+from ccm_chat.engine.errors import CancelledError
+from ccm_chat.engine.stops import StopStringMatcher
 
 if TYPE_CHECKING:
     from ccm_chat.engine.conversation import Conversation
@@ -50,7 +54,7 @@ class Reply:
         self.cancel_event = cancel or threading.Event()
         self.pieces: list[str] = []
         self.stats: ReplyStats | None = None
-        # filled in as it streams, read by the conversation when it finishes the turn
+        # filled in as it streams, read by the conversation when it ends the turn
         self.tail = ""
         self.tokens = 0
         self.prompt_tokens = 0
@@ -78,11 +82,58 @@ class Reply:
             self.running = False
 
     def _run(self) -> Iterator[str]:
-        self._stream = self._conv._stream(self)
+        self._stream = self._generate()
         for piece in self._stream:
             self.pieces.append(piece)
             yield piece
         self.finish()
+
+    def _generate(self) -> Iterator[str]:
+        """Generate the reply's tokens through the conversation's steps; the turn is
+        finished apart, by `finish`."""
+        conv, params, cancel = self._conv, self.params, self.cancel_event
+        try:
+            self.prompt_tokens, self.prefill_seconds = conv.read_prompt(cancel)
+        except CancelledError:  # stopped while reading the prompt in: no reply, memory as was
+            return
+        self.prompt_read = True
+        sampler = conv.sampler(params, redecode=self.prompt_tokens == 0)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopStringMatcher(params.stop)
+        started = time.perf_counter()
+        try:
+            while True:
+                if cancel.is_set():
+                    self.finish_reason = "cancelled"
+                    break
+                if self.tokens >= params.max_tokens:
+                    self.finish_reason = "length"
+                    break
+                if not conv.room_for_token():
+                    self.finish_reason = "context_full"
+                    break
+                piece = conv.step(sampler)
+                if piece is None:
+                    self.finish_reason = "stop"
+                    break
+                self.tokens += 1
+                text = stops.feed(utf8.decode(piece))
+                if text:
+                    yield text
+                if stops.stopped:
+                    self.finish_reason = "stop"
+                    break
+        except Exception:
+            self.failed = True
+            raise
+        finally:
+            self.decode_seconds = time.perf_counter() - started  # not the policy's work
+            sampler.close()
+            if not stops.stopped:
+                self.tail = stops.feed(utf8.decode(b"", final=True)) + stops.flush()
+        if self.tail:
+            tail, self.tail = self.tail, ""
+            yield tail
 
     def cancel(self) -> None:
         """Stop at the next token; what was written is kept, marked cancelled."""
@@ -93,7 +144,7 @@ class Reply:
         if self.stats is None:
             if self._stream is not None:
                 self._stream.close()  # its clean-up frees the sampler; nothing more
-            self._conv._finish(self)
+            self._conv.end_reply(self)
         assert self.stats is not None
         return self.stats
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ccm_chat.engine import CompressionConfig, Engine
-from ccm_chat.engine.conversation import Conversation
 from ccm_chat.engine.errors import StateError
+from ccm_chat.engine.kv_memory import KVMemory
 from ccm_chat.engine.state_blob import StateBlob
 from tests.device import TEST_DEVICE
 from tests.test_ccm_engine import ANSWERS, FACT, QUESTION, pure_ccm
@@ -53,7 +53,7 @@ def probe_logits(engine: Engine, conv) -> np.ndarray:
     """Logits over a fixed probe read from the memory's slots alone (text evicted)."""
     copy = engine.restore_conversation(conv.save_state())
     if copy.held > copy.slots:
-        copy.evict(copy.slots, copy.held)
+        copy.memory.evict(copy.slots, copy.held)
     copy.messages = copy.messages[:1]
     copy.add_turn("user", QUESTION, decode=False)
     return copy.next_token_logits()
@@ -234,8 +234,8 @@ def test_dropping_old_slots_in_the_compression_step_equals_evicting_them_after(
     monkeypatch.setattr(engine.ctx, "batches_cheaply", True)  # only slots held when moved
     fused = chat(engine, config, EXCHANGES)
     assert fused.slots == 2 * engine.ccm.files.n_comp and fused.kv.groups > 2  # some dropped
-    plain = Conversation.compress
-    monkeypatch.setattr(Conversation, "compress", lambda self, cells=None, merge=False,
+    plain = KVMemory.compress
+    monkeypatch.setattr(KVMemory, "compress", lambda self, cells=None, merge=False,
                         max_slots=None: plain(self, cells, merge))
     apart = chat(engine, config, EXCHANGES)
     assert apart.memory_view() == fused.memory_view()

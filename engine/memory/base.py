@@ -1,53 +1,34 @@
-"""The interface between memory policies and a conversation's KV memory."""
+"""The interface every memory policy implements, and what each declares about itself."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-
-class KVMemory(Protocol):
-    """The edits a back end offers a policy, on one conversation's sequence of KV cells.
-
-    Cells are indexed 0..held-1 and their positions stay contiguous: after `evict` the cells
-    behind the gap move down so the next token goes at position `held`. A compressing policy
-    (CCM) uses one more edit, `compress`: the memory then is `slots` <COMP> cells at the front,
-    followed by text: the finished exchanges still held verbatim (`exchanges`), then the
-    exchange in progress.
-    """
-
-    @property
-    def held(self) -> int: ...
-
-    @property
-    def slots(self) -> int:
-        """<COMP> cells held (at the front)."""
-        ...
-
-    @property
-    def exchanges(self) -> list[int]:
-        """Cells of each finished exchange held as text after the slots, oldest first."""
-        ...
-
-    def compress(self, cells: int | None = None, merge: bool = False,
-                 max_slots: int | None = None) -> None:
-        """Run the <COMP> slots over the first `cells` text cells after the slots (None: all)
-        and keep only them in that text's place (merge: fold them into the running mean);
-        the oldest whole groups of slots past `max_slots` go in the same step."""
-
-    def evict(self, start: int, end: int) -> None:
-        """Drop cells [start, end) and close the gap."""
+if TYPE_CHECKING:
+    from ccm_chat.engine.kv_memory import KVMemory
 
 
 class MemoryPolicy(ABC):
     """Decides which KV cells a conversation keeps.
 
     `after_turn` runs when a turn is complete (a reply, or a teacher-forced turn);
-    `make_room` runs when the next decode would not fit the context window.
+    `make_room` runs when the next decode would not fit the context window. Both edit the
+    conversation's memory through its handle (engine.kv_memory.KVMemory). What a policy
+    needs, and how its memory is rebuilt, it declares below: no caller matches its name.
     """
 
     name: ClassVar[str]
     reads_finished_exchange: ClassVar[bool] = False  # after_turn wants the rendered exchange
+    needs_compressor: ClassVar[bool] = False  # runs a trained CCM compressor (engine.ccm)
+    merges: ClassVar[bool] = False  # averages cells into others (a context's `merges`)
+    # how a rebuild recomputes the memory from the messages: "prefill" (every token, one
+    # batch), "kept" (only the tokens `kept_after_rebuild` names, one batch) or "replay"
+    # (turn by turn through `after_turn`, as if chatted live)
+    rebuilds: ClassVar[Literal["prefill", "kept", "replay"]] = "replay"
+    # methods this one replaces at the same level, and why a memory saved by one of them
+    # cannot serve (app.resume says so)
+    supersedes: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def params(self) -> dict[str, Any]:
@@ -61,7 +42,7 @@ class MemoryPolicy(ABC):
     @property
     def kept_after_rebuild(self) -> tuple[int, int] | None:
         """(first n, last m) tokens of a transcript that a rebuild decodes, for a policy that
-        keeps whole tokens; None: replay the transcript turn by turn through `after_turn`."""
+        keeps whole tokens (`rebuilds` "kept"); None otherwise."""
         return None
 
     def after_turn(self, memory: KVMemory) -> None:  # noqa: B027  (default: keep all)

@@ -8,14 +8,18 @@ slots into a running mean of n slots. A rebuild replays the transcript exchange 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ccm_chat.engine.memory.base import KVMemory, MemoryPolicy
+from ccm_chat.engine.memory.base import MemoryPolicy
+
+if TYPE_CHECKING:
+    from ccm_chat.engine.kv_memory import KVMemory
 
 
 class CCMPolicy(MemoryPolicy):
     name = "ccm-concat"
     reads_finished_exchange = True
+    needs_compressor = True
 
     def __init__(self, n_comp: int, cap: int = 512, compressor: str = "") -> None:
         if n_comp < 1 or cap < 1:
@@ -68,6 +72,7 @@ def slide_current_text(memory: KVMemory, needed: int, capacity: int) -> bool:
 
 class CCMMergePolicy(CCMPolicy):
     name = "ccm-merge"
+    merges = True
 
     def __init__(self, n_comp: int, cap: int = 1, compressor: str = "") -> None:
         super().__init__(n_comp, 1, compressor)

@@ -9,6 +9,7 @@ from ccm_chat.engine.memory.base import MemoryPolicy
 
 class FullPolicy(MemoryPolicy):
     name = "full"
+    rebuilds = "prefill"
 
     def params(self) -> dict[str, Any]:
         return {}

@@ -14,10 +14,13 @@ plain window (no slots) are the two ends of this design.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ccm_chat.engine.memory.base import KVMemory, MemoryPolicy
+from ccm_chat.engine.memory.base import MemoryPolicy
 from ccm_chat.engine.memory.ccm import drop_oldest_groups, slide_current_text
+
+if TYPE_CHECKING:
+    from ccm_chat.engine.kv_memory import KVMemory
 
 # What an exchange of everyday chat takes in the template, for the settings screen's estimate
 # (chitchat test split: about 40 tokens; Topical-Chat: about 66).
@@ -27,6 +30,10 @@ TYPICAL_EXCHANGE_TOKENS = 50
 class HybridPolicy(MemoryPolicy):
     name = "ccm-hybrid"
     reads_finished_exchange = True
+    needs_compressor = True
+    supersedes = {"ccm-concat": "the saved memory was made by the older pure-CCM memory "
+                                "(every exchange compressed at once); this level now keeps "
+                                "the latest exchanges verbatim"}
 
     def __init__(self, n_comp: int, cap: int, verbatim: int, compressor: str = "") -> None:
         if n_comp < 1 or cap < 1 or verbatim < 0:

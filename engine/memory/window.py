@@ -7,13 +7,17 @@ recent tokens are shifted down so positions stay contiguous.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ccm_chat.engine.memory.base import KVMemory, MemoryPolicy
+from ccm_chat.engine.memory.base import MemoryPolicy
+
+if TYPE_CHECKING:
+    from ccm_chat.engine.kv_memory import KVMemory
 
 
 class WindowPolicy(MemoryPolicy):
     name = "window"
+    rebuilds = "kept"
 
     def __init__(self, sink: int = 4, window: int = 512) -> None:
         if sink < 0 or window < 1:
