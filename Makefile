@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine (Python 3.11+, a C compiler):
 #   make chat   installs into .venv and opens the chat on the embedded default model
 #   make test   installs into .venv, lints, and runs the whole test suite
+# and, while working: make test-fast (lint, and every test that neither loads a real model nor
+# starts a process: marks tests/conftest.py applies).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ccm-chat-installed
@@ -11,7 +13,7 @@ PYTHON ?= python3
 CUDA := $(shell command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo on)
 LLAMA_CMAKE_ARGS := $(if $(CUDA),-DGGML_CUDA=on,)
 
-.PHONY: chat test lint install clean
+.PHONY: chat test test-fast lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,9 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not real_model and not subprocess"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

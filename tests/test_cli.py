@@ -178,6 +178,7 @@ def test_damaged_database_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert "damaged or is not a ccm-chat database" in capsys.readouterr().err
 
 
+@pytest.mark.real_model  # `main(["ask", ...])` on the real engine factory: no rule sees it
 def test_ask_answers_on_stdout_with_the_real_model(capsys) -> None:
     assert main(["ask", "What is the capital of France?", "--temperature", "0"]) == 0
     assert "Paris" in capsys.readouterr().out

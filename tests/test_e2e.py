@@ -8,7 +8,7 @@ from ccm_chat.app.service import ChatService
 from ccm_chat.app.settings import Settings
 from ccm_chat.storage import Store
 from ccm_chat.ui.app import ChatApp
-from tests.test_ui import SIZE, boxes, send, titles, wait_for
+from tests.helpers import SIZE, boxes, send, titles, until
 
 
 async def test_chat_quit_relaunch_and_continue(db_path: Path) -> None:
@@ -16,10 +16,10 @@ async def test_chat_quit_relaunch_and_continue(db_path: Path) -> None:
     Settings(temperature=0.0, max_tokens=40, context_size=2048).save(store)
     app = ChatApp(ChatService(store))  # the real engine factory: embedded default model
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "SmolLM2" in str(app.status_bar.render()), timeout=60)
+        await until(pilot, lambda: "SmolLM2" in str(app.status_bar.render()), timeout=60)
         assert "CPU" in str(app.status_bar.render())
         await send(pilot, "What is the capital of France?")
-        await wait_for(pilot, lambda: not app.generating, timeout=60)
+        await until(pilot, lambda: not app.generating, timeout=60)
         await pilot.pause()
         (role, reply), = boxes(app)[1:]
         assert role == "assistant" and "Paris" in reply
@@ -34,10 +34,10 @@ async def test_chat_quit_relaunch_and_continue(db_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         assert titles(app) == ["What is the capital of France?"]
         assert boxes(app)[0] == ("user", "What is the capital of France?")
-        await wait_for(pilot, lambda: "memory restored" in str(
+        await until(pilot, lambda: "memory restored" in str(
             app.status_bar.render()), timeout=60)
         await send(pilot, "And what is the capital of Germany?")
-        await wait_for(pilot, lambda: not app.generating, timeout=60)
+        await until(pilot, lambda: not app.generating, timeout=60)
         await pilot.pause()
         assert "Berlin" in boxes(app)[-1][1]
     app.service.close_engine()

@@ -11,7 +11,7 @@ from ccm_chat.app.service import ChatService
 from ccm_chat.engine import ModelError
 from ccm_chat.storage import Store
 from ccm_chat.ui.app import ChatApp
-from tests.conftest import TickingClock, scripted_factory
+from tests.helpers import TickingClock, notes, scripted_factory, settled, until, until_stable
 from tests.scripted_engine import ScriptedEngine
 
 SIZE = (110, 34)
@@ -42,17 +42,17 @@ def snapshot_app(snapshot_store: Store) -> ChatApp:
 
 
 async def _settle(pilot) -> None:
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause(0.2)
+    """The workers done, what they posted handled, any animation finished, and the screen
+    the same in three looks in a row (a resize's layout, e.g. the -narrow breakpoint, done)."""
+    await settled(pilot)
+    await pilot.wait_for_scheduled_animations()
+    await until_stable(pilot)
 
 
 async def _until_notice(pilot, text: str, timeout: float = 60.0) -> None:
     """Settled with a notice holding `text` shown: on a loaded machine a worker's notice can
     come after the workers first look done (the failed load is posted back to the app)."""
-    for _ in range(int(timeout / 0.1)):
-        if any(text in n.message for n in pilot.app._notifications):
-            break
-        await pilot.pause(0.1)
+    await until(pilot, lambda: any(text in n for n in notes(pilot.app)), timeout=timeout)
     await _settle(pilot)
 
 
@@ -60,7 +60,19 @@ async def _quiet(pilot) -> None:
     """Settled, and the memory notice of the first open gone (a dialog is the subject)."""
     await _settle(pilot)
     pilot.app.clear_notifications()
-    await pilot.pause(0.1)
+    await pilot.pause()
+
+
+def _quiet_then(*keys: str):
+    """Quiet, then press `keys`, then settled again: the dialog they open is drawn whole (keys
+    given to snap_compare as press= are pressed after run_before, with no wait after them)."""
+
+    async def run_before(pilot) -> None:
+        await _quiet(pilot)
+        await pilot.press(*keys)
+        await until_stable(pilot)  # (a dialog's own workers may run on: not waited for)
+
+    return run_before
 
 
 def test_main_screen(snap_compare, snapshot_app: ChatApp) -> None:
@@ -73,27 +85,27 @@ def test_main_screen_small(snap_compare, snapshot_app: ChatApp) -> None:
 
 
 def test_settings_screen(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["ctrl+s"], terminal_size=SIZE, run_before=_quiet)
+    assert snap_compare(snapshot_app, terminal_size=SIZE, run_before=_quiet_then("ctrl+s"))
 
 
 def test_settings_screen_small(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["ctrl+s"], terminal_size=SMALL, run_before=_quiet)
+    assert snap_compare(snapshot_app, terminal_size=SMALL, run_before=_quiet_then("ctrl+s"))
 
 
 def test_help_screen(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["f1"], terminal_size=WIDE, run_before=_quiet)
+    assert snap_compare(snapshot_app, terminal_size=WIDE, run_before=_quiet_then("f1"))
 
 
 def test_help_screen_small(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["f1"], terminal_size=SMALL, run_before=_quiet)
+    assert snap_compare(snapshot_app, terminal_size=SMALL, run_before=_quiet_then("f1"))
 
 
 def test_delete_confirm(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["ctrl+d"], terminal_size=SIZE, run_before=_quiet)
+    assert snap_compare(snapshot_app, terminal_size=SIZE, run_before=_quiet_then("ctrl+d"))
 
 
 def test_export_screen(snap_compare, snapshot_app: ChatApp) -> None:
-    assert snap_compare(snapshot_app, press=["ctrl+e"], terminal_size=SIZE, run_before=_quiet)
+    assert snap_compare(snapshot_app, terminal_size=SIZE, run_before=_quiet_then("ctrl+e"))
 
 
 def test_no_model_notice(snap_compare, snapshot_store: Store) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
+from textual.command import CommandList, CommandPalette
 from textual.widgets import Input, Label, Select
 
 from ccm_chat.app.service import ChatService
@@ -21,44 +21,21 @@ from ccm_chat.ui.screens.text_prompt import TextPromptScreen
 from ccm_chat.ui.widgets.chat_view import MessageBox
 from ccm_chat.ui.widgets.prompt_input import PromptInput
 from ccm_chat.ui.widgets.sidebar import ConversationItem
-from tests.conftest import TickingClock, scripted_factory
+from tests.helpers import (
+    SIZE,
+    TickingClock,
+    boxes,
+    make_app,
+    notes,
+    send,
+    settled,
+    titles,
+    until,
+    until_idle,
+    until_quit,
+)
+from tests.helpers import wait_for as wait_for  # noqa: F401  (test_model_picker imports it)
 from tests.scripted_engine import ScriptedEngine
-
-SIZE = (110, 36)
-
-
-async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await pilot.pause(0.02)
-    raise AssertionError("condition not met in time")
-
-
-async def send(pilot, text: str) -> None:
-    app = pilot.app
-    app.query_one(PromptInput).focus()
-    await pilot.press(*text)
-    await pilot.press("enter")
-    await wait_for(pilot, lambda: any(b.role == "user" and b.content == text
-                                      for b in app.query(MessageBox)))
-
-
-async def until_idle(pilot) -> None:
-    await wait_for(pilot, lambda: not pilot.app.generating, timeout=30)
-    await pilot.pause()
-
-
-def boxes(app: ChatApp) -> list[tuple[str, str]]:
-    return [(b.role, b.content) for b in app.query(MessageBox)]
-
-
-def titles(app: ChatApp) -> list[str]:
-    return [str(i.query_one(".title", Label).render()) for i in app.query(ConversationItem)]
-
-
-def make_app(store: Store, engine: ScriptedEngine, **kwargs) -> ChatApp:
-    return ChatApp(ChatService(store, engine_factory=scripted_factory(engine)), **kwargs)
 
 
 async def test_send_a_message_and_see_the_reply(store: Store, scripted) -> None:
@@ -81,7 +58,7 @@ async def test_reply_streams_in_before_it_ends(store: Store) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")
         reply_box = list(app.query(MessageBox))[-1]
-        await wait_for(pilot, lambda: "w5 " in reply_box.markdown.source)
+        await until(pilot, lambda: "w5 " in reply_box.markdown.source)
         partial = reply_box.markdown.source
         assert app.generating and "w299" not in partial
         await until_idle(pilot)
@@ -136,7 +113,7 @@ async def test_the_end_of_a_reply_shows_before_the_memory_work_after_it(store: S
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")
         reply_box = list(app.query(MessageBox))[-1]
-        await wait_for(pilot, lambda: "the whole reply" in reply_box.markdown.source)
+        await until(pilot, lambda: "the whole reply" in reply_box.markdown.source)
         assert app.generating  # still in the turn's after-work
         release.set()
         await until_idle(pilot)
@@ -149,7 +126,7 @@ async def test_escape_stops_the_reply_and_keeps_it(store: Store) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")
         reply_box = list(app.query(MessageBox))[-1]
-        await wait_for(pilot, lambda: "w3" in reply_box.markdown.source)
+        await until(pilot, lambda: "w3" in reply_box.markdown.source)
         await pilot.press("escape")
         await until_idle(pilot)
         last = store.messages(store.latest_conversation().id)[-1]
@@ -164,7 +141,7 @@ async def test_ctrl_c_mid_reply_stops_and_saves_then_quits(store: Store) -> None
     app = make_app(store, engine)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")
-        await wait_for(pilot, lambda: "w2" in list(app.query(MessageBox))[-1].markdown.source)
+        await until(pilot, lambda: "w2" in list(app.query(MessageBox))[-1].markdown.source)
         await pilot.press("ctrl+c")
         await until_idle(pilot)
         assert app.is_running
@@ -179,9 +156,9 @@ async def test_quit_mid_reply_saves_what_was_written(store: Store) -> None:
     app = make_app(store, engine)
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")
-        await wait_for(pilot, lambda: "w2" in list(app.query(MessageBox))[-1].markdown.source)
+        await until(pilot, lambda: "w2" in list(app.query(MessageBox))[-1].markdown.source)
         await pilot.press("ctrl+q")
-        await pilot.pause(0.3)
+        await until_quit(pilot)
     last = store.messages(store.latest_conversation().id)[-1]
     assert last.role == "assistant" and last.status == "interrupted"
     assert last.content.startswith("w0 w1 w2")
@@ -392,15 +369,25 @@ async def test_help_lists_the_keys(store: Store, scripted) -> None:
         assert not isinstance(app.screen, HelpScreen)
 
 
+def highlighted_command(app: ChatApp) -> str:
+    """The command the palette's Enter would run now ("" while it has none)."""
+    if not isinstance(app.screen, CommandPalette):
+        return ""
+    commands = app.screen.query_one(CommandList)
+    if commands.highlighted is None or not commands.option_count:
+        return ""
+    return str(commands.get_option_at_index(commands.highlighted).prompt)
+
+
 async def test_command_palette_runs_app_commands(store: Store, scripted) -> None:
     conv = store.create_conversation("Palette")
     app = make_app(store, scripted, conversation_id=conv.id)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+p")
         await pilot.press(*"Rename chat")
-        await pilot.pause(0.3)
+        await until(pilot, lambda: "Rename chat" in highlighted_command(app))
         await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, TextPromptScreen))
+        await until(pilot, lambda: isinstance(app.screen, TextPromptScreen))
 
 
 async def test_no_model_sends_nothing_and_says_what_to_do(store: Store) -> None:
@@ -409,10 +396,11 @@ async def test_no_model_sends_nothing_and_says_what_to_do(store: Store) -> None:
 
     app = ChatApp(ChatService(store, engine_factory=broken))
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "No model loaded" in str(app.status_bar.render()))
+        await until(pilot, lambda: "No model loaded" in str(app.status_bar.render()))
         app.query_one(PromptInput).focus()
         await pilot.press(*"hello?", "enter")
-        await pilot.pause(0.3)
+        await until(pilot, lambda: any("No model" in n and "settings" in n for n in notes(app)))
+        await settled(pilot)
         assert app.is_running and not app.generating
         assert "Thinking" not in str(app.status_bar.render())
         assert any("not found" in n.message for n in app._notifications)
@@ -444,13 +432,9 @@ async def test_a_paste_too_long_for_off_stays_in_the_box(store: Store, scripted)
         app.query_one(PromptInput).focus()
         await pilot.press("enter")
         await until_idle(pilot)
-        await wait_for(pilot, lambda: any("compression level" in n for n in notes(app)))
+        await until(pilot, lambda: any("compression level" in n for n in notes(app)))
         assert store.list_conversations() == []  # refused before anything was saved
         assert app.query_one(PromptInput).text == text and boxes(app) == []
-
-
-def notes(app: ChatApp) -> list[str]:
-    return [n.message for n in app._notifications]
 
 
 async def test_resume_says_restored_or_rebuilt(db_path: Path) -> None:
@@ -464,8 +448,8 @@ async def test_resume_says_restored_or_rebuilt(db_path: Path) -> None:
     engine = ScriptedEngine()
     app = make_app(store, engine, resume_last=True)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: any("Restored from saved memory" in n for n in notes(app)))
-        await wait_for(pilot, lambda: "memory restored" in str(app.status_bar.render()))
+        await until(pilot, lambda: any("Restored from saved memory" in n for n in notes(app)))
+        await until(pilot, lambda: "memory restored" in str(app.status_bar.render()))
         assert (engine.restores, engine.rebuilds) == (1, 0)
 
     conv_id = store.latest_conversation().id
@@ -474,9 +458,9 @@ async def test_resume_says_restored_or_rebuilt(db_path: Path) -> None:
     engine = ScriptedEngine()
     app = make_app(store, engine, resume_last=True)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: any("Rebuilt memory" in n and "damaged" in n
+        await until(pilot, lambda: any("Rebuilt memory" in n and "damaged" in n
                                           for n in notes(app)))
-        await wait_for(pilot, lambda: "memory rebuilt" in str(app.status_bar.render()))
+        await until(pilot, lambda: "memory rebuilt" in str(app.status_bar.render()))
         assert (engine.restores, engine.rebuilds) == (0, 1)
         assert boxes(app) == [("user", "remember the lighthouse"),
                               ("assistant", "You said: remember the lighthouse")]
@@ -497,7 +481,7 @@ async def test_new_compression_level_takes_effect_next_turn(store: Store, script
         note = str(app.screen.query_one("#method_note", Label).render())
         assert "ccm-concat" in note and "trained CCM compressor" in note
         await pilot.press("ctrl+s")
-        await wait_for(pilot, lambda: any("compression level 'off'" in n for n in notes(app)))
+        await until(pilot, lambda: any("compression level 'off'" in n for n in notes(app)))
         await send(pilot, "and again")
         await until_idle(pilot)
         assert "aggressive: window" in str(app.status_bar.render())

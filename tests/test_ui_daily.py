@@ -25,10 +25,20 @@ from ccm_chat.ui.screens.settings import SettingsScreen
 from ccm_chat.ui.widgets.chat_view import ChatView, MessageBox
 from ccm_chat.ui.widgets.prompt_input import PromptInput
 from ccm_chat.ui.widgets.status_bar import format_status
-from tests.conftest import TickingClock, scripted_factory
+from tests.helpers import (
+    SIZE,
+    TickingClock,
+    boxes,
+    locked,
+    make_app,
+    notes,
+    scripted_factory,
+    send,
+    settled,
+    until,
+    until_idle,
+)
 from tests.scripted_engine import ScriptedConversation, ScriptedEngine
-from tests.test_service_daily import locked
-from tests.test_ui import SIZE, boxes, make_app, notes, send, until_idle, wait_for
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 PAGE = 40  # ui.widgets.chat_view.PAGE: the messages a chat opens with
@@ -99,13 +109,13 @@ async def test_a_locked_database_keeps_the_message_in_the_box(db_path: Path,
         before = [("user", "first"), ("assistant", "You said: first")]
     app = make_app(store, ScriptedEngine(), resume_last=True)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "Scripted" in str(app.status_bar.render()))
+        await until(pilot, lambda: "Scripted" in str(app.status_bar.render()))
         await app.workers.wait_for_complete()
         with locked(db_path):
             app.query_one(PromptInput).focus()
             await pilot.press(*"keep me", "enter")
             await until_idle(pilot)
-            await wait_for(pilot, lambda: "Not saved" in titles_of(app), 30)
+            await until(pilot, lambda: "Not saved" in titles_of(app), 30)
         assert app.is_running
         assert app.query_one(PromptInput).text == "keep me"
         assert boxes(app) == before
@@ -130,11 +140,11 @@ async def test_storage_errors_in_actions_are_notices(db_path: Path) -> None:
             await pilot.press("f2")
             app.screen.query_one(Input).value = "New name"
             await pilot.press("enter")
-            await wait_for(pilot, lambda: any(n.title == "Not renamed"
+            await until(pilot, lambda: any(n.title == "Not renamed"
                                               for n in app._notifications), 30)
             await pilot.press("ctrl+d")
             await pilot.click("#confirm")
-            await wait_for(pilot, lambda: any(n.title == "Not deleted"
+            await until(pilot, lambda: any(n.title == "Not deleted"
                                               for n in app._notifications), 30)
         assert app.is_running
         assert store.get_conversation(conv.id).title == "Stays"
@@ -150,13 +160,12 @@ async def test_no_model_on_an_open_chat_is_said_once_and_sends_nothing(store: St
 
     app = ChatApp(ChatService(store, engine_factory=broken), resume_last=True)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "No model loaded" in str(app.status_bar.render()))
-        await app.workers.wait_for_complete()
-        await pilot.pause(0.1)
+        await until(pilot, lambda: "No model loaded" in str(app.status_bar.render()))
+        await settled(pilot)
         assert sum("not found" in n for n in notes(app)) == 1  # not again as a memory error
         app.query_one(PromptInput).focus()
         await pilot.press(*"still here", "enter")
-        await pilot.pause(0.2)
+        await settled(pilot)
         assert app.query_one(PromptInput).text == "still here"
         assert [m.content for m in store.messages(conv.id)] == ["earlier"]
         assert "Thinking" not in str(app.status_bar.render())
@@ -170,8 +179,8 @@ async def test_a_long_chat_opens_at_its_end_with_a_page_mounted(store: Store, sc
     app = make_app(store, scripted, conversation_id=cid)
     async with app.run_test(size=SIZE) as pilot:
         view = app.query_one(ChatView)
-        await wait_for(pilot, lambda: view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y)
-        await pilot.pause(0.3)
+        await until(pilot, lambda: view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y)
+        await settled(pilot)
         assert len(app.query(MessageBox)) == PAGE
         from ccm_chat.ui.widgets.chat_view import PAGE as page
         assert page == PAGE
@@ -179,12 +188,10 @@ async def test_a_long_chat_opens_at_its_end_with_a_page_mounted(store: Store, sc
         assert view.scroll_y == view.max_scroll_y
         old_first = view.boxes[0]
         view.scroll_home(animate=False)
-        await wait_for(pilot, lambda: len(app.query(MessageBox)) == 2 * PAGE)
+        await until(pilot, lambda: len(app.query(MessageBox)) == 2 * PAGE)
         assert view.boxes[0].content.startswith(f"message {1000 - 2 * PAGE} ")
         # the view stays on what was read, not thrown to the new top
-        await wait_for(pilot, lambda: view.scroll_y > 0)
-        await pilot.pause(0.2)
-        assert old_first.region.overlaps(view.region)
+        await until(pilot, lambda: view.scroll_y > 0 and old_first.region.overlaps(view.region))
 
 
 async def test_a_tall_terminal_mounts_earlier_pages_until_it_can_scroll(
@@ -193,12 +200,13 @@ async def test_a_tall_terminal_mounts_earlier_pages_until_it_can_scroll(
     app = make_app(store, scripted, conversation_id=cid)
     async with app.run_test(size=(100, 150)) as pilot:
         view = app.query_one(ChatView)
-        await wait_for(pilot, lambda: view.max_scroll_y > 0)
-        await pilot.pause(0.3)
+        await until(pilot, lambda: view.max_scroll_y > 0)
+        await settled(pilot)
+        await until(pilot, lambda: view.scroll_y == view.max_scroll_y)
         assert PAGE < len(view.boxes) < 1000 and view.scroll_y == view.max_scroll_y
         before = len(view.boxes)
         view.scroll_home(animate=False)
-        await wait_for(pilot, lambda: len(view.boxes) == before + PAGE)
+        await until(pilot, lambda: len(view.boxes) == before + PAGE)
 
 
 async def test_continue_opens_scrolled_to_the_end(store: Store, scripted) -> None:
@@ -206,9 +214,8 @@ async def test_continue_opens_scrolled_to_the_end(store: Store, scripted) -> Non
     app = make_app(store, scripted, resume_last=True)
     async with app.run_test(size=SIZE) as pilot:
         view = app.query_one(ChatView)
-        await app.workers.wait_for_complete()
-        await pilot.pause(0.3)
-        assert len(app.query(MessageBox)) == 30
+        await until(pilot, lambda: len(app.query(MessageBox)) == 30 and view.max_scroll_y > 20
+                    and view.scroll_y == view.max_scroll_y)
         assert view.max_scroll_y > 20 and view.scroll_y == view.max_scroll_y
 
 
@@ -227,12 +234,11 @@ async def test_switching_back_does_not_reshow_the_memory_notice(db_path: Path) -
 
     app = make_app(store, ScriptedEngine(), conversation_id=first)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: any("Restored" in n for n in notes(app)))
+        await until(pilot, lambda: any("Restored" in n for n in notes(app)))
         await app.open_conversation(other.id)
         await app.workers.wait_for_complete()
         await app.open_conversation(first)
-        await app.workers.wait_for_complete()
-        await pilot.pause(0.2)
+        await settled(pilot)
         assert sum("Restored" in n for n in notes(app)) == 1
         assert sum("Rebuilt" in n for n in notes(app)) == 1  # "other" had no saved memory
         await pilot.press("ctrl+n")
@@ -241,8 +247,7 @@ async def test_switching_back_does_not_reshow_the_memory_notice(db_path: Path) -
         new = app.current_id
         await app.open_conversation(first)
         await app.open_conversation(new)
-        await app.workers.wait_for_complete()
-        await pilot.pause(0.2)
+        await settled(pilot)
         assert not any("New conversation" in n for n in notes(app))
     store.close()
 
@@ -427,18 +432,17 @@ async def test_a_chat_held_elsewhere_is_read_only_until_taken_over(windows: Wind
     store, shared, app, other = windows.store, windows.shared, windows.app, windows.other
     assert not other.open(shared).read_only  # the other window writes it
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "Read-only" in titles_of(app))
-        await wait_for(pilot, lambda: "read-only" in str(app.status_bar.render()))
+        await until(pilot, lambda: "Read-only" in titles_of(app))
+        await until(pilot, lambda: "read-only" in str(app.status_bar.render()))
         app.query_one(PromptInput).focus()
         await pilot.press(*"mine now", "enter")
-        await pilot.pause(0.2)
-        assert any("read-only" in n and "Take" in n for n in notes(app))
+        await until(pilot, lambda: any("read-only" in n and "Take" in n for n in notes(app)))
         assert app.query_one(PromptInput).text == "mine now" and len(store.messages(shared)) == 2
         commands = {c.title: c for c in app.get_system_commands(app.screen)}
         await commands["Take over chat"].callback()
-        await wait_for(pilot, lambda: "Taken over" in titles_of(app))
+        await until(pilot, lambda: "Taken over" in titles_of(app))
         await app.workers.wait_for_complete()
-        await wait_for(pilot, lambda: "read-only" not in str(app.status_bar.render()))
+        await until(pilot, lambda: "read-only" not in str(app.status_bar.render()))
         await pilot.press("enter")
         await until_idle(pilot)
         assert [m.content for m in store.messages(shared)][-2:] == [
@@ -464,18 +468,17 @@ async def test_a_transcript_changed_elsewhere_is_reloaded(windows: Windows) -> N
     async with app.run_test(size=SIZE) as pilot:
         await app.workers.wait_for_complete()
         other.take_over(shared)
-        await wait_for(pilot, lambda: "Read-only" in titles_of(app), 10)  # told at once
+        await until(pilot, lambda: "Read-only" in titles_of(app), 10)  # told at once
         # and shown in the status bar (its message may be handled a moment after the notice)
-        await wait_for(pilot, lambda: "read-only" in str(app.status_bar.render()), 5)
+        await until(pilot, lambda: "read-only" in str(app.status_bar.render()), 5)
         list(other.send(shared, "from the other window"))
-        await wait_for(pilot, lambda: "Reloaded" in titles_of(app), 10)
+        await until(pilot, lambda: "Reloaded" in titles_of(app), 10)
         assert boxes(app)[-2:] == [("user", "from the other window"),
                                    ("assistant", "You said: from the other window")]
         app.query_one(PromptInput).focus()
         await pilot.press(*"and me", "enter")  # the other window holds it now
-        await pilot.pause(0.2)
+        await until(pilot, lambda: any("read-only" in n and "Take" in n for n in notes(app)))
         assert app.query_one(PromptInput).text == "and me"
-        assert any("read-only" in n and "Take" in n for n in notes(app))
         assert [m.content for m in store.messages(shared)][-1] == (
             "You said: from the other window")  # nothing interleaved
 
@@ -503,12 +506,10 @@ async def test_a_rebuild_shows_time_left_and_esc_cancels_it(store: Store, monkey
     app.notify = lambda message, **kw: (said.append(message), shown(message, **kw))[1]
     async with app.run_test(size=SIZE) as pilot:
         eta = app.query_one("#rebuild-eta")
-        await wait_for(pilot, lambda: "s left" in str(eta.render()))
-        await pilot.pause(0.1)
-        assert app.query_one("#rebuild").display
-        assert app.query_one("#cancel-rebuild", Button).region.width > 0
+        await until(pilot, lambda: "s left" in str(eta.render()) and app.query_one(
+            "#rebuild").display and app.query_one("#cancel-rebuild", Button).region.width > 0)
         await pilot.press("escape")
-        await wait_for(pilot, lambda: any("rebuild cancelled" in n for n in notes(app)))
+        await until(pilot, lambda: any("rebuild cancelled" in n for n in notes(app)))
         assert not app.query_one("#rebuild").display and not app.pane.rebuilding
         await send(pilot, "still usable")
         await until_idle(pilot)
@@ -520,16 +521,16 @@ async def test_a_rebuild_shows_time_left_and_esc_cancels_it(store: Store, monkey
             store.db.conn.commit()
             app.service.close_engine()  # and the memory not live: the next open rebuilds
             await app.open_conversation(cid)
-            await wait_for(pilot, lambda: app.query_one("#rebuild").display)
-            await pilot.pause(0.1)
+            await until(pilot, lambda: app.query_one("#rebuild").display
+                        and app.query_one("#cancel-rebuild", Button).region.width > 0)
 
         await rebuild_again()  # the button cancels it too
         await pilot.click("#cancel-rebuild")
-        await wait_for(pilot, lambda: sum("rebuild cancelled" in n for n in said) == 2)
+        await until(pilot, lambda: sum("rebuild cancelled" in n for n in said) == 2)
         await rebuild_again()  # left half-way by opening a new chat
         await pilot.press("ctrl+n")
-        await pilot.pause(0.1)
-        assert not app.query_one("#rebuild").display and not app.pane.rebuilding
+        await until(pilot, lambda: not app.query_one("#rebuild").display
+                    and not app.pane.rebuilding)
 
 
 # -- 3 (UI part): one message deleted or edited ------------------------------------------------
@@ -544,24 +545,24 @@ async def test_delete_and_edit_single_messages(store: Store, scripted) -> None:
         await app.workers.wait_for_complete()
         commands = {c.title: c for c in app.get_system_commands(app.screen)}
         await commands["Delete message"].callback()  # nothing picked: the last one
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
-        await wait_for(pilot, lambda: len(store.messages(conv.id)) == 3)
-        await wait_for(pilot, lambda: boxes(app)[-1] == ("user", "two"))
+        await until(pilot, lambda: len(store.messages(conv.id)) == 3)
+        await until(pilot, lambda: boxes(app)[-1] == ("user", "two"))
         app.pane.chat_view.boxes[0].focus()  # a picked message
-        await wait_for(pilot, lambda: app.focused is app.pane.chat_view.boxes[0])
+        await until(pilot, lambda: app.focused is app.pane.chat_view.boxes[0])
         await commands["Delete message"].callback()
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
-        await wait_for(pilot, lambda: [m.content for m in store.messages(conv.id)] == [
+        await until(pilot, lambda: [m.content for m in store.messages(conv.id)] == [
             "You said: one", "two"])
         await commands["Edit message"].callback()  # your last message
-        await wait_for(pilot, lambda: isinstance(app.screen, EditMessageScreen))
+        await until(pilot, lambda: isinstance(app.screen, EditMessageScreen))
         app.screen.query_one(TextArea).text = "two, edited"
         await pilot.press("ctrl+s")
-        await wait_for(pilot, lambda: [m.content for m in store.messages(conv.id)] == [
+        await until(pilot, lambda: [m.content for m in store.messages(conv.id)] == [
             "You said: one", "two, edited", "You said: two, edited"])
-        await wait_for(pilot, lambda: boxes(app)[-2:] == [
+        await until(pilot, lambda: boxes(app)[-2:] == [
             ("user", "two, edited"), ("assistant", "You said: two, edited")])
 
 
@@ -570,11 +571,11 @@ async def test_a_chat_whose_holder_is_gone_becomes_writable(windows: Windows) ->
     store, shared, app, other = windows.store, windows.shared, windows.app, windows.other
     assert not other.open(shared).read_only  # the other window writes it
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "Read-only" in titles_of(app))
+        await until(pilot, lambda: "Read-only" in titles_of(app))
         other.close()  # it closes (a dead process's lease is free too: test_storage_hardening)
-        await wait_for(pilot, lambda: "Writable" in titles_of(app), 15)
+        await until(pilot, lambda: "Writable" in titles_of(app), 15)
         await app.workers.wait_for_complete()
-        await wait_for(pilot, lambda: "read-only" not in str(app.status_bar.render()))
+        await until(pilot, lambda: "read-only" not in str(app.status_bar.render()))
         await send(pilot, "mine at last")
         await until_idle(pilot)
         assert [m.content for m in store.messages(shared)][-1] == "You said: mine at last"

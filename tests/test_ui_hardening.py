@@ -19,7 +19,7 @@ from ccm_chat.ui.screens.confirm import ConfirmScreen
 from ccm_chat.ui.screens.export import ExportScreen
 from ccm_chat.ui.screens.text_prompt import TextPromptScreen
 from ccm_chat.ui.widgets.prompt_input import PromptInput
-from tests.test_ui import SIZE, make_app, until_idle, wait_for
+from tests.helpers import SIZE, make_app, settled, until, until_idle
 
 TRICKY_TITLE = "oops [/b] markup [@click=app.quit]x[/]"
 BBCODE_QUESTION = "What does [/b] do in BBCode?"
@@ -38,8 +38,8 @@ async def test_rename_to_a_title_with_markup_shows_it_literally(store: Store, sc
         assert isinstance(app.screen, TextPromptScreen)
         app.screen.query_one(Input).value = TRICKY_TITLE
         await pilot.press("enter")
-        await wait_for(pilot, lambda: any(TRICKY_TITLE in t for t in toasts(app)))
-        await pilot.pause(0.2)
+        await until(pilot, lambda: any(TRICKY_TITLE in t for t in toasts(app)))
+        await settled(pilot)
         assert app.is_running and app.return_code is None  # [@click=app.quit] did nothing
         assert f"Renamed to “{TRICKY_TITLE}”." in toasts(app)
         assert store.get_conversation(conv.id).title == TRICKY_TITLE
@@ -53,7 +53,7 @@ async def test_delete_a_chat_whose_title_has_markup(store: Store, scripted) -> N
         await pilot.press("ctrl+d")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
-        await wait_for(pilot, lambda: any(BBCODE_QUESTION in t for t in toasts(app)))
+        await until(pilot, lambda: any(BBCODE_QUESTION in t for t in toasts(app)))
         assert app.is_running
         assert f"Deleted “{BBCODE_QUESTION}”." in toasts(app)
         assert store.list_conversations() == []
@@ -79,7 +79,7 @@ async def test_export_is_private_and_its_path_shows_literally(store: Store, scri
             assert isinstance(app.screen, ExportScreen)
             app.screen.query_one("#path", Input).value = str(folder / "out")
             await pilot.click("#md")
-            await wait_for(pilot, lambda: any("Exported" in t for t in toasts(app)))
+            await until(pilot, lambda: any("Exported" in t for t in toasts(app)))
             assert f"Exported to {folder / 'out.md'}" in toasts(app)
             assert app.is_running
     finally:
@@ -101,7 +101,7 @@ async def test_control_characters_are_not_sent_or_stored(store: Store, scripted)
         box = app.query_one(PromptInput)
         box.focus()
         app.post_message(events.Paste(CONTROL_PASTE))  # as the driver sends it
-        await wait_for(pilot, lambda: box.text != "")
+        await until(pilot, lambda: box.text != "")
         assert box.text == CONTROL_PASTE_CLEAN
         await pilot.press("enter")
         await until_idle(pilot)
@@ -147,13 +147,13 @@ async def test_a_paste_that_is_not_utf8_reaches_the_box_replaced(store: Store,
         box.focus()
         sent = feed_driver(app, b"\x1b[200~hi \xff\xfe there\x1b[201~", 1)
         assert [e.text for e in sent if isinstance(e, events.Paste)] == ["hi \ufffd\ufffd there"]
-        await wait_for(pilot, lambda: box.text == "hi \ufffd\ufffd there")
+        await until(pilot, lambda: box.text == "hi \ufffd\ufffd there")
         await pilot.press("enter")
         await until_idle(pilot)
         sent = feed_driver(app, b"ok \xff\xfe", 5)
         keys = "".join(e.character or "" for e in sent if isinstance(e, events.Key))
         assert keys == "ok \ufffd\ufffd"
-        await wait_for(pilot, lambda: box.text == "ok \ufffd\ufffd")
+        await until(pilot, lambda: box.text == "ok \ufffd\ufffd")
         assert app.is_running and app.return_code is None
         stored = [m.content for m in store.messages(store.latest_conversation().id)]
     assert stored == ["hi \ufffd\ufffd there", "You said: hi \ufffd\ufffd there"]

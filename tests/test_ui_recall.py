@@ -8,7 +8,7 @@ from ccm_chat.app.service import ChatService
 from ccm_chat.app.settings import Settings
 from ccm_chat.storage import Store
 from ccm_chat.ui.screens.settings import SettingsScreen
-from tests.test_ui import SIZE, make_app, send, until_idle
+from tests.helpers import SIZE, make_app, scripted_factory, send, until_idle
 
 
 async def test_the_status_bar_says_what_a_reply_recalled_and_settings_turn_it_off(
@@ -38,8 +38,6 @@ async def test_the_status_bar_says_what_a_reply_recalled_and_settings_turn_it_of
 
 
 def test_the_service_tells_the_engine_whether_to_recall(store: Store, scripted) -> None:
-    from tests.conftest import scripted_factory
-
     service = ChatService(store, engine_factory=scripted_factory(scripted))
     first = list(service.send(None, "my sister plays cello"))
     conv_id = store.latest_conversation().id

@@ -19,14 +19,20 @@ from ccm_chat.ui.app import ChatApp
 from ccm_chat.ui.widgets.chat_pane import ChatPane
 from ccm_chat.ui.widgets.chat_view import MessageBox
 from ccm_chat.ui.widgets.prompt_input import PromptInput
-from tests import test_service_hardening as hardening
-from tests.conftest import TickingClock
+from tests.helpers import (
+    SIZE,
+    TickingClock,
+    boxes,
+    locked_with_a_write,
+    long_message,
+    make_app,
+    notes,
+    send,
+    settled,
+    until,
+    until_idle,
+)
 from tests.scripted_engine import ScriptedConversation, ScriptedEngine
-from tests.test_service_hardening import locked_with_a_write, long_message
-from tests.test_ui import SIZE, boxes, make_app, notes, send, until_idle, wait_for
-
-long_engine = hardening.long_engine  # the default model with room for a long message
-quick_store = hardening.quick_store  # a store that gives up on a lock in 0.2 s
 
 
 def titles_of(app: ChatApp) -> list[str]:
@@ -44,6 +50,7 @@ class SlowReader(ScriptedConversation):
 
     seconds = 0.01
     stubborn = False
+    read = 0  # words taken in so far
 
     def add_turn(self, role: str, text: str, decode: bool = True,
                  cancel: threading.Event | None = None) -> None:
@@ -52,6 +59,7 @@ class SlowReader(ScriptedConversation):
                 if cancel is not None and cancel.is_set() and not self.stubborn:
                     raise CancelledError("Stopped before the whole message was read.")
                 time.sleep(self.seconds)
+                self.read += 1
         super().add_turn(role, text, decode)
 
 
@@ -75,7 +83,7 @@ async def paste_and_send(pilot, text: str) -> None:
     prompt.text = text
     prompt.focus()
     await pilot.press("enter")
-    await wait_for(pilot, lambda: pilot.app.generating, timeout=60)
+    await until(pilot, lambda: pilot.app.generating, timeout=60)
 
 
 # -- 9: a long message stopped, or the app quit, mid-intake --------------------------------------
@@ -84,14 +92,16 @@ async def paste_and_send(pilot, text: str) -> None:
 async def test_esc_during_a_long_intake_gives_the_text_back_and_saves_nothing(
         store: Store) -> None:
     text = " ".join(f"word{i}" for i in range(5000))  # 50 s to take in
-    app = make_app(store, SlowReadingEngine())
+    engine = SlowReadingEngine()
+    app = make_app(store, engine)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "Scripted" in str(app.status_bar.render()))
+        await until(pilot, lambda: "Scripted" in str(app.status_bar.render()))
         await paste_and_send(pilot, text)
-        await pilot.pause(0.5)
+        await until(pilot, lambda: any(c.read >= 20 for c in engine.conversations),
+                    what="the intake under way")
         await pilot.press("escape")
-        await wait_for(pilot, lambda: not app.generating, timeout=10)
-        await wait_for(pilot, lambda: STOPPED_BEFORE_SENT in notes(app))
+        await until(pilot, lambda: not app.generating, timeout=10)
+        await until(pilot, lambda: STOPPED_BEFORE_SENT in notes(app))
         assert app.query_one(PromptInput).text == text
         assert boxes(app) == []
         assert store.list_conversations() == []  # nothing of it was written
@@ -106,13 +116,11 @@ async def test_quitting_never_waits_on_an_engine_that_does_not_stop(store: Store
     engine = SlowReadingEngine(stubborn=True)
     app = make_app(store, engine)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "Scripted" in str(app.status_bar.render()))
+        await until(pilot, lambda: "Scripted" in str(app.status_bar.render()))
         await paste_and_send(pilot, " ".join(f"word{i}" for i in range(800)))  # 8 s
         pane = app.pane
-        started = time.monotonic()
         await pilot.press("ctrl+q")
-        await wait_for(pilot, lambda: not app.is_running, timeout=15)
-    assert time.monotonic() - started < 8.0
+        await until(pilot, lambda: not app.is_running, timeout=15)
     assert not pane._reply_done.is_set()  # the engine is still at it: quitting did not wait
     assert pane._reply_done.wait(60)
     assert store.list_conversations() == []  # stopped: it was never sent
@@ -126,15 +134,13 @@ async def test_quitting_during_a_real_long_intake_is_prompt(
                       engine_factory=lambda s, m: long_engine)
     app = ChatApp(svc)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: svc.engine_loaded, timeout=60)
+        await until(pilot, lambda: svc.engine_loaded, timeout=60)
         await paste_and_send(pilot, long_message(2900))
         pane = app.pane
         await pilot.pause(1.0)  # into the intake, which takes many seconds
         assert app.generating
-        started = time.monotonic()
         await pilot.press("ctrl+q")
-        await wait_for(pilot, lambda: not app.is_running, timeout=30)
-    assert time.monotonic() - started < 8.0
+        await until(pilot, lambda: not app.is_running, timeout=30)
     assert pane._reply_done.wait(300)  # the engine is shared with other tests: let it stop
     assert store.list_conversations() == []  # nothing of the long message was saved
     store.close()
@@ -146,12 +152,20 @@ async def test_quitting_during_a_real_long_intake_is_prompt(
 async def test_a_reply_refused_by_a_lock_stays_on_screen_and_is_saved_when_it_goes(
         quick_store: Store, db_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(ChatPane, "retry_reply_s", 0.3)
+    retries: list[int] = []
+    retry = ChatPane._retry_replies
+
+    async def counted(self) -> None:
+        retries.append(1)
+        await retry(self)
+
+    monkeypatch.setattr(ChatPane, "_retry_replies", counted)
     words = " ".join(f"w{i}" for i in range(60))
     app = make_app(quick_store, ScriptedEngine(delay=0.02, replies={"go": words}))
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "go")
         reply_box = list(app.query(MessageBox))[-1]
-        await wait_for(pilot, lambda: "w2" in reply_box.markdown.source)
+        await until(pilot, lambda: "w2" in reply_box.markdown.source)
         with locked_with_a_write(db_path):
             await until_idle(pilot)
             assert reply_box.content == words
@@ -159,10 +173,12 @@ async def test_a_reply_refused_by_a_lock_stays_on_screen_and_is_saved_when_it_go
             assert "Reply not saved yet" in titles_of(app)
             cid = app.current_id
             assert [m.content for m in quick_store.messages(cid)] == ["go"]
-            await pilot.pause(1.0)  # the retries meet the lock too: still kept, still shown
+            tried = len(retries)  # the retries meet the lock too: still kept, still shown
+            await until(pilot, lambda: len(retries) >= tried + 2, what="two more retries")
+            await settled(pilot)
             assert boxes(app) == [("user", "go"), ("assistant", words)]
-        await wait_for(pilot, lambda: len(quick_store.messages(cid)) == 2)
-        await wait_for(pilot, lambda: "Saved" in titles_of(app))
+        await until(pilot, lambda: len(quick_store.messages(cid)) == 2)
+        await until(pilot, lambda: "Saved" in titles_of(app))
         assert [m.content for m in quick_store.messages(cid)] == ["go", words]
         assert boxes(app) == [("user", "go"), ("assistant", words)]
         assert "not saved" not in role_label(list(app.query(MessageBox))[-1])
@@ -180,12 +196,12 @@ async def test_a_path_with_markup_in_a_notice_is_shown_as_written(tmp_path: Path
     store = Store(db_path, clock=TickingClock(), timeout=0.2)
     app = make_app(store, ScriptedEngine())
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: "Scripted" in str(app.status_bar.render()))
+        await until(pilot, lambda: "Scripted" in str(app.status_bar.render()))
         with locked_with_a_write(db_path):
             app.query_one(PromptInput).focus()
             await pilot.press(*"hi", "enter")
-            await wait_for(pilot, lambda: "Not saved" in titles_of(app))
-            await pilot.pause(0.3)  # the notice is drawn
+            await until(pilot, lambda: "Not saved" in titles_of(app))
+            await settled(pilot)  # the notice is drawn
         assert app.is_running
         assert any("odd [/b] [@click=app.quit]" in n for n in notes(app))
         assert app.query_one(PromptInput).text == "hi"
@@ -205,12 +221,12 @@ async def test_a_read_only_database_is_said_at_open_and_a_send_keeps_the_text(
     assert not store.writable
     app = make_app(store, ScriptedEngine(), resume_last=True)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: READ_ONLY_DATABASE in notes(app))
+        await until(pilot, lambda: READ_ONLY_DATABASE in notes(app))
         assert boxes(app) == [("user", "an old message")]  # it reads
         assert "read-only database" in str(app.status_bar.render())
         app.query_one(PromptInput).focus()
         await pilot.press(*"new text", "enter")
-        await wait_for(pilot, lambda: "Not sent" in titles_of(app))
+        await until(pilot, lambda: "Not sent" in titles_of(app))
         assert app.query_one(PromptInput).text == "new text"
         assert boxes(app) == [("user", "an old message")]
         assert notes(app).count(READ_ONLY_DATABASE) == 1  # said once
