@@ -71,3 +71,25 @@ def test_a_refused_in_place_move_goes_by_llama_cpps_shift(real_engine: Engine, s
     assert refusals
     assert kl(*rows) < 0.02  # in host memory against llama.cpp's shift
     ctx.clear()
+
+
+def test_each_llama_optimisation_has_its_own_switch(real_engine: Engine) -> None:
+    """engine.llama_options: every optimisation on by default, and each one off alone."""
+    from ccm_chat.engine import LlamaOptions
+    from ccm_chat.engine.llama_backend import LlamaContext
+
+    model = real_engine.model
+    default = LlamaContext(model, n_ctx=256)
+    off = LlamaContext(model, n_ctx=256, options=LlamaOptions(
+        beside_context=False, host_moves=False, defer_moved_text=not model.offloaded,
+        pinned_buffers=False))
+    try:
+        assert default.adapter_beside is True and default.moves_on_host is None
+        assert default.batches_cheaply is model.offloaded
+        assert off.adapter_beside is False and off.moves_on_host is False
+        assert off.batches_cheaply is not model.offloaded
+        off._scratch.at_least(16)
+        assert not off._scratch.pinned
+    finally:
+        default.close()
+        off.close()
