@@ -92,6 +92,11 @@ def ranks(method: str, query: str, texts: list[str], vectors: np.ndarray, qvec: 
     index.close()
     if method == "interleave":  # dense 1, lexical 1, dense 2, lexical 2, ...
         return interleave(dense, lexical, k)
+    if method == "dense+lexical1":  # dense 1, lexical 1, then dense
+        return interleave(dense[:1], lexical[:1], 2) + [i for i in dense if i not in
+                                                         (dense[:1] + lexical[:1])][:k - 2]
+    if method == "dense-then-lexical1":  # dense's first k - 1, then lexical's first
+        return list(dict.fromkeys(dense[:k - 1] + lexical[:1] + dense[k - 1:]))[:k]
     fused: dict[int, float] = {}
     for ranking in (lexical, dense):  # reciprocal rank fusion
         for r, i in enumerate(ranking):
@@ -114,6 +119,7 @@ def main() -> None:
     parser.add_argument("--distances", default="40,150,500")
     parser.add_argument("--values", type=int, default=2, help="values of each fact tried")
     parser.add_argument("--k", type=int, default=4, help="exchanges recall may bring back")
+    parser.add_argument("--methods", default="bm25,dense,hybrid,interleave,dense+lexical1")
     parser.add_argument("--thresholds", default="0.2,0.3,0.4",
                         help="least cosine similarity a dense match needs")
     parser.add_argument("--pool", type=int, default=2500, help="filler exchanges")
@@ -131,8 +137,10 @@ def main() -> None:
     embed.save()
     print(f"{len(fillers)} filler exchanges embedded in {time.perf_counter() - started:.1f} s",
           flush=True)
-    methods = [("bm25", 0.0)] + [(m, t) for m in ("dense", "hybrid", "interleave")
+    methods = [("bm25", 0.0)] + [(m, t) for m in ("dense", "hybrid", "interleave", "dense+lexical1",
+                                                    "dense-then-lexical1")
                                  for t in thresholds]
+    methods = [m for m in methods if m[0] in args.methods.split(",")]
     hits: dict[tuple, list[tuple[bool, bool]]] = {}
     fires: dict[tuple, list[bool]] = {}
     for statement, own, other, values in fact_split(args.split):

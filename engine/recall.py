@@ -4,8 +4,11 @@ A budgeted memory keeps recent exchanges word for word and older ones as <COMP> 
 at all, so an exact detail said long ago is lost to it. The transcript still has every word,
 so before a message is decoded the exchanges no longer held verbatim are ranked against it
 and the best are decoded, marked as recalled, just before it; after the reply they leave the
-cache again (engine.conversation). Ranking is BM25 over an in-memory SQLite FTS5 table per
-conversation: Python's own sqlite3, so the engine stays free of the storage package.
+cache again (engine.conversation). Ranking is by meaning: the cosine of sentence embeddings
+(engine.sentence_encoder), which finds "my puppy's name?" for "my dog is called Pixel"
+(docs/decisions/011-dense-recall-in-numpy.md). Without the encoder it is BM25 over an
+in-memory SQLite FTS5 table per conversation: Python's own sqlite3, so the engine stays free
+of the storage package.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ccm_chat.engine.chat import ChatMessage
+from ccm_chat.engine.sentence_encoder import SentenceEncoder, shared_encoder
 
 # Words that say nothing about which exchange a message refers to. A query made only of them
 # recalls nothing: BM25 would rank by chance.
@@ -34,6 +40,9 @@ tell told say said remember know think like want get got go going did done im iv
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 RECALL_HEADER = "Recalled from earlier in this conversation:"
+# Least cosine similarity a recalled exchange needs: chosen on the validation side of
+# bench/recall_ranking.py among 0.2-0.4 (decision 011).
+DENSE_MIN_SIMILARITY = 0.25
 
 
 @dataclass(frozen=True)
@@ -85,13 +94,25 @@ def forgotten(messages: Sequence[ChatMessage], spans: Sequence[tuple[int, int]] 
 
 
 class ExchangeIndex:
-    """BM25 over one conversation's exchanges (row i + 1 holds exchange i)."""
+    """One conversation's exchanges, ranked against a message: by sentence embeddings where
+    the encoder is installed, else by BM25 (row i + 1 of the FTS5 table holds exchange i).
+    `encoder`: a callable giving the encoder or None, asked at the first search (loading it
+    costs about a second, so a conversation that never recalls never pays it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, encoder: Callable[[], SentenceEncoder | None] = shared_encoder
+                 ) -> None:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute(
             "CREATE VIRTUAL TABLE exchanges USING fts5(text, tokenize='porter unicode61')")
         self._texts: list[str] = []
+        self._find_encoder: Callable[[], SentenceEncoder | None] | None = encoder
+        self._encoder: SentenceEncoder | None = None
+        self._rows = np.zeros((0, 0), np.float32)  # embeddings of _texts[:len(_rows)]
+
+    @property
+    def dense(self) -> bool:
+        """Whether ranking is by meaning (known once a search has asked for the encoder)."""
+        return self._encoder is not None
 
     def sync(self, texts: Sequence[str]) -> None:
         """Hold exactly `texts`: an edit or a rollback of the transcript re-indexes from the
@@ -107,18 +128,31 @@ class ExchangeIndex:
             self._db.executemany("INSERT INTO exchanges(rowid, text) VALUES (?, ?)",
                                  [(i + 1, texts[i]) for i in range(same, len(texts))])
         self._texts = list(texts)
+        self._rows = self._rows[:same]
 
     def search(self, query: str, limit: int) -> list[int]:
         """The exchanges that match `query` best, best first (none when it has no content
-        word, or none of them occurs)."""
+        word; by meaning, none under DENSE_MIN_SIMILARITY; by words, none that shares one)."""
         terms = query_terms(query)
         if not terms or not self._texts:
             return []
+        if self._find_encoder is not None:
+            self._encoder, self._find_encoder = self._find_encoder(), None
+        if self._encoder is not None:
+            return self._dense_search(self._encoder, query, limit)
         match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
         rows = self._db.execute(
             "SELECT rowid FROM exchanges WHERE exchanges MATCH ? ORDER BY bm25(exchanges) "
             "LIMIT ?", (match, limit)).fetchall()
         return [rowid - 1 for (rowid,) in rows]
+
+    def _dense_search(self, encoder: SentenceEncoder, query: str, limit: int) -> list[int]:
+        if len(self._rows) < len(self._texts):  # each exchange is embedded once
+            new = encoder.encode(self._texts[len(self._rows):])
+            self._rows = np.concatenate([self._rows.reshape(-1, new.shape[1]), new])
+        sims = self._rows @ encoder.encode([query])[0]
+        best = np.argsort(-sims, kind="stable")[:limit]
+        return [int(i) for i in best if sims[i] >= DENSE_MIN_SIMILARITY]
 
     def close(self) -> None:
         self._db.close()

@@ -123,9 +123,13 @@ class SentenceEncoder:
         """(len(texts), hidden) float32 rows of unit length."""
         if not texts:
             return np.zeros((0, self.config.hidden), np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
+        out = np.empty((len(texts), self.config.hidden), np.float32)
         with self._lock, _one_blas_thread():
-            return np.concatenate([self._batch(texts[i:i + 32])
-                                   for i in range(0, len(texts), 32)])
+            for start in range(0, len(order), 32):
+                chunk = order[start:start + 32]
+                out[chunk] = self._batch([texts[i] for i in chunk])
+        return out
 
     def _batch(self, texts: list[str]) -> np.ndarray:
         c, w = self.config, self.weights

@@ -31,26 +31,46 @@ def test_query_terms_drop_words_that_name_no_exchange() -> None:
     assert query_terms("ok thanks!") == []
 
 
-def test_the_index_ranks_the_exchange_a_question_is_about_first() -> None:
-    index = ExchangeIndex()
+RANKINGS = {"meaning": None, "words": lambda: None}  # the encoder, or BM25 without it
+
+
+@pytest.fixture(params=list(RANKINGS))
+def index(request) -> Iterator[ExchangeIndex]:
+    found = RANKINGS[request.param]
+    index = ExchangeIndex() if found is None else ExchangeIndex(found)
+    yield index
+    index.close()
+
+
+def test_the_index_ranks_the_exchange_a_question_is_about_first(index) -> None:
     texts = [exchange_text(u, a) for u, a in [*FILLER[:3], FACT, *FILLER[3:]]]
     index.sync(texts)
     assert index.search("Do you know what my dog is called?", 3)[0] == 3
     assert index.search("ok thanks", 3) == []  # no content word: nothing, not noise
 
 
-def test_the_index_follows_an_edited_transcript() -> None:
-    index = ExchangeIndex()
+def test_a_question_in_other_words_is_found_by_meaning_only(index, request) -> None:
+    texts = [exchange_text(u, a) for u, a in [*FILLER[:3], FACT, *FILLER[3:]]]
+    index.sync(texts)
+    found = index.search("Remind me, what's my puppy's moniker?", 2)
+    # the dev set-up installs the encoder (the recall extra): "meaning" must really be it
+    assert index.dense == (request.node.callspec.params["index"] == "meaning")
+    if index.dense:
+        assert found[:1] == [3]
+    else:
+        assert 3 not in found  # it shares no content word with the fact
+
+
+def test_the_index_follows_an_edited_transcript(index) -> None:
     index.sync([exchange_text(*FILLER[0]), exchange_text(*FACT)])
-    assert index.search("dog", 2) == [1]
+    assert index.search("my dog", 2)[:1] == [1]
     index.sync([exchange_text(*FILLER[0]), exchange_text(*FILLER[1])])  # edited away
-    assert index.search("dog", 2) == []
+    assert index.search("my dog", 2) == []  # nothing left about a dog
     index.sync([exchange_text(*FILLER[0]), exchange_text(*FILLER[1]), exchange_text(*FACT)])
-    assert index.search("dog", 2) == [2]
+    assert index.search("my dog", 2)[:1] == [2]
 
 
-def test_choose_passes_over_what_does_not_fit_and_keeps_the_order_said() -> None:
-    index = ExchangeIndex()
+def test_choose_passes_over_what_does_not_fit_and_keeps_the_order_said(index) -> None:
     long_fact = ("My dog " + "really " * 60 + "loves parks.", "Dogs love parks.")
     texts = [exchange_text(*FACT), exchange_text(*FILLER[0]), exchange_text(*long_fact)]
     words = lambda text: len(text.split())  # noqa: E731  (a stand-in token count)
