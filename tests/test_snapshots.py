@@ -41,9 +41,17 @@ def snapshot_app(snapshot_store: Store) -> ChatApp:
     return ChatApp(service, resume_last=True)
 
 
+def _steady_cursors(app) -> None:
+    """A focused box's cursor blinks every half second: a snapshot would catch it on or off
+    by chance (the saved ones show it on). Without blinking it is drawn on, always."""
+    for box in app.query("TextArea, Input"):
+        box.cursor_blink = False
+
+
 async def _settle(pilot) -> None:
     """The workers done, what they posted handled, any animation finished, and the screen
     the same in three looks in a row (a resize's layout, e.g. the -narrow breakpoint, done)."""
+    _steady_cursors(pilot.app)
     await settled(pilot)
     await pilot.wait_for_scheduled_animations()
     await until_stable(pilot)
@@ -70,6 +78,7 @@ def _quiet_then(*keys: str):
     async def run_before(pilot) -> None:
         await _quiet(pilot)
         await pilot.press(*keys)
+        _steady_cursors(pilot.app)  # the dialog's own boxes
         await until_stable(pilot)  # (a dialog's own workers may run on: not waited for)
 
     return run_before
