@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,19 +26,8 @@ from ccm_chat.app.settings import Settings
 from ccm_chat.engine import EngineError
 from ccm_chat.storage import ConversationRecord, MessageRecord, StorageError, Store
 from tests.conftest import TickingClock, scripted_factory
+from tests.helpers import locked
 from tests.scripted_engine import ScriptedEngine
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Another program holding the database's write lock."""
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
 
 
 @pytest.fixture

@@ -9,11 +9,9 @@ path needs it; the scripted engine covers the rest, fast.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,22 +29,8 @@ from ccm_chat.storage import Store
 from tests import test_service_daily as service_daily
 from tests.conftest import TickingClock, scripted_factory
 from tests.device import TEST_DEVICE
+from tests.helpers import locked_with_a_write
 from tests.scripted_engine import ScriptedEngine
-
-
-@contextmanager
-def locked_with_a_write(path: Path) -> Iterator[None]:
-    """Another program holding the write lock, with a write of its own under way."""
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    other.execute("CREATE TABLE IF NOT EXISTS other_program (x)")
-    other.execute("INSERT INTO other_program VALUES (1)")
-    try:
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-
 
 quick_store = service_daily.quick_store  # a store that gives up on a lock in 0.2 s
 
