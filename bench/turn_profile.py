@@ -61,7 +61,7 @@ if _backend_arg() == "hf":  # torch before llama_cpp, which the engine imports f
 
 from ccm_chat.engine import Engine, SamplingParams  # noqa: E402  isort: skip
 from ccm_chat.engine.ccm.data import default_data_dir, read_dialogue  # noqa: E402  isort: skip
-from ccm_chat.engine.conversation import Conversation  # noqa: E402  isort: skip
+from ccm_chat.engine.kv_memory import KVMemory  # noqa: E402  isort: skip
 import numpy as np  # noqa: E402  isort: skip  (after llama_cpp: first, it segfaults on the GPU host)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -222,9 +222,10 @@ def run(label: str, level: str, ccm: bool, chat: list[tuple[str, str]], args,
     ctx.batches_cheaply = variant in deferred  # the text waits, on a CPU too
     conv = engine.new_conversation()
     if variant not in deferred:  # old groups evicted in a step of their own
-        conv.compress = (  # type: ignore[method-assign]
+        memory = conv.memory
+        memory.compress = (  # type: ignore[method-assign]
             lambda cells=None, merge=False, max_slots=None:
-            Conversation.compress(conv, cells, merge))
+            KVMemory.compress(memory, cells, merge))
     original = conv.policy.after_turn
     policy_s: list[float] = []
     per_turn: list[dict[str, float]] = []
