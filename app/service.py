@@ -62,8 +62,9 @@ from ccm_chat.storage import (
 )
 
 __all__ = [  # what the UI, the CLI and the tests import from here
-    "READ_ONLY_DATABASE", "STOPPED_BEFORE_SENT", "ChatService", "ReplyNotSaved",
-    "SendCancelled", "Status", "UnsavedReply", "load_engine", "make_title", "sampling_params",
+    "LOW_DISK_NOTICE", "READ_ONLY_DATABASE", "STOPPED_BEFORE_SENT", "ChatService",
+    "ReplyNotSaved", "SendCancelled", "Status", "UnsavedReply", "load_engine", "make_title",
+    "sampling_params",
 ]
 
 TITLE_LENGTH = 48
@@ -76,6 +77,9 @@ LARGE_STATE_SAVE_S = 60.0
 
 READ_ONLY_DATABASE = ("This database is read-only: you can read and search, but nothing new "
                       "can be saved.")
+LOW_DISK_NOTICE = ("Memory not saved: the disk is nearly full, so this chat's memory will be "
+                   "rebuilt from its transcript when it is reopened, which takes longer. Your "
+                   "messages are saved. Free some disk space to keep the memory again.")
 CLOSE_WAIT_S = 3.0  # how long closing waits for a reply still in the engine before it goes
 
 
@@ -126,6 +130,7 @@ class ChatService(TranscriptEditing, ReplyKeeping):
         self._engine_key: tuple[Any, ...] | None = None
         self.load_error: str | None = None  # why the last model load failed, if it did
         self.memory_error: str | None = None  # why the last memory save failed, if it did
+        self._low_disk: str | None = None  # a memory not saved for room: "pending", "told"
         self._chats: dict[int, OpenChat] = {}  # every chat this window has touched
         self._lock = threading.RLock()
         self._use = threading.RLock()  # held while a conversation's memory is in the engine
@@ -237,6 +242,25 @@ class ChatService(TranscriptEditing, ReplyKeeping):
             return record.model
         return self._engine.info.model_name if self._engine is not None else DEFAULT_MODEL_NAME
 
+    # -- drafts ---------------------------------------------------------------------------------
+
+    def draft(self, conversation_id: int | None) -> str:
+        """What was left unsent in the chat's message box (None: the new chat), as typed;
+        "" when there is none or it cannot be read."""
+        try:
+            return self.store.draft(conversation_id)
+        except StorageError:
+            return ""
+
+    def save_draft(self, conversation_id: int | None, text: str) -> None:
+        """Keep the message box's unsent text for the chat (blank: forget it). It waits only
+        briefly for a lock: ChatError when the database refuses it (locked, full); nothing
+        on a read-only database, which was said at open."""
+        if not self.writable:
+            return
+        with user_errors("Your unsent text was not kept"):
+            self.store.save_draft(conversation_id, text)
+
     # -- chatting -------------------------------------------------------------------------------
 
     def open(
@@ -300,12 +324,22 @@ class ChatService(TranscriptEditing, ReplyKeeping):
             chat.memory_pending = True
             return
         try:
-            save_memory(self.store, self.engine, conversation_id, message_id, live)
+            saved = save_memory(self.store, self.engine, conversation_id, message_id, live)
             self.memory_error = None
+            if saved is None:  # the store kept the disk's last MiB for the transcript
+                self._low_disk = self._low_disk or "pending"
             chat.saved_at = time.monotonic()
             chat.memory_pending = False
         except (StorageError, EngineError, OSError) as exc:
             self.memory_error = f"Could not save the conversation's memory: {exc}"
+
+    def low_disk_notice(self) -> str | None:
+        """Once a session: that a memory was not saved because the disk is nearly full (the
+        store leaves its last MiB to the transcript), so reopening the chat will be slow."""
+        if self._low_disk != "pending":
+            return None
+        self._low_disk = "told"
+        return LOW_DISK_NOTICE
 
     def save_pending(self) -> None:
         """Save the memories whose save a reply put off (when the window closes), each as it

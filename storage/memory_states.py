@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 from ccm_chat.storage.files import database_size
@@ -16,6 +17,11 @@ from ccm_chat.storage.records import DiskFullError, MemoryStateRecord, StorageEr
 STATE_CHUNK = 256 << 20
 # bytes of disk a memory state must leave free: the transcript's room, which a cache never takes
 STATE_HEADROOM = 4 << 20
+
+
+def free_space(folder: Path) -> int:
+    """Bytes free on the disk that holds `folder` (for this user)."""
+    return shutil.disk_usage(folder).free
 
 
 class MemoryStatesMixin:
@@ -38,9 +44,10 @@ class MemoryStatesMixin:
         when the disk had no room for it.
 
         Until that transaction commits, the previous state is still the one on disk. A state
-        is a cache of the transcript, so one the disk cannot take with room to spare is not
-        written, and one a full disk refuses is dropped quietly (the WAL it grew is given
-        back) rather than fail the chat: the memory is rebuilt from the transcript when needed.
+        is a cache of the transcript, so one the disk cannot take with room to spare (see
+        free_space) is not written, and one a full disk refuses is dropped quietly (the WAL
+        it grew is given back) rather than fail the chat: the memory is rebuilt from the
+        transcript when needed (and the caller may say why: None).
         """
         if not self._room_for_state(len(blob)):
             return None
@@ -81,7 +88,7 @@ class MemoryStatesMixin:
         cannot hold). Once a committed state is in a WAL that a full disk keeps from being
         checkpointed, not even a delete can be written: the transcript is stuck."""
         try:
-            free_disk = shutil.disk_usage(self.path.parent).free
+            free_disk = free_space(self.path.parent)
             with self._lock:
                 page = self.db.execute("PRAGMA page_size").fetchone()[0]
                 free_pages = self.db.execute("PRAGMA freelist_count").fetchone()[0] * page

@@ -137,3 +137,20 @@ def m007_memory_state_chunks(db: sqlite_utils.Database) -> None:
         )
         """
     )
+
+
+@migration
+def m008_drafts(db: sqlite_utils.Database) -> None:
+    """What the user typed in a chat's message box and did not send (Store.save_draft): one
+    row per chat, conversation_id NULL for the new chat not yet started."""
+    db.execute(
+        """
+        CREATE TABLE drafts (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER UNIQUE
+                REFERENCES conversations(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            updated TEXT NOT NULL
+        )
+        """
+    )

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from ccm_chat.storage.drafts import DraftsMixin, clear_draft
 from ccm_chat.storage.files import database_size, private_dir, private_files
 from ccm_chat.storage.leases import LeasesMixin
 from ccm_chat.storage.memory_states import MemoryStatesMixin
@@ -83,7 +84,7 @@ def _error(exc: sqlite3.Error, text: str) -> StorageError:
     return DiskFullError(text) if _is_full(exc) else StorageError(text)
 
 
-class Store(SearchMixin, MemoryStatesMixin, LeasesMixin):
+class Store(SearchMixin, MemoryStatesMixin, LeasesMixin, DraftsMixin):
     """All persistent state of the app. Every write is one transaction.
 
     `timeout`: seconds a write waits for another program's write lock before it gives up with
@@ -190,9 +191,10 @@ class Store(SearchMixin, MemoryStatesMixin, LeasesMixin):
         return f"Database error in {self.path}: {text}"
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite_utils.Database]:
-        """One write transaction, holding the write lock from its start."""
-        self._begin()  # returns holding self._lock
+    def _tx(self, timeout: float | None = None) -> Iterator[sqlite_utils.Database]:
+        """One write transaction, holding the write lock from its start (waiting for it
+        `timeout` seconds, by default the store's)."""
+        self._begin(timeout)  # returns holding self._lock
         try:
             yield self.db
             self.db.conn.execute("COMMIT")
@@ -242,9 +244,9 @@ class Store(SearchMixin, MemoryStatesMixin, LeasesMixin):
         with self._lock, suppress(sqlite3.Error):
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _begin(self) -> None:
+    def _begin(self, timeout: float | None = None) -> None:
         """BEGIN IMMEDIATE, retried while another program writes, for up to `timeout` s."""
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         while True:
             self._lock.acquire()
             try:
@@ -409,6 +411,7 @@ class Store(SearchMixin, MemoryStatesMixin, LeasesMixin):
                 "title": title, "created": now, "updated": now, "model": model,
                 "system_prompt": system_prompt, "settings": "{}",
             }).last_pk
+            clear_draft(db, None)  # the new chat's draft was this message
             return self._insert_message(db, conv_id, "user", first_message, "complete", None)
 
         return self.get_message(self._write_making_room(write))
@@ -423,6 +426,8 @@ class Store(SearchMixin, MemoryStatesMixin, LeasesMixin):
         }).last_pk
         changes = {k: v for k, v in conversation.items() if v is not None}
         db["conversations"].update(conversation_id, {"updated": now, **changes})
+        if role == "user":
+            clear_draft(db, conversation_id)  # the draft was sent
         return msg_id
 
     def get_message(self, message_id: int) -> MessageRecord:

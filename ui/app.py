@@ -321,7 +321,7 @@ class ChatApp(App[None]):
                 self.notify(error, title="System prompt not set", severity="error")
                 return
             cid = record.id
-            await self.pane.open(cid)
+            await self.pane.open(cid, carry_text=True)
         _, error = attempt(lambda: self.service.set_system_prompt(cid, prompt))
         if error:
             self.notify(error, title="System prompt not set", severity="error")

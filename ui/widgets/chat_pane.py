@@ -24,9 +24,10 @@ from typing import Any
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.widget import MountError
-from textual.widgets import Label
+from textual.widgets import Label, TextArea
 
 from ccm_chat.app.errors import ChatError, RebuildCancelled
 from ccm_chat.app.records import MessageRecord
@@ -131,6 +132,10 @@ class ChatPane(Vertical):
         self._noticed: dict[int, Any] = {}  # the memory report last shown for each chat
         self._retrying = False  # a retry of unsaved replies is running
         self.read_only_db = False  # the database cannot be written: the chats are for reading
+        self._opened = False  # a chat (or the new one) is shown: its box text is its draft
+        self._draft_stored = ""  # the open chat's draft as the database holds it
+        self._draft_kept = False  # quitting saved the draft already
+        self._typed = ""  # the box's text, followed as it changes
 
     def compose(self) -> ComposeResult:
         yield ChatView(id="transcript")
@@ -191,24 +196,64 @@ class ChatPane(Vertical):
 
     # -- opening a conversation ------------------------------------------------------------------
 
-    async def open(self, conversation_id: int | None) -> bool:
-        """Show a conversation from its end and make its memory ready; False if it failed."""
+    async def open(self, conversation_id: int | None, carry_text: bool = False) -> bool:
+        """Show a conversation from its end and make its memory ready; False if it failed.
+
+        The message box's unsent text stays with the chat it was typed in (a draft, kept in
+        the database) and the opened chat's own draft comes back into the box; `carry_text`
+        keeps the box as it is instead (the new chat became this one)."""
         messages: list[MessageRecord] = []
         if conversation_id is not None:
             messages, error = attempt(lambda: self.service.messages(conversation_id))
             if error:
                 self.notify(error, title="Could not open the chat", severity="error")
                 return False
+        switching = not self._opened or conversation_id != self.conversation_id
+        if switching and not carry_text:
+            self.keep_draft(quiet=False)
         self._leave()
         self.conversation_id = conversation_id
         self.held_by = None
         self._rebuild_cancel = None  # the left chat's rebuild stops; its news is ignored
         self.rebuild_bar.hide()
         await self._show(messages)
+        if switching and not carry_text:
+            self._restore_draft()
+        self._opened = True
         self.show_status()
         if conversation_id is not None and messages:
             self.prepare_memory(conversation_id)
         return True
+
+    # -- drafts ----------------------------------------------------------------------------------
+
+    def keep_draft(self, quiet: bool = True) -> None:
+        """Save the box's unsent text as the open chat's draft, when it changed; a database
+        that refuses it (locked, full) costs a notice at most, never the chat or quitting."""
+        if not self._opened:
+            return
+        with suppress(NoMatches):  # gone while the app closes: its last text was followed
+            self._typed = self.prompt.text
+        cid, text = self.conversation_id, self._typed
+        if text == self._draft_stored:
+            return
+        _, error = attempt(lambda: self.service.save_draft(cid, text))
+        if error is None:
+            self._draft_stored = text
+        elif not quiet:
+            self.notify(error, title="Unsent text not kept", severity="warning", timeout=10)
+
+    def on_text_area_changed(self, event: TextArea.Changed) -> None:
+        if isinstance(event.text_area, PromptInput):
+            self._typed = event.text_area.text
+
+    def _restore_draft(self) -> None:
+        """The open chat's draft into the box, as typed (plain text, never markup)."""
+        cid = self.conversation_id
+        text, _ = attempt(lambda: self.service.draft(cid))
+        self._draft_stored = text = text or ""
+        self.prompt.text = self._typed = text
+        self.prompt.move_cursor(self.prompt.document.end)
 
     def _leave(self) -> None:
         """Let go of the open chat: stop its rebuild and release it for other windows."""
@@ -275,8 +320,15 @@ class ChatPane(Vertical):
             self.notify(event.error, title="Memory", severity="error", timeout=10)
         elif event.report is not None:
             self._memory_notice(event.conversation_id, event.report)
+        self._low_disk_notice()
         if not self.generating:
             self.show_status(event.status)
+
+    def _low_disk_notice(self) -> None:
+        """Once a session, that a memory was not saved for lack of disk space."""
+        notice, _ = attempt(self.service.low_disk_notice)
+        if notice:
+            self.notify(notice, title="Disk nearly full", severity="warning", timeout=20)
 
     def _memory_notice(self, conversation_id: int, report: Any) -> None:
         """Say how the memory was made ready, once per report: a chat switched back to that
@@ -395,6 +447,7 @@ class ChatPane(Vertical):
                 return
         text = event.text.strip()
         self.prompt.clear()
+        self._draft_stored = ""  # the store drops the draft with the message it became
         await self.chat_view.add_message("user", text)
         await self._start_reply(cid, text)
 
@@ -506,6 +559,7 @@ class ChatPane(Vertical):
                 self.notify(event.error, title="Reply failed", severity="error", timeout=10)
             elif event.notice:
                 self.notify(event.notice, severity="warning", timeout=10)
+            self._low_disk_notice()
         self.show_status(event.status)
         self.post_message(self.ListChanged())
 
@@ -582,7 +636,14 @@ class ChatPane(Vertical):
             self._rebuild_cancel.set()
         if not self._reply_done.is_set():
             await asyncio.to_thread(self._reply_done.wait, QUIT_WAIT_S)
+        self.keep_draft()
+        self._draft_kept = True
         self._leave()
+
+    def on_unmount(self) -> None:
+        """The app ends another way than Ctrl+Q (its own exit): the draft is kept still."""
+        if not self._draft_kept:
+            self.keep_draft()
 
     # -- copying ---------------------------------------------------------------------------------
 
