@@ -415,7 +415,7 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
     from ccm_chat.engine.ccm.files import EXTRA_DIRS_ENV, user_compressor_dir
 
     try:
-        from ccm_chat.engine.ccm.recipe import train_compressor  # torch: only when training
+        from ccm_chat.training.recipe import train_compressor  # torch: only when training
     except ImportError as exc:
         raise ValueError(f"Training needs {exc.name}, which is not installed: "
                          "pip install 'ccm-chat[train]'.") from exc
@@ -424,8 +424,8 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
     model = getattr(args, "model", None)
     out = args.out or user_compressor_dir() / (
         f"{resolve_model_path(model, allow_dir=True).stem}-ccm-{args.method}-n{args.n_comp}")
-    from ccm_chat.engine.ccm.parallel import world
-    from ccm_chat.engine.ccm.train import TrainConfig
+    from ccm_chat.training.parallel import world
+    from ccm_chat.training.train import TrainConfig
 
     processes = world(args.device).size
     batch = processes if args.batch is None else args.batch
@@ -434,15 +434,14 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
                          "a multiple of their number")
     if args.max_tokens < 256:
         raise ValueError("--max-tokens below 256 leaves no room for a dialogue")
-    config = TrainConfig(kl_weight=args.kl_weight, every_reply=not args.last_reply_only,
-                         max_window=args.max_window, max_exchanges=args.max_exchanges,
-                         max_distance=args.max_distance, max_tokens=args.max_tokens,
-                         batch=batch)
+    config = TrainConfig(steps=args.steps, lr=args.lr, kl_weight=args.kl_weight,
+                         every_reply=not args.last_reply_only, max_window=args.max_window,
+                         max_exchanges=args.max_exchanges, max_distance=args.max_distance,
+                         max_tokens=args.max_tokens, batch=batch)
     card = train_compressor(
-        model, out, steps=args.steps, n_comp=args.n_comp,
-        rank=args.rank, lr=args.lr, device=args.device, eval_episodes=args.eval_episodes,
-        method=args.method, max_seconds=args.max_seconds, config=config, dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing,
+        model, out, config, n_comp=args.n_comp, rank=args.rank, method=args.method,
+        device=args.device, eval_episodes=args.eval_episodes, max_seconds=args.max_seconds,
+        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         random_weights=args.random_weights,
     )
     if not card:  # a data-parallel run's other processes: the first one reports

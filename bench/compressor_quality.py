@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ccm_chat.engine.ccm.data import (
+from ccm_chat.engine.ccm.files import CARD
+from ccm_chat.training.data import (
     Corpus,
     ExchangeTokens,
     Probe,
@@ -30,8 +31,7 @@ from ccm_chat.engine.ccm.data import (
     next_turn_probes,
     recall_probes,
 )
-from ccm_chat.engine.ccm.evaluate import Read, longchat_cases, probe_cells, probe_nll
-from ccm_chat.engine.ccm.files import CARD
+from ccm_chat.training.evaluate import Read, longchat_cases, probe_cells, probe_nll
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import write_result  # noqa: E402

@@ -16,9 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ccm_chat.engine.ccm.compressor import Compressor
-from ccm_chat.engine.ccm.data import Dialogue
-from ccm_chat.engine.ccm.train import TrainConfig, dialogue_loss, plan_for
 from ccm_chat.engine.hf_weights import torch_placement
+from ccm_chat.training.data import Dialogue
+from ccm_chat.training.train import TrainConfig, dialogue_loss, plan_for
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

@@ -49,7 +49,7 @@ FACTS = [
 def dialogues(split: str) -> list[list[tuple[str, str]]]:
     """The split's dialogues from every corpus the compressor's training split by (the
     shipped compressor never saw validation or test)."""
-    from ccm_chat.engine.ccm.data import load_corpora, split_of
+    from ccm_chat.training.data import load_corpora, split_of
 
     return [exchanges for key, exchanges in sorted(load_corpora().items())
             if split_of(key) == split]

@@ -44,7 +44,7 @@ if _backend_arg() == "hf":  # torch before llama_cpp, which the engine imports f
     import torch  # noqa: F401
 
 from ccm_chat.engine import ContextFullError, Engine, SamplingParams  # noqa: E402
-from ccm_chat.engine.ccm.data import CHITCHAT_ENV, chitchat_pool, load_chitchat  # noqa: E402
+from ccm_chat.training.data import CHITCHAT_ENV, chitchat_pool, load_chitchat  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import write_result  # noqa: E402

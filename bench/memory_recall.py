@@ -54,7 +54,7 @@ FACTS = [
 
 
 def dialogues(split: str) -> list[list[tuple[str, str]]]:
-    from ccm_chat.engine.ccm.data import load_corpora, split_of
+    from ccm_chat.training.data import load_corpora, split_of
 
     return [ex for key, ex in sorted(load_corpora().items())
             if split_of(key) == split and len(ex) >= 4]

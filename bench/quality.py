@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 
 from ccm_chat.engine.ccm.compressor import Compressor
-from ccm_chat.engine.ccm.data import (
+from ccm_chat.engine.ccm.files import CARD, CompressorFiles
+from ccm_chat.training.data import (
     chitchat_pool,
     conversation_episode,
     load_chitchat,
     recall_cases,
 )
-from ccm_chat.engine.ccm.evaluate import Memory, longchat_cases, perplexity, recall_accuracy
-from ccm_chat.engine.ccm.files import CARD, CompressorFiles
-from ccm_chat.engine.ccm.recipe import load_for_training, model_tokens
+from ccm_chat.training.evaluate import Memory, longchat_cases, perplexity, recall_accuracy
+from ccm_chat.training.recipe import load_for_training, model_tokens
 
 from machine import write_result  # isort: skip  (bench/ is sys.path[0])
 

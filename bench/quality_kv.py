@@ -25,9 +25,9 @@ from quality import datasets, model_tokens_of, result_row, table  # isort: skip
 from machine import write_result  # isort: skip
 from scoring import mean_nll  # isort: skip
 
-from ccm_chat.engine.ccm.data import Episode  # noqa: E402
-from ccm_chat.engine.ccm.evaluate import Memory  # noqa: E402
 from ccm_chat.engine.llama_backend import LlamaContext  # noqa: E402
+from ccm_chat.training.data import Episode  # noqa: E402
+from ccm_chat.training.evaluate import Memory  # noqa: E402
 
 # bits a value takes in llama.cpp's cache: q8_0 is 32 int8 + an f16 scale per block
 BITS = {"f16": 16.0, "q8_0": 8.5, "q4_0": 4.5}

@@ -35,7 +35,7 @@ ACK = "Thanks for telling me, I'll remember that."
 
 
 def pool(split: str, size: int, seed: int) -> list[tuple[str, str]]:
-    from ccm_chat.engine.ccm.data import load_corpora, split_of
+    from ccm_chat.training.data import load_corpora, split_of
 
     dialogues = [ex for key, ex in sorted(load_corpora().items()) if split_of(key) == split]
     random.Random(seed).shuffle(dialogues)

@@ -23,8 +23,8 @@ from pathlib import Path
 from ccm_chat.app.service import ChatService
 from ccm_chat.app.settings import Settings
 from ccm_chat.engine import Engine, SamplingParams
-from ccm_chat.engine.ccm.data import default_data_dir, read_dialogue
 from ccm_chat.storage import Store
+from ccm_chat.training.data import default_data_dir, read_dialogue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import write_result  # noqa: E402

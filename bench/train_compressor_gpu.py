@@ -11,8 +11,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ccm_chat.engine.ccm.recipe import train_compressor
-from ccm_chat.engine.ccm.train import TrainConfig
+from ccm_chat.training.recipe import train_compressor
+from ccm_chat.training.train import TrainConfig
 
 
 def main() -> None:

@@ -33,9 +33,9 @@ from machine import write_result  # noqa: E402
 from scale_shapes import SHAPES, hf_config, tiny_shape  # noqa: E402
 
 from ccm_chat.engine.ccm.compressor import Compressor  # noqa: E402
-from ccm_chat.engine.ccm.data import Dialogue  # noqa: E402
-from ccm_chat.engine.ccm.parallel import Step, World  # noqa: E402
-from ccm_chat.engine.ccm.train import (  # noqa: E402
+from ccm_chat.training.data import Dialogue  # noqa: E402
+from ccm_chat.training.parallel import Step, World  # noqa: E402
+from ccm_chat.training.train import (  # noqa: E402
     Plan,
     TrainConfig,
     enable_checkpointing,
@@ -73,8 +73,8 @@ def _summary(values: list[int]) -> dict:
 
 
 def profile(steps: int, out: Path, caps: list[int]) -> None:
-    from ccm_chat.engine.ccm.data import Corpus, ExchangeTokens, load_corpora, training_dialogue
-    from ccm_chat.engine.ccm.recipe import load_for_training, model_tokens
+    from ccm_chat.training.data import Corpus, ExchangeTokens, load_corpora, training_dialogue
+    from ccm_chat.training.recipe import load_for_training, model_tokens
 
     _, _, tokenizer = load_for_training(None, "cpu")
     corpus = Corpus(load_corpora(), "train", ExchangeTokens(model_tokens(tokenizer)))
@@ -119,7 +119,7 @@ class Bench:
     timed steps."""
 
     def __init__(self, name: str, device: str) -> None:
-        from ccm_chat.engine.ccm.recipe import random_model
+        from ccm_chat.training.recipe import random_model
 
         self.name, self.device = name, torch.device(device)
         shape = SHAPES[name] if name in SHAPES else tiny_shape(name.split("-")[1])

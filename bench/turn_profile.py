@@ -60,7 +60,7 @@ if _backend_arg() == "hf":  # torch before llama_cpp, which the engine imports f
     import torch
 
 from ccm_chat.engine import Engine, SamplingParams  # noqa: E402  isort: skip
-from ccm_chat.engine.ccm.data import default_data_dir, read_dialogue  # noqa: E402  isort: skip
+from ccm_chat.training.data import default_data_dir, read_dialogue  # noqa: E402  isort: skip
 from ccm_chat.engine.kv_memory import KVMemory  # noqa: E402  isort: skip
 import numpy as np  # noqa: E402  isort: skip  (after llama_cpp: first, it segfaults on the GPU host)
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("app", "engine", "storage", "ui")
-# what each layer may import from the others (ui -> app -> (engine, storage))
-ALLOWED = {"ui": {"app"}, "app": {"engine", "storage"}, "engine": set(), "storage": set()}
+LAYERS = ("app", "engine", "storage", "training", "ui")
+# what each layer may import from the others (ui -> app -> (engine, storage, training);
+# training -> engine: the chat's runtime never imports training)
+ALLOWED = {"ui": {"app"}, "app": {"engine", "storage", "training"}, "engine": set(),
+           "storage": set(), "training": {"engine"}}
 MAX_LINES = 500
 # modules still over MAX_LINES, being split now (issue 27): the check below names them
 STILL_OVER = ("engine/ccm/train.py", "ui/widgets/chat_pane.py")

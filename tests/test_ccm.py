@@ -133,8 +133,8 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from ccm_chat.engine import Engine
-    from ccm_chat.engine.ccm.export import export_lora_gguf
     from ccm_chat.engine.hf_weights import converted_dir
+    from ccm_chat.training.export import export_lora_gguf
 
     source = converted_dir(hf_engine.info.model_path, hf_engine.model.cache_dir)
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -200,7 +200,7 @@ def test_llama_cpp_runs_the_exported_adapter_like_transformers(hf_engine, tmp_pa
 def recall_dialogue(step: int, seed: int = 0):
     """A fact (token) planted in the first exchange, asked for in the last; filler between.
     Every exchange is (user tokens, reply tokens); all replies are scored."""
-    from ccm_chat.engine.ccm.data import Dialogue
+    from ccm_chat.training.data import Dialogue
 
     g = torch.Generator().manual_seed(seed * 100_000 + step)
     fact = int(torch.randint(10, 97, (1,), generator=g))
@@ -209,7 +209,7 @@ def recall_dialogue(step: int, seed: int = 0):
 
 
 def tiny_config(**kw):
-    from ccm_chat.engine.ccm.train import TrainConfig
+    from ccm_chat.training.train import TrainConfig
 
     return TrainConfig(**{"steps": 6, "lr": 1e-2, "warmup": 2, "max_window": 1,
                           "checkpoint_every": 3, **kw})
@@ -258,7 +258,7 @@ def test_kl_to_the_full_context_model_is_zero_where_nothing_is_compressed() -> N
     """The teacher reads the whole history with the adapter off: a read block holding all
     of it verbatim is the teacher, so KL = 0 and the NLL is the base model's; through the
     slots both move."""
-    from ccm_chat.engine.ccm.train import Plan, dialogue_loss
+    from ccm_chat.training.train import Plan, dialogue_loss
 
     model, comp = with_active_lora(n_comp=2, std=0.2)
     dialogue = recall_dialogue(0)
@@ -277,8 +277,8 @@ def test_kl_to_the_full_context_model_is_zero_where_nothing_is_compressed() -> N
 def test_a_step_scores_every_reply_and_reads_the_planted_questions_hybrid() -> None:
     import random
 
-    from ccm_chat.engine.ccm.data import Dialogue
-    from ccm_chat.engine.ccm.train import plan_for
+    from ccm_chat.training.data import Dialogue
+    from ccm_chat.training.train import plan_for
 
     dialogue = Dialogue([[1, 2, 3]] * 30, [1] * 30, ((3, 20),))
     plan = plan_for(dialogue, tiny_config(reads=4), random.Random(0), window=3)
@@ -289,7 +289,7 @@ def test_a_step_scores_every_reply_and_reads_the_planted_questions_hybrid() -> N
 
 
 def test_training_learns_to_recall_through_the_comp_slots(tmp_path) -> None:
-    from ccm_chat.engine.ccm.train import Plan, dialogue_loss, train
+    from ccm_chat.training.train import Plan, dialogue_loss, train
 
     model, comp = with_active_lora(n_comp=2, std=0.0)
     held_out = [recall_dialogue(step, seed=7) for step in range(16)]  # other facts
@@ -313,7 +313,7 @@ def test_training_learns_to_recall_through_the_comp_slots(tmp_path) -> None:
 def test_training_resumes_exactly_where_it_stopped(tmp_path) -> None:
     """3 steps, stop, 3 more from the checkpoint == 6 steps straight: the same weights, the
     same AdamW moments, the same losses (the data at a step is a function of the step)."""
-    from ccm_chat.engine.ccm.train import STATE, read_run_state, train
+    from ccm_chat.training.train import STATE, read_run_state, train
 
     def run(out, stops):
         _, comp = with_active_lora(n_comp=2, std=0.0)
@@ -343,12 +343,28 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path) -> None:
                                                  strict=True))
 
 
+def test_a_resume_with_another_training_config_is_refused(tmp_path) -> None:
+    """The checkpoint keeps the run's TrainConfig: going on under another (a different lr,
+    schedule, data) is refused by name; only when it writes may change."""
+    from ccm_chat.training.train import STATE, train
+
+    _, comp = with_active_lora(n_comp=2, std=0.0)
+    train(comp, recall_dialogue, tiny_config(), tmp_path, show_progress=False, until=3)
+    assert '"lr": 0.01' in (tmp_path / STATE).read_text()
+    refused = r"another training config \(steps 6 -> 8, lr 0.01 -> 0.02\)"
+    with pytest.raises(ValueError, match=refused):
+        train(comp, recall_dialogue, tiny_config(lr=2e-2, steps=8), tmp_path,
+              show_progress=False)
+    log = train(comp, recall_dialogue, tiny_config(checkpoint_every=1), tmp_path,
+                show_progress=False)
+    assert [r["step"] for r in log] == [4, 5, 6]
+
 def test_dialogue_data_splits_three_ways_and_plants_facts(
         hf_engine, monkeypatch: pytest.MonkeyPatch) -> None:
     import random
     from collections import Counter
 
-    from ccm_chat.engine.ccm.data import (
+    from ccm_chat.training.data import (
         Corpus,
         ExchangeTokens,
         load_corpora,
@@ -357,7 +373,7 @@ def test_dialogue_data_splits_three_ways_and_plants_facts(
         split_of,
         training_dialogue,
     )
-    from ccm_chat.engine.ccm.recipe import model_tokens
+    from ccm_chat.training.recipe import model_tokens
 
     monkeypatch.delenv("CCM_CHAT_DATA", raising=False)  # the sets shipped in the package
     conversations = load_corpora()
@@ -392,7 +408,7 @@ def test_dialogue_data_splits_three_ways_and_plants_facts(
 
 
 def test_episodes_split_and_shape(hf_engine) -> None:
-    from ccm_chat.engine.ccm.data import (
+    from ccm_chat.training.data import (
         POOLS,
         _held_value,
         chitchat_episodes,
@@ -401,7 +417,7 @@ def test_episodes_split_and_shape(hf_engine) -> None:
         load_chitchat,
         recall_cases,
     )
-    from ccm_chat.engine.ccm.recipe import model_tokens
+    from ccm_chat.training.recipe import model_tokens
 
     conversations = load_chitchat()
     held = [cid for cid in conversations if held_apart(cid)]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ccm_chat.engine.ccm.data import DATA_ENV, default_data_dir, load_corpora
+from ccm_chat.training.data import DATA_ENV, default_data_dir, load_corpora
 
 SETS = ("topical_chat", "synthetic_persona_chat", "memorybank_en")
 

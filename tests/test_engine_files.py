@@ -44,7 +44,7 @@ class _WritesAFile:
 def test_resume_refuses_a_pickled_optimizer_checkpoint_without_running_it(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from ccm_chat.engine.ccm.train import CHECKPOINT, STATE, train
+    from ccm_chat.training.train import CHECKPOINT, STATE, train
 
     _, comp = with_active_lora(n_comp=2, std=0.0)
     out, marker = tmp_path / "run", tmp_path / "PWNED"
@@ -62,7 +62,7 @@ def test_resume_refuses_a_pickled_optimizer_checkpoint_without_running_it(tmp_pa
 def test_a_checkpoint_written_by_training_resumes_exactly(tmp_path) -> None:
     """A step, stop, a step more from the checkpoint == 2 straight; the checkpoint is
     tensors and JSON only."""
-    from ccm_chat.engine.ccm.train import read_run_state, train
+    from ccm_chat.training.train import read_run_state, train
 
     def run(out: Path, stops: list[int | None]):
         _, comp = with_active_lora(n_comp=2, std=0.0)

@@ -31,3 +31,17 @@ def test_a_config_without_weights_and_random_weights_without_a_folder_are_told(
     assert "needs a transformers model folder" in capsys.readouterr().err
     assert main(["train-compressor", "--batch", "0", "--out", str(tmp_path / "out")]) == 2
     assert "--batch 0" in capsys.readouterr().err
+
+
+def test_the_cli_builds_the_one_training_config(tmp_path, monkeypatch) -> None:
+    """The flags become one TrainConfig; train_compressor takes it and no steps/lr of its own."""
+    from ccm_chat.training import recipe
+    from ccm_chat.training.train import TrainConfig
+
+    seen = {}
+    monkeypatch.setattr(recipe, "train_compressor",
+                        lambda model, out, config, **kw: seen.update(config=config, **kw) or {})
+    assert main(["train-compressor", "--steps", "7", "--lr", "0.001", "--kl-weight", "0.5",
+                 "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    assert seen["config"] == TrainConfig(steps=7, lr=0.001, kl_weight=0.5)
+    assert not {"steps", "lr", "seed"} & set(seen)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from ccm_chat.engine.ccm import ConditionalLoRALinear
-from ccm_chat.engine.ccm import train as train_module
+from ccm_chat.training import train as train_module
 from tests.test_ccm import recall_dialogue, tiny_config, with_active_lora
 
 
 def _grads(checkpointing: bool, chunk: int | None = None, method: str = "concat"):
-    from ccm_chat.engine.ccm.train import Plan, dialogue_loss, enable_checkpointing
+    from ccm_chat.training.train import Plan, dialogue_loss, enable_checkpointing
 
     model, comp = with_active_lora(n_comp=2, std=0.2, method=method)
     if checkpointing:
@@ -46,7 +46,7 @@ def test_checkpointed_layers_and_chunked_loss_give_the_plain_gradients() -> None
 def test_a_recomputed_layer_sees_the_comp_rows_of_its_forward() -> None:
     """Without putting the gate back, a recomputed layer would run with no <COMP> rows (the
     LoRA off) and the normal attention: the LoRA's gradient would be wrong or fail."""
-    from ccm_chat.engine.ccm.train import enable_checkpointing
+    from ccm_chat.training.train import enable_checkpointing
 
     model, comp = with_active_lora(n_comp=2, std=0.2)
     enable_checkpointing(comp)
@@ -58,7 +58,7 @@ def test_a_recomputed_layer_sees_the_comp_rows_of_its_forward() -> None:
 
 
 def _grads_on(comp) -> None:
-    from ccm_chat.engine.ccm.train import Plan, dialogue_loss
+    from ccm_chat.training.train import Plan, dialogue_loss
 
     comp.model.train()
     for p in comp.trainable():

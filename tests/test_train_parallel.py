@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ccm_chat.engine.ccm.train import _trainable_state, train
+from ccm_chat.training.train import _trainable_state, train
 from tests.test_ccm import recall_dialogue, tiny_config, with_active_lora
 from tests.train_parallel_worker import BATCH, STEPS
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ccm_chat.engine.ccm import parallel
-from ccm_chat.engine.ccm.train import _trainable_state, train
+from ccm_chat.training import parallel
+from ccm_chat.training.train import _trainable_state, train
 from tests.test_ccm import recall_dialogue, tiny_config, with_active_lora
 
 STEPS, BATCH = 6, 2

@@ -1,8 +1,9 @@
-"""Compressed Context Memory (Kim et al., ICLR 2024): the trainable compressor, in PyTorch.
+"""Compressed Context Memory (Kim et al., ICLR 2024): the compressor the chat runs, in PyTorch.
 
-The pieces (a <COMP> table, a conditional LoRA, the episode layouts of CCM-concat and
-CCM-merge), the parallel masked forward used in training and the recursive loop it must
-match, training, and export to llama.cpp. Loaded on first use: the engine imports
+The pieces the runtime needs (a <COMP> table, a conditional LoRA, the episode layouts of
+CCM-concat and CCM-merge, the masked attention, the compressor folders); training, its data,
+evaluation and export to llama.cpp live apart in `ccm_chat.training` (the train extra), which
+imports this package and never the other way round. Loaded on first use: the engine imports
 `engine.ccm.files` (torch-free) at every start, and torch only when a compressor runs.
 """
 

@@ -213,16 +213,6 @@ def recall_cases(tok: Tokens, pool: list[list[tuple[str, str]]], held_out: bool,
         yield RecallCase(episode, [tok.reply(answer.format(v=v)) for v in picks], len(filler))
 
 
-def mixed_episodes(tok: Tokens, pool: list[list[tuple[str, str]]], seed: int = 0,
-                   recall_share: float = 0.5) -> Iterator[Episode]:
-    """Training stream: chitchat windows and recall dialogues, mixed."""
-    rng = random.Random(seed + 1)
-    chat = chitchat_episodes(tok, pool, seed)
-    recall = recall_cases(tok, pool, held_out=False, seed=seed)
-    while True:
-        yield next(recall).episode if rng.random() < recall_share else next(chat)
-
-
 # -- dialogues: every exchange's reply scored, many corpora, long episodes --------------------
 
 SPLITS = ("train", "validation", "test")

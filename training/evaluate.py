@@ -11,7 +11,6 @@ likelihood: the right answer must have the lowest NLL among distractors.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ import torch
 from torch.nn import functional as F
 
 from ccm_chat.engine.ccm.compressor import Compressor
-from ccm_chat.engine.ccm.data import Episode, RecallCase, Tokens
 from ccm_chat.engine.ccm.layout import Block, block_layout
 from ccm_chat.engine.config import SINK_TOKENS
+from ccm_chat.training.data import Episode, RecallCase, Tokens
 
 
 @dataclass(frozen=True)
@@ -187,14 +186,6 @@ def probe_nll(compressor: Compressor, probe, read: Read) -> list[tuple[float, in
     target = torch.tensor([t for a in probe.answers for t in a], device=device)
     token = -logp.gather(1, target[:, None])[:, 0]
     return [(float(token[a:a + n].sum()), n) for a, n in spans]
-
-
-def probe_perplexity(compressor: Compressor, probes, read: Read) -> float:
-    total = count = 0.0
-    for probe in probes:
-        nll, n = probe_nll(compressor, probe, read)[0]
-        total, count = total + nll, count + n
-    return math.exp(total / max(count, 1))
 
 
 def probe_recall(compressor: Compressor, probes, read: Read) -> float:

@@ -31,10 +31,10 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from ccm_chat.engine.ccm import parallel
 from ccm_chat.engine.ccm.compressor import Compressor
-from ccm_chat.engine.ccm.data import Dialogue, Episode
 from ccm_chat.engine.ccm.layout import Block, block_layout
+from ccm_chat.training import parallel
+from ccm_chat.training.data import Dialogue
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
@@ -43,6 +43,8 @@ OPTIMIZER_STATE = "checkpoint_optimizer.json"  # the rest of the optimizer, sche
 LEGACY_OPTIMIZER = "checkpoint_optimizer.pt"  # what runs wrote before: a torch pickle
 LOG = "train_log.jsonl"
 LOGIT_CHUNK = 1 << 26  # float32 logits held at once in the loss: 256 MB
+# what a resumed run may set otherwise than the checkpoint's config (when it writes, not what)
+RESUMABLE_CHANGES = ("checkpoint_every", "eval_every")
 
 
 @dataclass(frozen=True)
@@ -197,16 +199,6 @@ def _chunk_losses(head, hidden, targets, teacher_hidden):
     with torch.no_grad():
         tl = F.log_softmax(head(teacher_hidden).float(), -1)
     return nll, (tl.exp() * (tl - logp)).sum(-1)
-
-
-def episode_loss(compressor: Compressor, episode: Episode) -> torch.Tensor:
-    """Mean NLL of an Episode's final reply, reading the context only through the slots."""
-    final = episode.prompt + episode.reply
-    dialogue = Dialogue([*episode.context, final],
-                        [len(c) for c in episode.context] + [len(episode.prompt)])
-    plan = Plan(0, [len(episode.context)], [])
-    config = TrainConfig(kl_weight=0.0)
-    return dialogue_loss(compressor, dialogue, plan, config, teacher=False)["loss"]
 
 
 def _trainable_state(compressor: Compressor) -> dict[str, torch.Tensor]:
@@ -488,15 +480,20 @@ def _resume(out_dir: Path, compressor: Compressor, optimizer, scheduler,
     try:
         state = json.loads((out_dir / STATE).read_text())
         step = state["step"]
-        batch = state.get("config", {}).get("batch", 1)
+        saved_config = dict(state.get("config", {}))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{out_dir / STATE} is not a training checkpoint ({exc}); start a "
                          "new run in an empty --out folder.") from exc
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"{out_dir / STATE} gives no step to resume at ({step!r}).")
-    if batch != config.batch:
-        raise ValueError(f"the checkpoint in {out_dir} was made with {batch} dialogues a step "
-                         f"(--batch); resume it with the same")
+    saved_config.setdefault("batch", 1)  # written before the config was
+    now = asdict(config)
+    changed = [f"{k} {saved_config[k]!r} -> {now[k]!r}" for k in now
+               if k in saved_config and k not in RESUMABLE_CHANGES and saved_config[k] != now[k]]
+    if changed:
+        raise ValueError(f"The checkpoint in {out_dir} was made with another training config "
+                         f"({', '.join(changed)}); resume it with the same settings, or start "
+                         "a new run in an empty --out folder.")
     has_optimizer = (out_dir / OPTIMIZER_STATE).exists() or (out_dir / LEGACY_OPTIMIZER).exists()
     saved = read_run_state(out_dir) if has_optimizer else None  # checked before any change
     try:

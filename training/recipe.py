@@ -13,16 +13,19 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ccm_chat.engine.ccm import parallel
 from ccm_chat.engine.ccm.compressor import Compressor
-from ccm_chat.engine.ccm.data import (
+from ccm_chat.engine.ccm.files import ADAPTER, CARD, VECTORS, WEIGHTS
+from ccm_chat.engine.hf_weights import load_pretrained, torch_placement
+from ccm_chat.engine.models import model_cache_dir, model_fingerprint, resolve_model_path
+from ccm_chat.training import parallel
+from ccm_chat.training.data import (
     Corpus,
     ExchangeTokens,
     Tokens,
@@ -30,9 +33,8 @@ from ccm_chat.engine.ccm.data import (
     recall_probes,
     training_dialogue,
 )
-from ccm_chat.engine.ccm.evaluate import Read, probe_recall
-from ccm_chat.engine.ccm.files import ADAPTER, CARD, VECTORS, WEIGHTS
-from ccm_chat.engine.ccm.train import (
+from ccm_chat.training.evaluate import Read, probe_recall
+from ccm_chat.training.train import (
     TrainConfig,
     _trainable_state,
     dialogue_loss,
@@ -40,8 +42,6 @@ from ccm_chat.engine.ccm.train import (
     plan_for,
     train,
 )
-from ccm_chat.engine.hf_weights import load_pretrained, torch_placement
-from ccm_chat.engine.models import model_cache_dir, model_fingerprint, resolve_model_path
 
 RECALL_DISTANCES = (2, 8, 32, 128)
 
@@ -145,17 +145,15 @@ class Validation:
 def train_compressor(
     model: str | None,
     out: Path,
-    steps: int = 500,
+    config: TrainConfig | None = None,
+    *,
     n_comp: int = 2,
     method: str = "concat",
     rank: int = 8,
     alpha: float = 16.0,
-    lr: float = 3e-4,
     device: str = "auto",
     eval_episodes: int = 50,
-    seed: int = 0,
     max_seconds: float | None = None,
-    config: TrainConfig | None = None,
     recall_per_distance: int | None = None,
     data_dir: Path | None = None,
     show_progress: bool = True,
@@ -164,24 +162,28 @@ def train_compressor(
     gradient_checkpointing: bool | None = None,
     random_weights: bool = False,
 ) -> dict:
-    """Train (or resume) a compressor into `out` and write the files the app loads. The
-    keyword arguments the CLI passes win over `config`'s. `gradient_checkpointing` None: on
-    for models of a billion parameters or more on CUDA. Under a launcher (torchrun,
+    """Train (or resume) a compressor into `out` and write the files the app loads.
+    `config` (default: TrainConfig()) is how it trains, the one place steps, lr, seed and the
+    rest are set; it is saved in the checkpoint and in the card, and a resume with another is
+    refused. The other arguments are the compressor's shape (n_comp, method, rank, alpha),
+    where and how the model runs, and how the run is watched. `gradient_checkpointing` None:
+    on for models of a billion parameters or more on CUDA. Under a launcher (torchrun,
     accelerate launch) every process trains its share of each step and the first one
     evaluates and writes the files; the others return an empty card."""
-    config = replace(config or TrainConfig(), steps=steps, lr=lr, seed=seed)
+    config = config or TrainConfig()
     # steps of very different lengths fragment the allocator's fixed segments: on an
     # emulated 24 GB card the 8B ran out of memory with 21.4 GiB allocated (bench/train_scale)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     here = parallel.world(device)  # before loading: each process takes its own GPU
-    path, hf, tokenizer = load_for_training(model, device, dtype, random_weights, seed)
+    path, hf, tokenizer = load_for_training(model, device, dtype, random_weights,
+                                          config.seed)
     if hf.device.type != "cuda":
         config = config.for_cpu()
         recall_distances = tuple(d for d in recall_distances if d < config.max_exchanges)
     if gradient_checkpointing is None:
         gradient_checkpointing = (hf.device.type == "cuda"
                                   and sum(p.numel() for p in hf.parameters()) >= 1e9)
-    torch.manual_seed(seed)
+    torch.manual_seed(config.seed)
     compressor = Compressor(hf, n_comp=n_comp, rank=rank, alpha=alpha,
                             method=method).to(hf.device)
     if gradient_checkpointing:
@@ -206,14 +208,14 @@ def train_compressor(
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     save_file(_trainable_state(compressor), out / WEIGHTS)
-    from ccm_chat.engine.ccm.export import export_lora_gguf  # the gguf package: only when writing
+    from ccm_chat.training.export import export_lora_gguf  # the gguf package: only when writing
 
     export_lora_gguf(hf, out / ADAPTER, alpha)
     np.save(out / VECTORS, compressor.comp.detach().float().cpu().numpy())
     step = json.loads((out / "checkpoint.json").read_text())["step"]
     card = {
         "base_model": path.name, "base_fingerprint": model_fingerprint(path),
-        "method": method, "n_comp": n_comp, "rank": rank, "alpha": alpha, "lr": lr,
+        "method": method, "n_comp": n_comp, "rank": rank, "alpha": alpha, "lr": config.lr,
         "steps": step, "device": str(hf.device), "dtype": str(hf.dtype).removeprefix("torch."),
         "processes": here.size, "gradient_checkpointing": gradient_checkpointing,
         **({"random_weights": "random base weights: speed and memory only, of no use to "
