@@ -45,7 +45,7 @@ test-fast: lint
 MYPY_SRC := $(VENV)/mypy-src
 typecheck: $(STAMP)
 	mkdir -p $(MYPY_SRC)/ccm_chat
-	for p in app engine ui storage assets; do ln -sfn $(CURDIR)/$$p $(MYPY_SRC)/ccm_chat/$$p; done
+	for p in app engine ui storage assets training; do ln -sfn $(CURDIR)/$$p $(MYPY_SRC)/ccm_chat/$$p; done
 	MYPYPATH=$(MYPY_SRC) $(VENV)/bin/mypy
 
 clean:

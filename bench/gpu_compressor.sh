@@ -24,7 +24,7 @@ stage)
   stage_first ;;
 start)
   stage_rest && source_tree || exit 1
-  python3 -c "from ccm_chat.engine.ccm.recipe import load_for_training; load_for_training(None, 'gpu')" \
+  python3 -c "from ccm_chat.training.recipe import load_for_training; load_for_training(None, 'gpu')" \
     || exit 1
   mkdir -p $R
   for n in 1 2 4; do

@@ -48,7 +48,7 @@ S=/root/stage
 # The repository's folders importable as ccm_chat.* without installing (what the editable
 # install does on the dev machine): links under /tmp/ns, which goes on PYTHONPATH.
 source_tree() {
-  mkdir -p /tmp/ns/ccm_chat && for p in app engine storage ui assets; do
+  mkdir -p /tmp/ns/ccm_chat && for p in app engine storage ui assets training; do
     ln -sfn "$PWD/$p" /tmp/ns/ccm_chat/$p
   done
 }

@@ -7,7 +7,7 @@ Side by side in one process, on the llama.cpp engine and the default model:
   likelihood against 3 distractors (chance 0.25), at the same checkpoints of the same pass;
 - cells and bytes held, and the ratio to the full context.
 
-The dialogues come from the corpora the compressor trains on (engine.ccm.data.load_corpora),
+The dialogues come from the corpora the compressor trains on (training.data.load_corpora),
 split by id hash: `--split validation` is what a level's verbatim share is chosen on
 (`--shares`), `--split test` gives the reported table; the shipped compressor saw neither.
 

@@ -1,7 +1,7 @@
 """What each memory remembers, side by side in one run: far-back recall, next-turn NLL, cells.
 
 Long chats of held-apart dialogue (the test split of the corpora the compressor trains on, see
-engine.ccm.data; the compressor never saw them), a fact planted in the first exchange with
+training.data; the compressor never saw them), a fact planted in the first exchange with
 values it never trained on. Every memory walks the same chats, teacher-forced; at each
 checkpoint it is asked for the fact by likelihood of the right answer against 3 distractors
 (chance 0.25), once in the fact's own words and once in words it does not share (where

@@ -364,7 +364,7 @@ def write_compressor(shape: Shape, model_path: Path, folder: Path, fingerprint: 
     (engine/ccm/files.py): the card tied to `fingerprint` (the model file's sha256), the
     <COMP> table and LoRA as `compressor.safetensors` (the names `ccm-chat train-compressor`
     writes), the LoRA as a llama.cpp adapter `lora.gguf` (the names and the f32 layout of
-    engine/ccm/export.py) and `comp_vectors.npy`."""
+    training/export.py) and `comp_vectors.npy`."""
     import gguf
     from safetensors.numpy import save_file
 

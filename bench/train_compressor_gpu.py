@@ -20,6 +20,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default=None, help="a .gguf file (default: the embedded one)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="gpu")
+    parser.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"),
+                        default="auto", help="auto: on for models of 1B parameters or more")
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--method", default="concat")
@@ -32,11 +34,12 @@ def main() -> None:
                             default=f.default)
     args = parser.parse_args()
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    card = train_compressor(args.model, args.out, steps=config.steps, n_comp=args.n,
-                            method=args.method, rank=args.rank, lr=config.lr, device=args.device,
-                            eval_episodes=args.eval_episodes, seed=config.seed,
-                            max_seconds=args.max_seconds, config=config,
-                            recall_per_distance=args.recall_per_distance, show_progress=False)
+    card = train_compressor(args.model, args.out, config, n_comp=args.n, method=args.method,
+                            rank=args.rank, device=args.device,
+                            eval_episodes=args.eval_episodes, max_seconds=args.max_seconds,
+                            recall_per_distance=args.recall_per_distance, show_progress=False,
+                            gradient_checkpointing={"auto": None, "on": True, "off": False}[
+                                args.gradient_checkpointing])
     print(json.dumps(card["validation"]))
 
 

@@ -18,7 +18,7 @@ ALLOWED = {"ui": {"app"}, "app": {"engine", "storage", "training"}, "engine": se
            "storage": set(), "training": {"engine"}}
 MAX_LINES = 500
 # modules still over MAX_LINES, being split now (issue 27): the check below names them
-STILL_OVER = ("engine/ccm/train.py", "ui/widgets/chat_pane.py")
+STILL_OVER = ("training/train.py", "ui/widgets/chat_pane.py")
 
 
 def modules() -> dict[str, Path]:
