@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the slowest named in the log: what keeps the suite long
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not real_model and not subprocess"
