@@ -35,6 +35,7 @@ from ccm_chat.engine.ccm.compressor import Compressor
 from ccm_chat.engine.ccm.layout import Block, block_layout
 from ccm_chat.training import parallel
 from ccm_chat.training.data import Dialogue
+from ccm_chat.training.state_json import join_state, split_state
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
@@ -225,7 +226,7 @@ def save_checkpoint(out_dir: Path, compressor: Compressor, optimizer, scheduler,
     """Every piece of the run's state; written to temporary names, then moved into place."""
     save_file(_trainable_state(compressor), out_dir / (CHECKPOINT + ".tmp"))
     tensors: dict[str, torch.Tensor] = {}
-    rest = _split({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    rest = split_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "rng": _rng_state()}, tensors, "")
     save_file(tensors, out_dir / (OPTIMIZER + ".tmp"))
     (out_dir / (OPTIMIZER_STATE + ".tmp")).write_text(json.dumps(rest))
@@ -237,58 +238,6 @@ def save_checkpoint(out_dir: Path, compressor: Compressor, optimizer, scheduler,
     (out_dir / LEGACY_OPTIMIZER).unlink(missing_ok=True)  # a resumed old run's: superseded
 
 
-# How _split marks in JSON what JSON has no form of: a tensor (kept in the safetensors file
-# under this name), a tuple, a dict whose keys are not all strings (AdamW's state is by index)
-TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
-
-
-def _split(value, tensors: dict[str, torch.Tensor], name: str):
-    """`value` (state dicts: tensors, numbers, strings, None, lists, tuples, dicts) as JSON,
-    its tensors moved into `tensors`; anything else is refused, so what is written reads back."""
-    if isinstance(value, torch.Tensor):
-        if name in tensors:
-            raise TypeError(f"two tensors of a checkpoint would share the name {name}")
-        tensors[name] = value.detach().cpu().contiguous()
-        return {TENSOR: name}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, tuple):
-        return {TUPLE: [_split(v, tensors, _child(name, i)) for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_split(v, tensors, _child(name, i)) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if all(isinstance(k, str) for k in value) and not {TENSOR, TUPLE, ITEMS} & set(value):
-            return {k: _split(v, tensors, _child(name, k)) for k, v in value.items()}
-        return {ITEMS: [[k, _split(v, tensors, _child(name, k))] for k, v in value.items()]}
-    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__} ({name})")
-
-
-def _child(name: str, key: object) -> str:
-    return f"{name}.{key}" if name else str(key)
-
-
-def _join(value, tensors: dict[str, torch.Tensor]):
-    """What _split wrote, put back together (ValueError for what it never writes)."""
-    if isinstance(value, list):
-        return [_join(v, tensors) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if set(value) == {TENSOR}:
-        if value[TENSOR] not in tensors:
-            raise ValueError(f"tensor {value[TENSOR]!r} is missing")
-        return tensors[value[TENSOR]]
-    if set(value) == {TUPLE}:
-        return tuple(_join(v, tensors) for v in value[TUPLE])
-    if set(value) == {ITEMS}:
-        items = value[ITEMS]
-        if not isinstance(items, list) or any(
-                not isinstance(kv, list) or len(kv) != 2 or not isinstance(kv[0], int | str)
-                for kv in items):
-            raise ValueError("a malformed item list")
-        return {k: _join(v, tensors) for k, v in items}
-    return {k: _join(v, tensors) for k, v in value.items()}
-
-
 def read_run_state(out_dir: Path) -> dict:
     """The optimizer, schedule and RNG states of the checkpoint in `out_dir`. Tensors and
     JSON only: a checkpoint written before these were (a torch pickle) is read with torch's
@@ -297,7 +246,7 @@ def read_run_state(out_dir: Path) -> dict:
     try:
         if (out_dir / OPTIMIZER_STATE).exists():
             rest = json.loads((out_dir / OPTIMIZER_STATE).read_text())
-            saved = _join(rest, load_file(out_dir / OPTIMIZER))
+            saved = join_state(rest, load_file(out_dir / OPTIMIZER))
         else:
             saved = torch.load(out_dir / LEGACY_OPTIMIZER, weights_only=True,
                                map_location="cpu")
