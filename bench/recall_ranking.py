@@ -74,22 +74,14 @@ class Cache:
         return np.stack([self.rows[t] for t in texts])
 
 
-def ranks(method: str, query: str, texts: list[str], vectors: np.ndarray, qvec: np.ndarray,
-          threshold: float, k: int) -> list[int]:
+def ranks(method: str, lexical: list[int], sims: np.ndarray, threshold: float,
+          k: int) -> list[int]:
+    """`lexical`: BM25's ranking of the chat's exchanges; `sims`: their cosines to the query."""
     if method == "bm25":
-        index = ExchangeIndex()
-        index.sync(texts)
-        found = index.search(query, k)
-        index.close()
-        return found
-    sims = vectors @ qvec
+        return lexical[:k]
     dense = [int(i) for i in np.argsort(-sims) if sims[i] >= threshold][:20]
     if method == "dense":
         return dense[:k]
-    index = ExchangeIndex()
-    index.sync(texts)
-    lexical = index.search(query, 20)
-    index.close()
     if method == "interleave":  # dense 1, lexical 1, dense 2, lexical 2, ...
         return interleave(dense, lexical, k)
     if method == "dense+lexical1":  # dense 1, lexical 1, then dense
@@ -153,18 +145,21 @@ def main() -> None:
                         + fillers[start:start + distance])
                 texts = [exchange_text(u, a) for u, a in chat]
                 vectors = embed(texts)
+                index = ExchangeIndex(lambda: None)  # words only: the BM25 side
+                index.sync(texts)
                 ordinary = fillers[start + distance][0]
                 for tag, question in (("own", own), ("other", other), ("ordinary", ordinary)):
-                    qvec = embed([question])[0]
+                    sims = vectors @ embed([question])[0]
+                    lexical = index.search(question, 20)
                     for method, threshold in methods:
-                        found = ranks(method, question, texts, vectors, qvec, threshold,
-                                      args.k)
+                        found = ranks(method, lexical, sims, threshold, args.k)
                         key = (method, threshold, distance)
                         if tag == "ordinary":
                             fires.setdefault(key, []).append(bool(found))
                         else:
                             hits.setdefault((*key, tag), []).append(
                                 (bool(found) and found[0] == 0, 0 in found))
+                index.close()
     rows = []
     for method, threshold in methods:
         for distance in distances:
