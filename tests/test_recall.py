@@ -10,6 +10,7 @@ import pytest
 
 from ccm_chat.engine import Engine
 from ccm_chat.engine.recall import ExchangeIndex, choose, exchange_text, query_terms
+from ccm_chat.engine.sentence_encoder import shared_encoder
 from tests.device import TEST_DEVICE
 
 FACT = ("By the way, my dog is called Biscuit.", "Biscuit is a lovely name for a dog!")
@@ -31,13 +32,12 @@ def test_query_terms_drop_words_that_name_no_exchange() -> None:
     assert query_terms("ok thanks!") == []
 
 
-RANKINGS = {"meaning": None, "words": lambda: None}  # the encoder, or BM25 without it
+RANKINGS = {"meaning": shared_encoder, "words": lambda: None}  # without an encoder: BM25
 
 
 @pytest.fixture(params=list(RANKINGS))
 def index(request) -> Iterator[ExchangeIndex]:
-    found = RANKINGS[request.param]
-    index = ExchangeIndex() if found is None else ExchangeIndex(found)
+    index = ExchangeIndex(RANKINGS[request.param])
     yield index
     index.close()
 
